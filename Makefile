@@ -1,0 +1,51 @@
+# tf_medseg: set-up, tests, demo and benchmarks. Every target that runs code depends on the venv,
+# whose stamps make a second `make` a no-op for what is already installed.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+HOROVOD_VERSION := 0.28.1
+DEMO_DATA ?= data/synthetic_spleen
+DEMO_WORKDIR ?= runs/demo
+
+.PHONY: venv test demo bench lint format clean
+
+venv: $(VENV)/.installed $(VENV)/.horovod
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade "pip>=23.2" wheel "setuptools<70"
+
+$(VENV)/.installed: setup.py $(VENV)/bin/python
+	$(PIP) install -e ".[test,horovod,bench]"
+	touch $@
+
+# Horovod is compiled against the TensorFlow in the venv, so it cannot use build isolation.
+# HOROVOD_WITH_TENSORFLOW=1 makes the build fail (not skip) when TensorFlow cannot be found;
+# the import check after it fails loudly if the TensorFlow or Gloo parts are missing.
+$(VENV)/.horovod: $(VENV)/.installed
+	HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 \
+	HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS= \
+	$(PIP) install --no-build-isolation --no-cache-dir horovod==$(HOROVOD_VERSION)
+	$(PY) -c "import horovod.tensorflow as hvd; assert hvd.gloo_built(), 'Horovod built without Gloo'; print('horovod', hvd.__version__, 'gloo ok')"
+	touch $@
+
+test: venv
+	$(PY) -m pytest -q tests
+
+demo: venv
+	$(PY) -m tf_medseg.cli.demo --data_dir=$(DEMO_DATA) --workdir=$(DEMO_WORKDIR)
+
+bench: venv
+	$(PY) -m tf_medseg.bench.pipeline --json=runs/bench/pipeline.json
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) build *.egg-info
