@@ -1,0 +1,187 @@
+"""NIfTI reading and writing with nibabel, keeping the affine, and the checks on what is read.
+
+Every error raised here is a :class:`DataError` whose message starts with the offending file's
+path, so that a user with hundreds of volumes knows which one to look at.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+from dataclasses import dataclass
+
+import nibabel as nib
+import numpy as np
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A volume as read from disk.
+
+    Attributes:
+        data: The voxel array, spatial axes first (x, y, z) and, for multi-channel images,
+            the channels last.
+        affine: The 4x4 voxel-to-world (RAS+, millimetres) matrix.
+        path: The file it was read from.
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    path: str
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Voxel size in millimetres along the three spatial axes."""
+        return spacing_from_affine(self.affine)
+
+
+def spacing_from_affine(affine: np.ndarray) -> np.ndarray:
+    """Voxel sizes (mm) of the three spatial axes: the norms of the affine's first three columns."""
+    return np.sqrt(np.sum(np.asarray(affine, dtype=np.float64)[:3, :3] ** 2, axis=0))
+
+
+def read_nifti(path: str, dtype: np.dtype | None = None) -> Volume:
+    """Reads a NIfTI file, checking that it is readable, complete and geometrically valid.
+
+    Args:
+        path: A ``.nii`` or ``.nii.gz`` file.
+        dtype: If given, the data is returned as this dtype (scaled by the header's slope).
+
+    Returns:
+        The volume with its affine.
+
+    Raises:
+        DataError: The file is missing, empty, not NIfTI, truncated or corrupt, or its spacing is
+            zero, negative or not finite.
+    """
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found")
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: file is empty (0 bytes)")
+    try:
+        img = nib.load(path)
+        if dtype is None:
+            data = np.asanyarray(img.dataobj)
+        else:
+            data = np.asarray(img.get_fdata(dtype=np.float32), dtype=dtype)
+    except (
+        nib.filebasedimages.ImageFileError,
+        EOFError,
+        OSError,
+        zlib.error,
+        gzip.BadGzipFile,
+        ValueError,
+    ) as err:
+        raise DataError(f"{path}: not a readable NIfTI file ({type(err).__name__}: {err})") from err
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)):
+        raise DataError(f"{path}: affine has non-finite entries")
+    spacing = spacing_from_affine(affine)
+    zooms = np.asarray(img.header.get_zooms()[:3], dtype=np.float64)
+    if np.any(spacing <= 0) or np.any(zooms[: data.ndim] <= 0):
+        raise DataError(f"{path}: voxel spacing must be positive, got {zooms.tolist()}")
+    return Volume(data=data, affine=affine, path=path)
+
+
+def write_nifti(path: str, data: np.ndarray, affine: np.ndarray) -> None:
+    """Writes a NIfTI file (gzip-compressed for a ``.gz`` name), creating its folder.
+
+    nibabel writes gzip members with a zero timestamp, so the same array gives the same bytes.
+
+    Args:
+        path: Output file.
+        data: The voxel array; its dtype is kept.
+        affine: 4x4 voxel-to-world matrix.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    img = nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=np.float64))
+    img.header.set_xyzt_units("mm", "sec")
+    # sform and qform both set, code 1 (scanner), as the MSD files have.
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    nib.save(img, path)
+
+
+def check_image(volume: Volume, num_channels: int) -> np.ndarray:
+    """Checks an image's dimensionality, channels and values; returns it channels-last float32.
+
+    Args:
+        volume: The image as read.
+        num_channels: The number of modalities the task declares.
+
+    Returns:
+        Array of shape (X, Y, Z, C), float32.
+
+    Raises:
+        DataError: Not 3D (or 4D with ``num_channels`` channels), or non-finite intensities.
+    """
+    data = volume.data
+    if data.ndim == 3:
+        data = data[..., None]
+    elif data.ndim == 4 and data.shape[3] == 1:
+        pass
+    elif data.ndim != 4:
+        raise DataError(
+            f"{volume.path}: expected a 3D image (or 4D with the channels last), "
+            f"got shape {tuple(data.shape)}"
+        )
+    if data.shape[3] != num_channels:
+        raise DataError(
+            f"{volume.path}: expected {num_channels} channel(s) (the task's modalities), "
+            f"got {data.shape[3]} (shape {tuple(volume.data.shape)})"
+        )
+    if min(data.shape[:3]) < 2:
+        raise DataError(f"{volume.path}: expected a 3D volume, got shape {tuple(data.shape[:3])}")
+    data = np.asarray(data, dtype=np.float32)
+    if not np.all(np.isfinite(data)):
+        bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+        raise DataError(f"{volume.path}: {bad} voxel(s) have NaN or infinite intensities")
+    return data
+
+
+def check_label(label: Volume, image: Volume, num_classes: int, atol: float = 1e-3) -> np.ndarray:
+    """Checks a label against its image and the task's classes; returns it as uint8.
+
+    Args:
+        label: The label volume.
+        image: The image it belongs to.
+        num_classes: Number of classes including background; values must be 0..num_classes-1.
+        atol: Tolerance (mm) on the affines' agreement.
+
+    Returns:
+        Array of shape (X, Y, Z), uint8.
+
+    Raises:
+        DataError: Different shape or affine than the image, non-integer values, or values outside
+            the task's labels.
+    """
+    data = label.data
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.shape != image.data.shape[:3]:
+        raise DataError(
+            f"{label.path}: label shape {tuple(data.shape)} differs from image shape "
+            f"{tuple(image.data.shape[:3])} ({image.path})"
+        )
+    if not np.allclose(label.affine, image.affine, atol=atol):
+        raise DataError(
+            f"{label.path}: label affine differs from the image's ({image.path}) by "
+            f"{np.max(np.abs(label.affine - image.affine)):.4g} mm"
+        )
+    if not np.issubdtype(data.dtype, np.integer):
+        as_float = np.asarray(data, dtype=np.float64)
+        if not np.all(np.isfinite(as_float)) or np.any(as_float != np.round(as_float)):
+            raise DataError(f"{label.path}: label has non-integer values")
+    values = np.unique(data)
+    bad = values[(values < 0) | (values >= num_classes)]
+    if bad.size:
+        raise DataError(
+            f"{label.path}: label values {bad.tolist()} are outside the task's labels "
+            f"0..{num_classes - 1}"
+        )
+    return np.asarray(data, dtype=np.uint8)

@@ -1,0 +1,54 @@
+"""Foreground and background voxel lists for the patch sampler, computed once per item.
+
+Finding foreground voxels is the expensive part of choosing a positive patch centre; nnU-Net and
+the paper's pipeline do it in the deterministic stage, so that the random tail only draws an
+index. The lists are subsampled to a bounded size with a seed derived from the case name, so the
+cached item is the same in every run.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+from absl import logging
+
+from tf_medseg.transforms.base import Transform
+
+
+class ForegroundIndices(Transform):
+    """Adds ``fg_indices`` and ``bg_indices``: int32 (N, 3) voxel coordinates of label > 0 and
+    label == 0, each subsampled to at most ``max_indices`` rows.
+
+    An item without a label is passed through. A label with no foreground is allowed (a warning
+    is logged) and gets an empty (0, 3) foreground list; the sampler then draws background only.
+
+    Args:
+        max_indices: Upper bound of each list's length.
+        seed: Seed of the subsampling (combined with the case name).
+    """
+
+    def __init__(self, max_indices: int = 20_000, seed: int = 0):
+        self.max_indices = int(max_indices)
+        self.seed = int(seed)
+
+    def config(self) -> dict:
+        return {"max_indices": self.max_indices, "seed": self.seed}
+
+    def __call__(self, data: dict) -> dict:
+        if "label" not in data:
+            return data
+        rng = np.random.default_rng([self.seed, zlib.crc32(data["case"].encode())])
+        label = data["label"]
+        out = dict(data)
+        for key, mask in (("fg_indices", label > 0), ("bg_indices", label == 0)):
+            flat = np.flatnonzero(mask)
+            if flat.size > self.max_indices:
+                flat = np.sort(rng.choice(flat, self.max_indices, replace=False))
+            out[key] = np.stack(np.unravel_index(flat, label.shape), axis=1).astype(np.int32)
+        if out["fg_indices"].shape[0] == 0:
+            logging.warning(
+                "%s: label has no foreground; patches from it are background only",
+                data.get("label_path", data["case"]),
+            )
+        return out
