@@ -1,0 +1,330 @@
+"""Tests of the smart cache: schedule, no-stall path, rank shards, budget, failures, resume."""
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from tf_medseg.cache import (
+    CacheBudgetError,
+    CachePrefixError,
+    SmartCache,
+    item_nbytes,
+    rank_shard,
+)
+
+SIDE = 4
+
+
+def make_items(n):
+    return [
+        {
+            "case": f"case_{i:03d}",
+            "image": f"/data/imagesTr/case_{i:03d}.nii.gz",
+            "label": f"/data/labelsTr/case_{i:03d}.nii.gz",
+        }
+        for i in range(n)
+    ]
+
+
+def index_of(item):
+    return int(item["case"].split("_")[1])
+
+
+def index_prefix(item):
+    """A prefix whose output encodes the item's index, shaped like a cached item."""
+    i = index_of(item)
+    label = np.zeros((SIDE,) * 3, np.uint8)
+    label[1:3, 1:3, 1:3] = 1
+    return {
+        "case": item["case"],
+        "image": np.full((SIDE,) * 3 + (1,), i, np.float32),
+        "label": label,
+        "fg_indices": np.argwhere(label > 0).astype(np.int32),
+        "bg_indices": np.argwhere(label == 0).astype(np.int32),
+    }
+
+
+def run_epochs(cache, epochs):
+    """Cached index lists and epoch orders over ``epochs`` epochs."""
+    contents, orders = [], []
+    for _ in range(epochs):
+        entries = cache.epoch_items()
+        orders.append([i for i, _ in entries])
+        contents.append(cache.cached_indices())
+        cache.end_epoch()
+    return contents, orders
+
+
+def test_full_cache_holds_every_item_and_reshuffles_each_epoch():
+    with SmartCache(make_items(7), index_prefix, replace_rate=0.0, progress=False) as cache:
+        assert cache.cache_num == 7 and cache.replace_num == 0
+        contents, orders = run_epochs(cache, 4)
+        assert all(sorted(c) == list(range(7)) for c in contents)
+        assert all(sorted(o) == list(range(7)) for o in orders)
+        assert len({tuple(o) for o in orders}) > 1
+        for index, item in cache.epoch_items():
+            np.testing.assert_array_equal(item["image"], np.full((SIDE,) * 3 + (1,), index))
+            assert item["image"].ctypes.data % 64 == 0
+        assert cache.stats()["swaps"] == 0
+
+
+def test_replacement_schedule_follows_the_stream_and_evicts_the_oldest():
+    cache = SmartCache(
+        make_items(10),
+        index_prefix,
+        cache_num=4,
+        replace_rate=0.5,
+        shuffle=False,
+        wait_for_replacements=True,
+        progress=False,
+    )
+    with cache:
+        assert cache.replace_num == 2  # ceil(4 * 0.5)
+        contents, _ = run_epochs(cache, 6)
+        stats = cache.stats()
+    # Reference: a window of 4 sliding by 2 over 0..9, 0..9, ...
+    expected = [[(2 * e + k) % 10 for k in range(4)] for e in range(6)]
+    assert contents == expected
+    assert stats["swaps"] == 2 * 6 and stats["late_swaps"] == 0
+    assert set().union(*contents) == set(range(10))
+
+
+def test_every_item_enters_a_shuffled_cache_and_the_schedule_is_seeded():
+    def schedule(seed):
+        cache = SmartCache(
+            make_items(11),
+            index_prefix,
+            cache_num=3,
+            replace_rate=0.34,
+            seed=seed,
+            wait_for_replacements=True,
+            progress=False,
+        )
+        with cache:
+            contents, orders = run_epochs(cache, 12)
+            assert cache.stats()["swaps"] == 2 * 12  # ceil(3 * 0.34) per epoch
+        for before, after in zip(contents, contents[1:], strict=False):
+            assert after[:1] == before[2:] and len(set(after)) == 3
+        return contents, orders
+
+    first, again, other = schedule(5), schedule(5), schedule(6)
+    assert first == again
+    assert first != other
+    assert set().union(*first[0]) == set(range(11))
+
+
+def test_late_replacements_do_not_stall_training_and_are_swapped_in_later():
+    gate = threading.Event()
+    initial = set(range(4))
+
+    def gated_prefix(item):
+        if index_of(item) not in initial:
+            gate.wait(timeout=30)
+        return index_prefix(item)
+
+    with SmartCache(
+        make_items(8), gated_prefix, cache_num=4, replace_rate=0.5, shuffle=False, progress=False
+    ) as cache:
+        cache.fill()
+        before = cache.cached_indices()
+        cache.end_epoch()
+        stats = cache.stats()
+        assert cache.cached_indices() == before
+        assert stats["late_swaps"] == 2 and stats["swaps"] == 0
+        assert stats["wait_s_max"] < 0.1
+        gate.set()
+        deadline = time.monotonic() + 10
+        while cache.stats()["ready"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        cache.end_epoch()
+        assert cache.cached_indices() == [2, 3, 4, 5]
+        assert cache.stats()["swaps"] == 2 and cache.stats()["late_swaps"] == 2
+
+
+def test_strict_schedule_waits_and_records_the_wait():
+    def slow_prefix(item):
+        if index_of(item) >= 2:
+            time.sleep(0.3)
+        return index_prefix(item)
+
+    with SmartCache(
+        make_items(6),
+        slow_prefix,
+        cache_num=2,
+        replace_rate=0.5,
+        shuffle=False,
+        wait_for_replacements=True,
+        progress=False,
+    ) as cache:
+        cache.fill()
+        cache.end_epoch()
+        stats = cache.stats()
+    assert stats["swaps"] == 1 and stats["late_swaps"] == 0
+    assert 0.1 < stats["wait_s_max"] <= stats["wait_s_total"] < 5
+
+
+@pytest.mark.parametrize("num_items,world_size", [(10, 3), (12, 3), (2, 4)])
+def test_rank_shards_are_even_disjoint_and_cover_every_item(num_items, world_size):
+    for pass_index in range(3):
+        shards = [
+            rank_shard(num_items, 9, pass_index, r, world_size, shuffle=True)
+            for r in range(world_size)
+        ]
+        size = -(-num_items // world_size)
+        assert all(len(s) == size and len(set(s)) == size for s in shards)
+        union = np.concatenate(shards)
+        assert set(union) == set(range(num_items))
+        # Only the padding repeats items: size * world_size - num_items extra entries.
+        assert len(union) - len(set(union)) == size * world_size - num_items
+    deals = {tuple(rank_shard(num_items, 9, p, 0, world_size, True)) for p in range(6)}
+    assert len(deals) > 1
+
+
+def test_each_rank_caches_its_own_shard():
+    items = make_items(12)
+    caches = [
+        SmartCache(items, index_prefix, world_size=3, rank=r, replace_rate=0.0, progress=False)
+        for r in range(3)
+    ]
+    held = []
+    for c in caches:
+        c.fill()
+        held.append(set(c.cached_indices()))
+        c.close()
+    assert [len(h) for h in held] == [4, 4, 4]
+    assert held[0] | held[1] | held[2] == set(range(12))
+    assert not (held[0] & held[1] or held[0] & held[2] or held[1] & held[2])
+
+
+def test_memory_budget_sizes_the_cache_and_refuses_what_does_not_fit():
+    one = item_nbytes(index_prefix(make_items(1)[0]))
+    assert one == SIDE**3 * 4 + SIDE**3 + (8 + 56) * 3 * 4
+    items = make_items(10)
+    kwargs = dict(progress=False, shuffle=False)
+    with SmartCache(
+        items, index_prefix, replace_rate=0.0, memory_budget_bytes=3.5 * one, **kwargs
+    ) as c:
+        assert c.cache_num == 3 and c.item_bytes == one
+    # With replacements in flight: n + ceil(n / 2) <= 3 gives n = 2.
+    with SmartCache(
+        items, index_prefix, replace_rate=0.5, memory_budget_bytes=3 * one, **kwargs
+    ) as c:
+        assert (c.cache_num, c.replace_num) == (2, 1)
+    with pytest.raises(CacheBudgetError, match="memory budget"):
+        SmartCache(items, index_prefix, cache_num=5, replace_rate=0.0, memory_budget_bytes=4 * one)
+    with pytest.raises(CacheBudgetError, match="cannot hold one cached item"):
+        SmartCache(items, index_prefix, memory_budget_bytes=one // 2)
+
+
+def failing_prefix(bad_index):
+    def prefix(item):
+        if index_of(item) == bad_index:
+            raise ValueError("truncated gzip stream")
+        return index_prefix(item)
+
+    return prefix
+
+
+def test_prefix_failure_during_fill_names_the_file():
+    with SmartCache(make_items(6), failing_prefix(4), progress=False) as cache:
+        with pytest.raises(CachePrefixError, match="imagesTr/case_004.nii.gz") as info:
+            cache.epoch_items()
+    assert isinstance(info.value.__cause__, ValueError)
+    assert "truncated gzip stream" in str(info.value)
+
+
+@pytest.mark.parametrize("wait", [True, False])
+def test_prefix_failure_in_a_replacement_is_raised_at_the_boundary(wait):
+    cache = SmartCache(
+        make_items(6),
+        failing_prefix(3),
+        cache_num=2,
+        replace_rate=0.5,
+        shuffle=False,
+        wait_for_replacements=wait,
+        progress=False,
+    )
+    with cache:
+        cache.end_epoch()  # item 2 swapped in (or late), item 3 starts
+        deadline = time.monotonic() + 10
+        with pytest.raises(CachePrefixError, match="case_003"):
+            while time.monotonic() < deadline:
+                cache.end_epoch()
+                time.sleep(0.01)
+
+
+def test_state_restores_the_same_schedule():
+    def new_cache():
+        return SmartCache(
+            make_items(9),
+            index_prefix,
+            cache_num=4,
+            replace_rate=0.5,
+            seed=3,
+            wait_for_replacements=True,
+            progress=False,
+        )
+
+    with new_cache() as cache:
+        run_epochs(cache, 3)
+        state = json.loads(json.dumps(cache.state()))
+        expected = run_epochs(cache, 5)
+    assert state["epoch"] == 3
+    with new_cache() as resumed:
+        resumed.restore(state)
+        assert resumed.epoch == 3
+        assert run_epochs(resumed, 5) == expected
+    with SmartCache(make_items(9), index_prefix, cache_num=3, seed=3, progress=False) as other:
+        with pytest.raises(ValueError, match="cache_num"):
+            other.restore(state)
+
+
+def test_close_stops_the_threads_and_frees_the_items():
+    cache = SmartCache(make_items(6), index_prefix, cache_num=3, replace_rate=0.5, progress=False)
+    cache.fill()
+    assert cache.stats()["cache_bytes"] > 0
+    cache.close()
+    alive = [t.name for t in threading.enumerate() if t.name.startswith("smart-cache")]
+    assert alive == []
+    assert cache.stats()["cache_bytes"] == 0
+    with pytest.raises(RuntimeError, match="closed"):
+        cache.epoch_items()
+
+
+def test_initial_fill_shows_a_progress_bar(capsys):
+    with SmartCache(make_items(3), index_prefix, replace_rate=0.0) as cache:
+        cache.fill()
+    assert "smart cache fill" in capsys.readouterr().err
+
+
+class CountingPrefix:
+    def __init__(self, setting):
+        self.setting = setting
+        self.calls = 0
+
+    def __call__(self, item):
+        self.calls += 1
+        return index_prefix(item)
+
+    def config_fingerprint(self):
+        return f"index_prefix(setting={self.setting})"
+
+
+def test_cache_dir_lets_a_second_cache_skip_the_prefix(tmp_path):
+    items = make_items(4)
+    for path in ("image", "label"):
+        for item in items:
+            item[path] = str(tmp_path / f"{item['case']}_{path}.bin")
+            (tmp_path / f"{item['case']}_{path}.bin").write_bytes(b"x")
+    first, second = CountingPrefix(1), CountingPrefix(1)
+    kwargs = dict(replace_rate=0.0, cache_dir=str(tmp_path / "cache"), progress=False)
+    with SmartCache(items, first, **kwargs) as cache:
+        reference = {i: item["image"] for i, item in cache.epoch_items()}
+    with SmartCache(items, second, **kwargs) as cache:
+        for index, item in cache.epoch_items():
+            np.testing.assert_array_equal(item["image"], reference[index])
+            assert item["image"].ctypes.data % 64 == 0
+    assert (first.calls, second.calls) == (4, 0)
