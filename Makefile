@@ -27,7 +27,7 @@ $(VENV)/.horovod: $(VENV)/.installed
 	HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 \
 	HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS= \
 	$(PIP) install --no-build-isolation --no-cache-dir horovod==$(HOROVOD_VERSION)
-	$(PY) -c "import horovod.tensorflow as hvd; assert hvd.gloo_built(), 'Horovod built without Gloo'; print('horovod', hvd.__version__, 'gloo ok')"
+	$(PY) -c "import horovod, horovod.tensorflow as hvd; assert hvd.gloo_built(), 'Horovod built without Gloo'; print('horovod', horovod.__version__, 'with Gloo')"
 	touch $@
 
 test: venv

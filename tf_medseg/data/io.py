@@ -82,9 +82,15 @@ def read_nifti(path: str, dtype: np.dtype | None = None) -> Volume:
     if not np.all(np.isfinite(affine)):
         raise DataError(f"{path}: affine has non-finite entries")
     spacing = spacing_from_affine(affine)
-    zooms = np.asarray(img.header.get_zooms()[:3], dtype=np.float64)
-    if np.any(spacing <= 0) or np.any(zooms[: data.ndim] <= 0):
-        raise DataError(f"{path}: voxel spacing must be positive, got {zooms.tolist()}")
+    ndim = min(data.ndim, 3)
+    # nibabel silently replaces zero pixdims by 1 on load; read the header as written.
+    with nib.openers.ImageOpener(path) as f:
+        raw_zooms = np.asarray(type(img.header).from_fileobj(f, check=False)["pixdim"][1:4])
+    if np.any(spacing[:ndim] <= 0) or np.any(~(raw_zooms[:ndim] > 0)):
+        raise DataError(
+            f"{path}: voxel spacing must be positive, got pixdim {raw_zooms[:ndim].tolist()} "
+            f"and affine spacing {spacing[:ndim].round(6).tolist()}"
+        )
     return Volume(data=data, affine=affine, path=path)
 
 

@@ -1,0 +1,144 @@
+"""NIfTI reading and the checks on bad input: each error names the file and the problem."""
+
+from __future__ import annotations
+
+import gzip
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from tf_medseg.data.io import DataError, check_image, check_label, read_nifti, write_nifti
+
+AFFINE = np.diag([-0.8, -0.8, 2.5, 1.0])
+
+
+def _write(path, data, affine=AFFINE):
+    write_nifti(str(path), data, affine)
+    return str(path)
+
+
+def test_round_trip_keeps_data_affine_and_spacing(tmp_path):
+    data = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    affine = AFFINE.copy()
+    affine[:3, 3] = [10, -20, 30]
+    vol = read_nifti(_write(tmp_path / "a.nii.gz", data, affine))
+    np.testing.assert_array_equal(vol.data, data)
+    np.testing.assert_allclose(vol.affine, affine)
+    np.testing.assert_allclose(vol.spacing, [0.8, 0.8, 2.5], rtol=1e-6)
+
+
+def test_missing_file(tmp_path):
+    path = str(tmp_path / "none.nii.gz")
+    with pytest.raises(DataError, match="file not found") as err:
+        read_nifti(path)
+    assert path in str(err.value)
+
+
+def test_zero_sized_file(tmp_path):
+    path = tmp_path / "empty.nii.gz"
+    path.write_bytes(b"")
+    with pytest.raises(DataError, match="empty") as err:
+        read_nifti(str(path))
+    assert str(path) in str(err.value)
+
+
+def test_not_nifti_with_nifti_name(tmp_path):
+    path = tmp_path / "text.nii.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(b"this is not an image" * 50)
+    with pytest.raises(DataError, match="not a readable NIfTI") as err:
+        read_nifti(str(path))
+    assert str(path) in str(err.value)
+
+
+def test_plain_text_with_nifti_name(tmp_path):
+    path = tmp_path / "text.nii.gz"
+    path.write_text("hello")
+    with pytest.raises(DataError, match="not a readable NIfTI"):
+        read_nifti(str(path))
+
+
+def test_truncated_gzip(tmp_path):
+    path = _write(tmp_path / "t.nii.gz", np.random.default_rng(0).normal(size=(20, 20, 20)))
+    raw = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(raw[: len(raw) // 2])
+    with pytest.raises(DataError, match="not a readable NIfTI") as err:
+        read_nifti(path)
+    assert path in str(err.value)
+
+
+def test_non_positive_spacing(tmp_path):
+    img = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4))
+    img.header.set_zooms((1.0, 0.0, 1.0))
+    path = str(tmp_path / "z.nii.gz")
+    nib.save(img, path)
+    with pytest.raises(DataError, match="spacing must be positive") as err:
+        read_nifti(path)
+    assert path in str(err.value)
+
+
+def test_nan_and_infinite_intensities(tmp_path):
+    data = np.zeros((6, 6, 6), np.float32)
+    data[1, 2, 3] = np.nan
+    data[2, 2, 2] = np.inf
+    path = _write(tmp_path / "nan.nii.gz", data)
+    with pytest.raises(DataError, match="2 voxel.*NaN or infinite") as err:
+        check_image(read_nifti(path), 1)
+    assert path in str(err.value)
+
+
+def test_channel_count_and_dimensionality(tmp_path):
+    four_d = _write(tmp_path / "4d.nii.gz", np.zeros((6, 6, 6, 4), np.float32))
+    assert check_image(read_nifti(four_d), 4).shape == (6, 6, 6, 4)
+    with pytest.raises(DataError, match="expected 1 channel") as err:
+        check_image(read_nifti(four_d), 1)
+    assert four_d in str(err.value)
+    two_d = _write(tmp_path / "2d.nii.gz", np.zeros((6, 6), np.float32), np.eye(4))
+    with pytest.raises(DataError, match="expected a 3D"):
+        check_image(read_nifti(two_d), 1)
+    flat = _write(tmp_path / "flat.nii.gz", np.zeros((6, 6, 1), np.float32))
+    with pytest.raises(DataError, match="expected a 3D"):
+        check_image(read_nifti(flat), 1)
+
+
+def test_label_checks(tmp_path):
+    image = read_nifti(_write(tmp_path / "img.nii.gz", np.zeros((6, 6, 6), np.int16)))
+    ok = np.zeros((6, 6, 6), np.uint8)
+    ok[2:4, 2:4, 2:4] = 1
+    label = check_label(read_nifti(_write(tmp_path / "ok.nii.gz", ok)), image, 2)
+    assert label.dtype == np.uint8 and label.sum() == 8
+
+    shape = _write(tmp_path / "shape.nii.gz", np.zeros((6, 6, 5), np.uint8))
+    with pytest.raises(DataError, match="label shape") as err:
+        check_label(read_nifti(shape), image, 2)
+    assert shape in str(err.value)
+
+    moved = AFFINE.copy()
+    moved[0, 3] = 3.0
+    affine = _write(tmp_path / "affine.nii.gz", ok, moved)
+    with pytest.raises(DataError, match="affine differs") as err:
+        check_label(read_nifti(affine), image, 2)
+    assert affine in str(err.value)
+
+    values = ok.copy()
+    values[0, 0, 0] = 3
+    out_of_range = _write(tmp_path / "values.nii.gz", values)
+    with pytest.raises(DataError, match=r"values \[3\] are outside") as err:
+        check_label(read_nifti(out_of_range), image, 2)
+    assert out_of_range in str(err.value)
+
+    fractional = ok.astype(np.float32)
+    fractional[0, 0, 0] = 0.5
+    frac = _write(tmp_path / "frac.nii.gz", fractional)
+    with pytest.raises(DataError, match="non-integer"):
+        check_label(read_nifti(frac), image, 2)
+
+
+def test_write_is_deterministic(tmp_path):
+    data = np.random.default_rng(1).normal(size=(8, 8, 8)).astype(np.float32)
+    a, b = _write(tmp_path / "a.nii.gz", data), _write(tmp_path / "b.nii.gz", data)
+    assert open(a, "rb").read() == open(b, "rb").read()
+    assert os.path.getsize(a) > 0
