@@ -1,0 +1,246 @@
+"""Tests of the tf.data pipeline and its stateless random tail, against NumPy references."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_medseg.cache import SmartCache
+from tf_medseg.pipeline import (
+    UncachedSource,
+    build_eval_dataset,
+    build_train_dataset,
+    choose_centre,
+    crop_with_padding,
+    make_source,
+    random_flip,
+    random_intensity_shift,
+    sample_seed,
+)
+
+
+def cached_item(case, shape, channels=1, box=None, seed=0):
+    """A cached item built with NumPy: a random image and a foreground box (or none)."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(size=(*shape, channels)).astype(np.float32)
+    label = np.zeros(shape, np.uint8)
+    if box is not None:
+        label[tuple(slice(a, b) for a, b in box)] = 1
+    return {
+        "case": case,
+        "image": image,
+        "label": label,
+        "fg_indices": np.argwhere(label > 0).astype(np.int32),
+        "bg_indices": np.argwhere(label == 0).astype(np.int32),
+        "geometry": {"steps": []},
+    }
+
+
+def cache_of(volumes, **kwargs):
+    """A full SmartCache over prebuilt cached items (the prefix looks them up by case)."""
+    by_case = {v["case"]: v for v in volumes}
+    items = [{"case": v["case"], "image": f"/data/{v['case']}.nii.gz"} for v in volumes]
+    kwargs = {"replace_rate": 0.0, "progress": False, **kwargs}
+    return SmartCache(items, lambda item: by_case[item["case"]], **kwargs)
+
+
+def collect(dataset):
+    images, labels = zip(*[(i.numpy(), lb.numpy()) for i, lb in dataset], strict=True)
+    return images, labels
+
+
+VOLUMES = [
+    cached_item("a", (24, 32, 28), 2, box=((8, 16), (10, 20), (6, 12)), seed=1),
+    cached_item("b", (40, 24, 30), 2, box=((20, 30), (4, 8), (10, 25)), seed=2),
+    cached_item("c", (30, 36, 24), 2, box=((0, 4), (0, 4), (0, 4)), seed=3),
+]
+
+
+def test_batches_have_the_documented_shapes_and_types():
+    with cache_of(VOLUMES) as cache:
+        ds = build_train_dataset(cache, 4, (16, 16, 16), 3, tf.Variable(0.5), seed=1)
+        images, labels = collect(ds)
+    assert [x.shape for x in images] == [(4, 16, 16, 16, 2)] * 2 + [(1, 16, 16, 16, 2)]
+    assert [x.shape for x in labels] == [(4, 16, 16, 16)] * 2 + [(1, 16, 16, 16)]
+    assert images[0].dtype == np.float32 and labels[0].dtype == np.int32
+    assert set(np.unique(np.concatenate([x.ravel() for x in labels]))) <= {0, 1}
+
+
+def test_batches_are_bit_identical_whatever_the_parallelism():
+    runs = []
+    with cache_of(VOLUMES, seed=4) as cache:
+        for calls in (1, 2, tf.data.AUTOTUNE):
+            ds = build_train_dataset(
+                cache, 2, (16, 12, 20), 4, tf.Variable(0.5), seed=7, num_parallel_calls=calls
+            )
+            runs.append(collect(ds))
+        cache.end_epoch()
+        next_epoch = collect(build_train_dataset(cache, 2, (16, 12, 20), 4, 0.5, seed=7))
+    for images, labels in runs[1:]:
+        for a, b in zip(runs[0][0] + runs[0][1], images + labels, strict=True):
+            assert np.array_equal(a, b)
+    assert not np.array_equal(runs[0][0][0], next_epoch[0][0])
+    with cache_of(VOLUMES, seed=4) as cache:
+        other_seed = collect(build_train_dataset(cache, 2, (16, 12, 20), 4, 0.5, seed=8))
+    assert not np.array_equal(runs[0][0][0], other_seed[0][0])
+
+
+def numpy_crop(image, label, centre, patch):
+    """Reference: start clamped inside, axes shorter than the patch zero-padded evenly."""
+    shape = np.array(label.shape)
+    patch = np.array(patch)
+    size = np.minimum(shape, patch)
+    start = np.clip(np.array(centre) - patch // 2, 0, np.maximum(shape - patch, 0))
+    window = tuple(slice(s, s + n) for s, n in zip(start, size, strict=True))
+    before = (patch - size) // 2
+    pads = [(b, p - n - b) for b, p, n in zip(before, patch, size, strict=True)]
+    return np.pad(image[window], pads + [(0, 0)]), np.pad(label[window], pads)
+
+
+@pytest.mark.parametrize(
+    "shape,centre",
+    [
+        ((24, 30, 20), (12, 15, 10)),  # inside
+        ((24, 30, 20), (0, 0, 0)),  # clamped at the start
+        ((24, 30, 20), (23, 29, 19)),  # clamped at the end
+        ((10, 30, 7), (5, 29, 3)),  # smaller than the patch along two axes: padded
+        ((9, 9, 9), (8, 0, 4)),  # smaller along all axes
+    ],
+)
+def test_crop_clamps_the_centre_and_pads_small_volumes(shape, centre):
+    image = np.arange(np.prod(shape) * 2, dtype=np.float32).reshape(*shape, 2) + 1
+    label = (np.arange(np.prod(shape)).reshape(shape) % 3).astype(np.uint8)
+    patch = (16, 16, 12)
+    got_image, got_label = crop_with_padding(
+        tf.constant(image), tf.constant(label), tf.constant(centre, tf.int32), patch
+    )
+    want_image, want_label = numpy_crop(image, label, centre, patch)
+    np.testing.assert_array_equal(got_image.numpy(), want_image)
+    np.testing.assert_array_equal(got_label.numpy(), want_label)
+    if all(s >= p for s, p in zip(shape, patch, strict=True)):
+        assert np.all(got_image.numpy() > 0)  # stays inside: no padding
+
+
+def test_flips_and_intensity_shift_match_numpy():
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(6, 7, 8, 1)).astype(np.float32)
+    label = rng.integers(0, 3, size=(6, 7, 8)).astype(np.int32)
+    flipped_axes = np.zeros(3)
+    for k in range(64):
+        seed = tf.constant([k, 1], tf.int64)
+        got_image, got_label = random_flip(tf.constant(image), tf.constant(label), seed)
+        flags = tf.random.stateless_uniform([3], seed).numpy() < 0.5
+        axes = tuple(int(a) for a in np.flatnonzero(flags))
+        np.testing.assert_array_equal(got_image.numpy(), np.flip(image, axes))
+        np.testing.assert_array_equal(got_label.numpy(), np.flip(label, axes))
+        flipped_axes += flags
+    assert np.all((flipped_axes > 16) & (flipped_axes < 48))
+    offsets = []
+    for k in range(64):
+        shifted = random_intensity_shift(tf.constant(image), 0.1, tf.constant([k, 2], tf.int64))
+        delta = shifted.numpy() - image
+        np.testing.assert_allclose(delta, delta.flat[0], atol=1e-6)
+        offsets.append(delta.flat[0])
+    assert -0.1 <= min(offsets) < -0.05 and 0.05 < max(offsets) <= 0.1
+
+
+def centre_is_foreground(labels, patch):
+    """Label at the patch centre voxel (the centre never clamps in these volumes)."""
+    c = tuple(p // 2 for p in patch)
+    return np.concatenate([lb[(slice(None), *c)] for lb in labels]) > 0
+
+
+def test_ratio_variable_changes_the_foreground_fraction_without_rebuilding():
+    volumes = [
+        cached_item(f"v{i}", (32, 32, 32), box=((12, 20), (12, 20), (12, 20)), seed=i)
+        for i in range(4)
+    ]
+    patch = (8, 8, 8)
+    pos = tf.Variable(0.5, dtype=tf.float32, trainable=False)
+    with cache_of(volumes) as cache:
+        ds = build_train_dataset(cache, 50, patch, 100, pos, seed=3, flip=False)
+        fractions = {}
+        for value in (0.5, 0.9, 0.0, 1.0):
+            pos.assign(value)
+            fractions[value] = centre_is_foreground(collect(ds)[1], patch).mean()
+            cache.end_epoch()
+    # 400 patches per value: 4 binomial standard deviations at p = 0.5 is 0.1.
+    assert abs(fractions[0.5] - 0.5) < 0.1
+    assert abs(fractions[0.9] - 0.9) < 0.06
+    assert fractions[0.0] == 0.0 and fractions[1.0] == 1.0
+
+
+def test_empty_index_lists_fall_back():
+    seed = tf.constant([5, 5], tf.int64)
+    shape = tf.constant([10, 12, 14], tf.int32)
+    bg = tf.constant([[1, 2, 3], [4, 5, 6]], tf.int32)
+    empty = tf.zeros([0, 3], tf.int32)
+    for k in range(20):
+        seed = tf.constant([k, 5], tf.int64)
+        centre, from_fg = choose_centre(shape, empty, bg, 1.0, seed)
+        assert not from_fg and centre.numpy().tolist() in ([1, 2, 3], [4, 5, 6])
+        centre, from_fg = choose_centre(shape, bg, empty, 0.0, seed)
+        assert from_fg and centre.numpy().tolist() in ([1, 2, 3], [4, 5, 6])
+        centre, from_fg = choose_centre(shape, empty, empty, 0.5, seed)
+        assert not from_fg and np.all((centre.numpy() >= 0) & (centre.numpy() < [10, 12, 14]))
+    volume = cached_item("empty", (20, 20, 20), box=None)
+    with cache_of([volume]) as cache:
+        labels = collect(build_train_dataset(cache, 8, (8, 8, 8), 8, 1.0, seed=0))[1]
+    assert all(np.all(lb == 0) for lb in labels)
+
+
+def test_eval_dataset_yields_whole_volumes_in_item_order():
+    with cache_of(VOLUMES) as cache:
+        elements = list(build_eval_dataset(cache))
+    assert [e["case"].numpy().decode() for e in elements] == ["a", "b", "c"]
+    for element, volume in zip(elements, VOLUMES, strict=True):
+        np.testing.assert_array_equal(element["image"].numpy(), volume["image"])
+        np.testing.assert_array_equal(element["label"].numpy(), volume["label"])
+        assert element["label"].dtype == tf.int32
+
+
+def test_sources_of_each_mode():
+    by_case = {v["case"]: v for v in VOLUMES}
+    calls = []
+
+    def prefix(item):
+        calls.append(item["case"])
+        return by_case[item["case"]]
+
+    items = [{"case": c, "image": f"/data/{c}.nii.gz"} for c in by_case]
+    with make_source("none", items, prefix) as source:
+        assert isinstance(source, UncachedSource)
+        ds = build_train_dataset(source, 3, (8, 8, 8), 2, 0.5, seed=0, num_channels=2)
+        for _ in range(2):
+            assert sum(x.shape[0] for x, _ in ds) == 6
+            source.end_epoch()
+    assert sorted(calls) == sorted(list(by_case) * 2)
+    with make_source("full", items, prefix, progress=False) as source:
+        assert (source.cache_num, source.replace_num) == (3, 0)
+    with make_source("smart", items, prefix, cache_num=2, replace_rate=0.5) as source:
+        assert (source.cache_num, source.replace_num) == (2, 1)
+    with pytest.raises(ValueError, match="unknown cache mode"):
+        make_source("lru", items, prefix)
+
+
+def test_prefix_failure_surfaces_through_the_dataset():
+    def prefix(item):
+        if item["case"] == "b":
+            raise OSError("truncated file")
+        return VOLUMES[0]
+
+    items = [{"case": c, "image": f"/data/imagesTr/{c}.nii.gz"} for c in "abc"]
+    with make_source("none", items, prefix, shuffle=False) as source:
+        ds = build_train_dataset(source, 2, (8, 8, 8), 1, 0.5, seed=0, num_channels=2)
+        with pytest.raises(tf.errors.OpError, match="imagesTr/b.nii.gz"):
+            collect(ds)
+
+
+def test_sample_seeds_differ_per_component():
+    keys = {
+        tuple(sample_seed(1, e, r, i, s).numpy())
+        for e in range(2)
+        for r in range(2)
+        for i in range(2)
+        for s in range(2)
+    }
+    assert len(keys) == 16
