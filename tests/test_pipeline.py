@@ -244,3 +244,52 @@ def test_sample_seeds_differ_per_component():
         for s in range(2)
     }
     assert len(keys) == 16
+
+
+class CountingPrefix:
+    """The real prefix, counting its calls (the disk cache must make the second run skip it)."""
+
+    def __init__(self, prefix):
+        self.prefix = prefix
+        self.calls = 0
+
+    def __call__(self, item):
+        self.calls += 1
+        return self.prefix(item)
+
+    def config_fingerprint(self):
+        return self.prefix.config_fingerprint()
+
+
+def test_real_prefix_on_a_synthetic_task(tmp_path):
+    from tf_medseg.data.msd import load_task
+    from tf_medseg.data.synthetic import generate_task
+    from tf_medseg.transforms import build_preprocessing
+
+    generate_task("spleen", str(tmp_path / "task"), num_train=3, num_test=0, size=32, seed=0)
+    task = load_task(str(tmp_path / "task"))
+    items = list(task.training)
+    chain = build_preprocessing(task, items, progress=False).deterministic_prefix()
+    kwargs = dict(replace_rate=0.0, cache_dir=str(tmp_path / "cache"), progress=False)
+    first = CountingPrefix(chain)
+    with SmartCache(items, first, **kwargs) as cache:
+        reference = {i: chain(items[i]) for i, _ in cache.epoch_items()}
+        ds = build_train_dataset(cache, 4, (16, 16, 16), 4, 1.0, seed=0)
+        images, labels = collect(ds)
+    assert first.calls == 3
+    assert [x.shape for x in images] == [(4, 16, 16, 16, 1)] * 3
+    # Foreground centres with pos_fraction 1: the centre voxel stays inside every patch.
+    assert all(lb.reshape(4, -1).max(axis=1).min() == 1 for lb in labels)
+
+    second = CountingPrefix(chain)
+    with SmartCache(items, second, **kwargs) as cache:
+        volumes = list(build_eval_dataset(cache))
+        cached = dict(cache.epoch_items())
+    assert second.calls == 0
+    for index, item in cached.items():
+        for key in ("image", "label", "fg_indices", "bg_indices"):
+            np.testing.assert_array_equal(item[key], reference[index][key])
+        assert item["geometry"] == reference[index]["geometry"]
+    for element, index in zip(volumes, sorted(cached), strict=True):
+        assert element["case"].numpy().decode() == items[index]["case"]
+        np.testing.assert_array_equal(element["label"].numpy(), reference[index]["label"])
