@@ -1,0 +1,216 @@
+"""The typed configuration of a training run, and its absl flags.
+
+One frozen dataclass holds every setting; each field's ``metadata["help"]`` is its flag's help,
+so :func:`define_flags` declares one absl flag per field and :func:`config_from_flags` builds the
+dataclass back. Experiments are flagfiles in ``experiments/``; the resolved configuration is
+written beside the checkpoints (``workdir/config.json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+
+POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
+
+
+def _f(default, help_text: str, **kw):
+    return field(default=default, metadata={"help": help_text, **kw})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a training run. See each field's help, or ``tf-medseg-train --helpfull``."""
+
+    # Data
+    data_dir: str = _f("", "MSD-layout task folder (dataset.json, imagesTr/, labelsTr/).")
+    workdir: str = _f("", "Output folder: checkpoints, TensorBoard, metrics, best model.")
+    split_file: str = _f("", "Optional JSON split {'train': [cases], 'validation': [cases]}.")
+    num_val: int = _f(
+        0, "Validation cases (0: the paper's count for MSD tasks, else val_fraction)."
+    )
+    val_fraction: float = _f(
+        0.2, "Validation fraction when num_val is 0 and no paper split applies."
+    )
+    spacing: tuple[float, ...] = _f((1.0, 1.0, 1.0), "Target voxel spacing in mm (paper: 1.0).")
+    ct_percentiles: tuple[float, ...] = _f(
+        (5.0, 95.0), "Training-foreground percentiles of the CT range (paper: 5, 95)."
+    )
+    crop_margin: int = _f(8, "Voxels kept around the body's bounding box.")
+    # Input pipeline
+    cache: str = _f("smart", "Cache mode: smart (gradual replacement), full, or none (baseline).")
+    cache_rate: float = _f(1.0, "Fraction of the training items held by the smart cache.")
+    cache_num: int = _f(0, "Items held by the smart cache (0: from cache_rate).")
+    replace_rate: float = _f(0.1, "Fraction of the smart cache replaced each epoch.")
+    cache_workers: int = _f(0, "Threads filling the cache (0: number of CPUs).")
+    memory_budget_gb: float = _f(0.0, "RAM the training cache may use (0: no limit).")
+    disk_cache: bool = _f(False, "Keep prefix outputs on disk in the data folder's cache area.")
+    patch_size: tuple[int, ...] = _f((112, 112, 112), "Training patch size (paper: 112^3).")
+    batch_size: int = _f(6, "Patches per batch per worker (paper: 6).")
+    num_samples: int = _f(3, "Patches drawn from each cached volume per epoch.")
+    intensity_shift: float = _f(0.1, "Maximum random intensity shift (0: off).")
+    flip: bool = _f(True, "Random flips of the spatial axes.")
+    # Adaptive sampling (paper section 5)
+    adaptive_sampling: bool = _f(True, "Update the positive/negative ratio after each validation.")
+    pos_fraction: float = _f(0.5, "Initial positive (foreground-centred) patch fraction (1:1).")
+    sampling_gamma: float = _f(1.0, "Exponent gamma of the ratio update, equation 4.")
+    pos_fraction_bounds: tuple[float, ...] = _f((0.1, 0.9), "Clamp of the positive fraction.")
+    # Model
+    model: str = _f("unet3d", "Network: unet3d, segresnet or vnet.")
+    base_filters: int = _f(16, "Filters of the first level.")
+    depth: int = _f(4, "Downsampling steps; patch and window sizes must divide by 2^depth.")
+    norm: str = _f("instance", "Normalisation: instance, batch, group, layer or weight.")
+    residual: bool = _f(False, "Residual blocks in the U-Net.")
+    # Optimisation
+    optimizer: str = _f("novograd", "Optimizer: novograd (paper), adam (baseline) or sgd.")
+    learning_rate: float = _f(5e-4, "Peak learning rate (paper: NovoGrad 5e-4, Adam 1e-4).")
+    lr_schedule: str = _f("constant", "Learning-rate schedule: constant or cosine.")
+    warmup_steps: int = _f(0, "Linear warm-up steps.")
+    weight_decay: float = _f(0.0, "NovoGrad's decoupled weight decay.")
+    loss: str = _f("dice", "Loss: dice (equation 1) or dice_ce.")
+    precision: str = _f("float32", "Policy: float32, mixed_bfloat16 (CPU/A100) or mixed_float16.")
+    scale_lr: bool = _f(False, "Multiply the learning rate by the number of Horovod workers.")
+    fp16_allreduce: bool = _f(False, "Compress Horovod all-reduce to float16.")
+    # Schedule and stopping
+    epochs: int = _f(1000, "Upper bound of epochs.")
+    max_steps: int = _f(0, "Stop after this many training steps (0: no bound).")
+    max_minutes: float = _f(0.0, "Stop after this many minutes of wall time (0: no bound).")
+    target_dice: float = _f(0.0, "Stop when the mean validation Dice reaches this (0: never).")
+    val_every: int = _f(1, "Validate every N epochs.")
+    val_roi_size: tuple[int, ...] = _f((224, 224, 224), "Sliding-window size (paper: 224^3).")
+    val_overlap: float = _f(32.0, "Window overlap: a fraction < 1, or voxels >= 1 (paper: 32).")
+    val_mode: str = _f("constant", "Window blending: constant or gaussian.")
+    val_sw_batch_size: int = _f(1, "Windows per forward pass in validation.")
+    val_keep_largest: bool = _f(False, "Keep the largest connected component before scoring.")
+    checkpoint_every: int = _f(1, "Checkpoint every N epochs (and at the end).")
+    keep_checkpoints: int = _f(3, "Checkpoints kept.")
+    # Reproducibility and logging
+    seed: int = _f(0, "Run seed: split, cache order, patches.")
+    deterministic: bool = _f(False, "Seed everything and enable TensorFlow op determinism.")
+    progress: bool = _f(True, "Progress bars.")
+    image_summaries: bool = _f(True, "Validation slice with contours in TensorBoard.")
+
+    def validate(self) -> list[str]:
+        """Contradictions and out-of-range values, one line each (empty when valid)."""
+        errors = []
+        if not self.data_dir:
+            errors.append("--data_dir is required")
+        if not self.workdir:
+            errors.append("--workdir is required")
+        if self.cache not in ("smart", "full", "none"):
+            errors.append(f"--cache must be smart, full or none, got {self.cache!r}")
+        if not 0.0 <= self.replace_rate <= 1.0:
+            errors.append(f"--replace_rate must be in [0, 1], got {self.replace_rate}")
+        if not 0.0 < self.cache_rate <= 1.0:
+            errors.append(f"--cache_rate must be in (0, 1], got {self.cache_rate}")
+        if self.precision not in POLICIES:
+            errors.append(f"--precision must be one of {POLICIES}, got {self.precision!r}")
+        for name in ("patch_size", "val_roi_size", "spacing"):
+            value = getattr(self, name)
+            if len(value) != 3 or min(value) <= 0:
+                errors.append(f"--{name} needs 1 or 3 positive values, got {list(value)}")
+        if len(self.patch_size) == 3 and len(self.val_roi_size) == 3:
+            if any(p > r for p, r in zip(self.patch_size, self.val_roi_size, strict=True)):
+                errors.append(
+                    f"--patch_size {list(self.patch_size)} is larger than the validation window "
+                    f"--val_roi_size {list(self.val_roi_size)}"
+                )
+            step = 2**self.depth
+            for name in ("patch_size", "val_roi_size"):
+                if any(s % step for s in getattr(self, name)):
+                    errors.append(
+                        f"--{name} {list(getattr(self, name))} must be divisible by {step} "
+                        f"(2^depth for --depth={self.depth})"
+                    )
+        lo, hi = (self.pos_fraction_bounds + (None, None))[:2]
+        if lo is None or hi is None or not 0.0 < lo <= hi < 1.0:
+            errors.append(f"--pos_fraction_bounds must satisfy 0 < lo <= hi < 1, got {lo}, {hi}")
+        if not 0.0 <= self.pos_fraction <= 1.0:
+            errors.append(f"--pos_fraction must be in [0, 1], got {self.pos_fraction}")
+        if self.val_overlap < 0 or (1.0 <= self.val_overlap and self.val_overlap % 1):
+            errors.append("--val_overlap must be a fraction in [0, 1) or whole voxels >= 1")
+        if self.batch_size < 1 or self.num_samples < 1 or self.val_every < 1:
+            errors.append("--batch_size, --num_samples and --val_every must be at least 1")
+        if self.memory_budget_gb < 0:
+            errors.append(f"--memory_budget_gb must be >= 0, got {self.memory_budget_gb}")
+        if not 0.0 <= self.target_dice <= 1.0:
+            errors.append(f"--target_dice must be in [0, 1], got {self.target_dice}")
+        return errors
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        values = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: _coerce(cls, k, v) for k, v in values.items() if k in known})
+
+    def save(self, workdir: str) -> str:
+        """Writes ``workdir/config.json`` atomically; returns its path."""
+        os.makedirs(workdir, exist_ok=True)
+        path = os.path.join(workdir, "config.json")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(self.to_json())
+        os.replace(tmp, path)
+        return path
+
+
+def _coerce(cls, name, value):
+    kind = typing.get_type_hints(cls)[name]
+    if typing.get_origin(kind) is tuple:
+        (inner,) = {a for a in typing.get_args(kind) if a is not Ellipsis}
+        values = [inner(v) for v in (value if isinstance(value, list | tuple) else [value])]
+        return (
+            tuple(values * 3)
+            if len(values) == 1 and name != "pos_fraction_bounds"
+            else tuple(values)
+        )
+    return kind(value)
+
+
+def define_flags(flag_values=None) -> None:
+    """Declares one absl flag per :class:`TrainConfig` field, defaulting to the field's default."""
+    from absl import flags
+
+    flag_values = flag_values or flags.FLAGS
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        kind, help_text = hints[f.name], f.metadata["help"]
+        if f.name in flag_values:
+            continue
+        if kind is bool:
+            flags.DEFINE_bool(f.name, f.default, help_text, flag_values=flag_values)
+        elif kind is int:
+            flags.DEFINE_integer(f.name, f.default, help_text, flag_values=flag_values)
+        elif kind is float:
+            flags.DEFINE_float(f.name, f.default, help_text, flag_values=flag_values)
+        elif kind is str:
+            flags.DEFINE_string(f.name, f.default, help_text, flag_values=flag_values)
+        else:
+            default = [str(v) for v in f.default]
+            flags.DEFINE_list(f.name, default, help_text, flag_values=flag_values)
+
+
+def config_from_flags(flag_values=None) -> TrainConfig:
+    """Builds the configuration from parsed flags (a list flag of one value means isotropic)."""
+    from absl import flags
+
+    flag_values = flag_values or flags.FLAGS
+    values = {}
+    for f in dataclasses.fields(TrainConfig):
+        raw = flag_values[f.name].value
+        values[f.name] = _coerce(TrainConfig, f.name, raw)
+    return TrainConfig(**values)
+
+
+def steps_upper_bound(config: TrainConfig, patches_per_epoch: int) -> int:
+    """Training steps the run would take without early stopping (for the cosine schedule)."""
+    per_epoch = max(1, math.ceil(patches_per_epoch / config.batch_size))
+    steps = per_epoch * config.epochs
+    return min(steps, config.max_steps) if config.max_steps else steps

@@ -1,0 +1,308 @@
+"""Hooks around the training loop: validation, sampler update, logging, checkpoints, stopping.
+
+The loop (:mod:`tf_medseg.training.loop`) calls every hook's ``on_train_begin``, ``on_step_end``,
+``on_epoch_end`` and ``on_train_end`` in order; hooks talk to each other through the ``logs``
+dict of the call (validation puts its result there, the sampler hook reads it, the loggers write
+it). Only the chief worker (rank 0) writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from tf_medseg.optim import current_learning_rate
+from tf_medseg.training.validation import make_window_predictor, validate
+
+
+class Hook:
+    """Does nothing; subclasses override what they need."""
+
+    def on_train_begin(self, trainer) -> None:
+        pass
+
+    def on_step_end(self, trainer, logs: dict) -> None:
+        pass
+
+    def on_epoch_end(self, trainer, logs: dict) -> None:
+        pass
+
+    def on_train_end(self, trainer, logs: dict) -> None:
+        pass
+
+
+class ProgressHook(Hook):
+    """A progress bar per epoch with the step, loss and patches/s (chief only)."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.bar = None
+
+    def on_step_end(self, trainer, logs):
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=trainer.steps_per_epoch,
+                desc=f"epoch {int(trainer.epoch.numpy()) + 1}",
+                leave=False,
+                dynamic_ncols=True,
+            )
+        self.bar.update(1)
+        self.bar.set_postfix(
+            step=int(trainer.step.numpy()),
+            loss=f"{logs['loss']:.4f}",
+            patches_s=f"{logs['patches_per_s']:.1f}",
+        )
+
+    def on_epoch_end(self, trainer, logs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        message = (
+            f"epoch {logs['epoch']} step {logs['step']} loss {logs['loss']:.4f} "
+            f"{logs['patches_per_s']:.1f} patches/s"
+        )
+        if "validation" in logs:
+            v = logs["validation"]
+            message += f" | val dice {v.mean_dice:.4f} (best {trainer.best_dice.numpy():.4f})"
+        if self.enabled:
+            logging.info(message)
+
+
+class ValidationHook(Hook):
+    """Runs validation every ``every`` epochs (and at the end) and keeps the best model."""
+
+    def __init__(self, every: int):
+        self.every = every
+        self.predictor = None
+        self.last_step = None
+
+    def on_train_begin(self, trainer):
+        c = trainer.config
+        self.predictor = make_window_predictor(
+            trainer.model, c.val_roi_size, trainer.task.num_channels, c.val_sw_batch_size
+        )
+
+    def run(self, trainer, logs):
+        c = trainer.config
+        start = time.time()
+        result = validate(
+            self.predictor,
+            trainer.validation_items(),
+            trainer.task.num_classes,
+            c.val_roi_size,
+            c.val_overlap,
+            c.val_mode,
+            c.val_sw_batch_size,
+            c.val_keep_largest,
+            trainer.dist,
+            case_offset=trainer.dist.rank,
+            num_cases=trainer.num_val_cases,
+        )
+        logs["validation"] = result
+        logs["validation_s"] = time.time() - start
+        self.last_step = int(trainer.step.numpy())
+        wall = trainer.wall_seconds()
+        if np.isfinite(result.mean_dice) and result.mean_dice > trainer.best_dice.numpy():
+            trainer.best_dice.assign(result.mean_dice)
+            trainer.best_step.assign(trainer.step)
+            trainer.best_wall_s.assign(wall)
+            trainer.export_best_model()
+        target = c.target_dice
+        if target and result.mean_dice >= target and trainer.time_to_target_s.numpy() < 0:
+            trainer.time_to_target_s.assign(wall)
+            trainer.steps_to_target.assign(trainer.step)
+
+    def on_epoch_end(self, trainer, logs):
+        if logs["epoch"] % self.every == 0:
+            self.run(trainer, logs)
+
+    def on_train_end(self, trainer, logs):
+        # The last epoch may have been cut short (max steps, time): score the final weights.
+        if self.last_step != int(trainer.step.numpy()):
+            self.run(trainer, logs)
+
+
+class SamplerHook(Hook):
+    """Updates the positive/negative sampling ratio from the validation sums (equations 4-6)."""
+
+    def on_epoch_end(self, trainer, logs):
+        if "validation" in logs:
+            logs["sampler"] = trainer.sampler.update_from_sums(logs["validation"].sums)
+
+    on_train_end = on_epoch_end
+
+
+def _contour(mask: np.ndarray) -> np.ndarray:
+    inner = mask.copy()
+    inner[1:, :] &= mask[:-1, :]
+    inner[:-1, :] &= mask[1:, :]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    return mask & ~inner
+
+
+def contour_overlay(image: np.ndarray, label: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """An RGB uint8 slice: the image in grey, true contours red, predicted contours green."""
+    lo, hi = np.percentile(image, [1, 99])
+    grey = np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1)
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    rgb[_contour(label > 0)] = [1.0, 0.0, 0.0]
+    rgb[_contour(pred > 0)] = [0.0, 1.0, 0.0]
+    # Axis 0 is x (left-right): show it horizontally, anterior up.
+    return (np.transpose(rgb, (1, 0, 2))[::-1] * 255).astype(np.uint8)
+
+
+class TensorBoardHook(Hook):
+    """Scalars (loss, learning rate, loss scale, patches/s, Dice, FP/FN indices, sampler ratio,
+    cache statistics) and a validation slice with contours, in ``workdir/tensorboard``."""
+
+    def __init__(self, logdir: str, images: bool = True, every_steps: int = 10):
+        self.logdir = logdir
+        self.images = images
+        self.every_steps = every_steps
+        self.writer = None
+
+    def on_train_begin(self, trainer):
+        self.writer = tf.summary.create_file_writer(self.logdir)
+
+    def on_step_end(self, trainer, logs):
+        step = int(trainer.step.numpy())
+        if step % self.every_steps:
+            return
+        with self.writer.as_default(step=step):
+            tf.summary.scalar("train/loss", logs["loss"])
+            tf.summary.scalar("train/learning_rate", current_learning_rate(trainer.optimizer))
+            if hasattr(trainer.optimizer, "loss_scale"):
+                tf.summary.scalar("train/loss_scale", float(trainer.optimizer.loss_scale))
+
+    def on_epoch_end(self, trainer, logs):
+        step = int(trainer.step.numpy())
+        with self.writer.as_default(step=step):
+            tf.summary.scalar("train/epoch_loss", logs["loss"])
+            tf.summary.scalar("train/patches_per_s", logs["patches_per_s"])
+            for key, value in trainer.cache_stats().items():
+                if isinstance(value, int | float) and math.isfinite(value):
+                    tf.summary.scalar(f"cache/{key}", value)
+            if "validation" in logs:
+                v = logs["validation"]
+                tf.summary.scalar("val/mean_dice", v.mean_dice)
+                for name, dice in zip(trainer.task.labels[1:], v.dice, strict=True):
+                    tf.summary.scalar(f"val/dice_{name.replace(' ', '_')}", dice)
+                tf.summary.scalar("val/r_fp", v.r_fp)
+                tf.summary.scalar("val/r_fn", v.r_fn)
+                tf.summary.scalar("val/seconds", logs["validation_s"])
+                if self.images and v.example is not None:
+                    overlay = contour_overlay(*v.example)
+                    tf.summary.image("val/slice_true_red_pred_green", overlay[None], step=step)
+            tf.summary.scalar(
+                "sampler/positive_fraction", float(trainer.sampler.positive_fraction.numpy())
+            )
+        self.writer.flush()
+
+    def on_train_end(self, trainer, logs):
+        if "validation" in logs:
+            self.on_epoch_end(trainer, logs)
+        self.writer.close()
+
+
+class MetricsLogHook(Hook):
+    """``workdir/metrics.jsonl`` (a line per validation) and ``workdir/summary.json``."""
+
+    def __init__(self, workdir: str):
+        self.metrics_path = os.path.join(workdir, "metrics.jsonl")
+        self.summary_path = os.path.join(workdir, "summary.json")
+
+    def on_epoch_end(self, trainer, logs):
+        if "validation" in logs:
+            v = logs["validation"]
+            sampler = logs.get("sampler", {})
+            line = {
+                "step": int(trainer.step.numpy()),
+                "epoch": int(trainer.epoch.numpy()),
+                "wall_s": round(trainer.wall_seconds(), 3),
+                "dice": {n: _num(d) for n, d in zip(trainer.task.labels[1:], v.dice, strict=True)},
+                "mean_dice": _num(v.mean_dice),
+                "r_fp": _num(v.r_fp),
+                "r_fn": _num(v.r_fn),
+                "positive_fraction": _num(sampler.get("positive_fraction")),
+                "ratio": _num(sampler.get("ratio")),
+                "validation_s": round(logs["validation_s"], 3),
+            }
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+        self.write_summary(trainer)
+
+    def on_train_end(self, trainer, logs):
+        self.on_epoch_end(trainer, logs)
+
+    def write_summary(self, trainer):
+        ttt = float(trainer.time_to_target_s.numpy())
+        summary = {
+            "best_dice": _num(trainer.best_dice.numpy())
+            if trainer.best_dice.numpy() >= 0
+            else None,
+            "best_step": int(trainer.best_step.numpy()),
+            "best_wall_s": round(float(trainer.best_wall_s.numpy()), 3),
+            "target_dice": trainer.config.target_dice or None,
+            "time_to_target_s": round(ttt, 3) if ttt >= 0 else None,
+            "steps_to_target": int(trainer.steps_to_target.numpy()) if ttt >= 0 else None,
+            "steps": int(trainer.step.numpy()),
+            "epochs": int(trainer.epoch.numpy()),
+            "wall_s": round(trainer.wall_seconds(), 3),
+            "patches_per_s": round(trainer.patches_per_s(), 3),
+            "precision": trainer.config.precision,
+            "workers": trainer.dist.size,
+        }
+        tmp = self.summary_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(summary, f, indent=2)
+        os.replace(tmp, self.summary_path)
+
+
+def _num(value):
+    if value is None:
+        return None
+    value = float(value)
+    return round(value, 6) if math.isfinite(value) else None
+
+
+class CheckpointHook(Hook):
+    """Saves model, optimizer, counters, sampler ratio and cache position every N epochs."""
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def on_epoch_end(self, trainer, logs):
+        if logs["epoch"] % self.every == 0:
+            trainer.save_checkpoint()
+
+    def on_train_end(self, trainer, logs):
+        trainer.save_checkpoint()
+
+
+class StopHook(Hook):
+    """Stops at the target Dice, the step bound or the time bound."""
+
+    def on_step_end(self, trainer, logs):
+        c = trainer.config
+        if c.max_steps and trainer.step.numpy() >= c.max_steps:
+            trainer.stop("reached --max_steps")
+        elif c.max_minutes and trainer.wall_seconds() >= 60.0 * c.max_minutes:
+            trainer.stop("reached --max_minutes")
+
+    def on_epoch_end(self, trainer, logs):
+        v = logs.get("validation")
+        target = trainer.config.target_dice
+        if target and v is not None and v.mean_dice >= target:
+            trainer.stop(f"validation Dice {v.mean_dice:.4f} reached --target_dice {target}")
+        self.on_step_end(trainer, logs)

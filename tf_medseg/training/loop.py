@@ -1,0 +1,414 @@
+"""The custom training loop: a ``tf.function`` step inside a short sequence of hooks.
+
+:class:`Trainer` puts the parts together (data split, deterministic prefix, caches, the random
+tail, model, loss, optimiser, adaptive sampler, checkpoint) and :meth:`Trainer.fit` reads::
+
+    for each epoch:
+        for each batch: train step; hooks.on_step_end
+        source.end_epoch()                      # smart cache swaps in its replacements
+        hooks.on_epoch_end                      # validate, update sampler, log, checkpoint, stop
+    hooks.on_train_end
+
+The step runs the forward pass under the global mixed-precision policy, the loss in float32,
+dynamic loss scaling under ``mixed_float16`` only, and Horovod's ``DistributedGradientTape``
+when several workers run.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import time
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from tf_medseg import distributed
+from tf_medseg.data.msd import load_task, task_split
+from tf_medseg.losses import get_loss
+from tf_medseg.models import MODELS, build_model
+from tf_medseg.optim import build_optimizer
+from tf_medseg.pipeline import build_train_dataset, make_source, patches_per_epoch
+from tf_medseg.sampling import AdaptiveSampler
+from tf_medseg.training import hooks as hooks_lib
+from tf_medseg.training.config import TrainConfig, steps_upper_bound
+from tf_medseg.transforms.preprocessing import PreprocessingConfig, build_preprocessing
+
+BEST_MODEL = "best_model.keras"
+
+
+class ConfigError(ValueError):
+    """Contradictory or out-of-range settings; one problem per line."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite."""
+
+
+class Trainer:
+    """One training run.
+
+    Args:
+        config: The run's settings.
+        dist: The workers (default: :func:`tf_medseg.distributed.setup`).
+
+    Raises:
+        ConfigError: The configuration is contradictory (every problem listed).
+        DataError: The data folder or a file in it is bad.
+    """
+
+    def __init__(self, config: TrainConfig, dist: distributed.Distributed | None = None):
+        errors = config.validate()
+        if errors:
+            raise ConfigError("\n".join(errors))
+        self._start = time.time()
+        self.config = config
+        self.dist = dist or distributed.setup(config.fp16_allreduce)
+        self.chief = self.dist.is_chief
+        self._stop_reason = None
+        self._train_seconds = 0.0
+        self._train_patches = 0
+        if config.deterministic:
+            tf.keras.utils.set_random_seed(config.seed)
+            tf.config.experimental.enable_op_determinism()
+        tf.keras.mixed_precision.set_global_policy(config.precision)
+        os.makedirs(config.workdir, exist_ok=True)
+
+        self.task = load_task(config.data_dir)
+        train_items, val_items = task_split(
+            self.task,
+            split_file=config.split_file or None,
+            num_val=config.num_val or None,
+            val_fraction=config.val_fraction,
+            seed=config.seed,
+        )
+        self.num_val_cases = len(val_items)
+        self.prefix = build_preprocessing(
+            self.task,
+            train_items,
+            PreprocessingConfig(
+                spacing=tuple(config.spacing),
+                ct_percentiles=tuple(config.ct_percentiles),
+                crop_margin=config.crop_margin,
+                seed=config.seed,
+            ),
+            progress=config.progress and self.chief,
+        )
+        if self.chief:
+            config.save(config.workdir)
+            _write_json(os.path.join(config.workdir, "preprocessing.json"), self.prefix.config())
+            _write_json(
+                os.path.join(config.workdir, "task.json"),
+                {"modalities": self.task.modalities, "labels": self.task.labels},
+            )
+        disk = os.path.join(self.task.cache_dir, "prefix") if config.disk_cache else None
+        budget = int(config.memory_budget_gb * 2**30) or None
+        self.train_source = make_source(
+            config.cache,
+            train_items,
+            self.prefix,
+            cache_num=config.cache_num or None,
+            cache_rate=config.cache_rate,
+            replace_rate=config.replace_rate,
+            num_workers=config.cache_workers or None,
+            seed=config.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.size,
+            memory_budget_bytes=budget,
+            cache_dir=disk,
+            progress=config.progress and self.chief,
+        )
+        # Validation volumes are dealt round-robin to the workers, never padded (no case twice).
+        self.val_source = make_source(
+            "none" if config.cache == "none" else "full",
+            val_items[self.dist.rank :: self.dist.size],
+            self.prefix,
+            shuffle=False,
+            seed=config.seed,
+            cache_dir=disk,
+            progress=False,
+        )
+
+        self.sampler = AdaptiveSampler(
+            config.pos_fraction,
+            config.sampling_gamma,
+            tuple(config.pos_fraction_bounds),
+            adaptive=config.adaptive_sampling,
+        )
+        self.dataset = build_train_dataset(
+            self.train_source,
+            config.batch_size,
+            config.patch_size,
+            config.num_samples,
+            self.sampler.positive_fraction,
+            seed=config.seed,
+            flip=config.flip,
+            intensity_shift=config.intensity_shift,
+            num_channels=self.task.num_channels,
+        )
+        self.patches_per_epoch = patches_per_epoch(self.train_source, config.num_samples)
+        self.steps_per_epoch = math.ceil(self.patches_per_epoch / config.batch_size)
+
+        self.model = build_model(
+            config.model, self.task.num_classes, self.task.num_channels, **_model_options(config)
+        )
+        self.loss_fn = get_loss(config.loss)
+        lr = config.learning_rate * (self.dist.size if config.scale_lr else 1)
+        self.optimizer = build_optimizer(
+            config.optimizer,
+            lr,
+            steps_upper_bound(config, self.patches_per_epoch),
+            config.lr_schedule,
+            config.warmup_steps,
+            config.weight_decay,
+            mixed_float16=config.precision == "mixed_float16",
+        )
+        self._build_optimizer_slots()
+
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+        self.elapsed_s = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+        self.best_dice = tf.Variable(-1.0, dtype=tf.float64, trainable=False)
+        self.best_step = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.best_wall_s = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+        self.time_to_target_s = tf.Variable(-1.0, dtype=tf.float64, trainable=False)
+        self.steps_to_target = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.cache_state = tf.Variable("", dtype=tf.string, trainable=False)
+        self.checkpoint = tf.train.Checkpoint(
+            model=self.model,
+            optimizer=self.optimizer,
+            sampler=self.sampler,
+            step=self.step,
+            epoch=self.epoch,
+            elapsed_s=self.elapsed_s,
+            best_dice=self.best_dice,
+            best_step=self.best_step,
+            best_wall_s=self.best_wall_s,
+            time_to_target_s=self.time_to_target_s,
+            steps_to_target=self.steps_to_target,
+            cache_state=self.cache_state,
+        )
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint,
+            os.path.join(config.workdir, "checkpoints"),
+            max_to_keep=config.keep_checkpoints,
+        )
+        self.restored_from = self._restore()
+        self.hooks = self._make_hooks()
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _make_hooks(self) -> list[hooks_lib.Hook]:
+        c = self.config
+        hooks = [
+            hooks_lib.ValidationHook(c.val_every),
+            hooks_lib.SamplerHook(),
+            hooks_lib.ProgressHook(c.progress and self.chief),
+        ]
+        if self.chief:
+            hooks += [
+                hooks_lib.TensorBoardHook(
+                    os.path.join(c.workdir, "tensorboard"), images=c.image_summaries
+                ),
+                hooks_lib.MetricsLogHook(c.workdir),
+            ]
+        hooks += [hooks_lib.CheckpointHook(c.checkpoint_every), hooks_lib.StopHook()]
+        return hooks
+
+    def _build_optimizer_slots(self) -> None:
+        """Creates the optimiser's slot variables now, so a restore fills them immediately."""
+        inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        if hasattr(inner, "_create_all_weights"):
+            inner._create_all_weights(self.model.trainable_variables)
+
+    def _restore(self) -> str | None:
+        """Restores the newest readable checkpoint; a corrupt one falls back to the previous."""
+        for path in reversed(self.manager.checkpoints):
+            try:
+                self.checkpoint.restore(path).assert_existing_objects_matched()
+            except (tf.errors.OpError, ValueError, AssertionError) as err:
+                logging.warning(
+                    "checkpoint %s is unreadable (%s); trying the previous one", path, err
+                )
+                continue
+            state = self.cache_state.numpy().decode()
+            if state and hasattr(self.train_source, "restore"):
+                self.train_source.restore(json.loads(state))
+            logging.info(
+                "resumed from %s at step %d, epoch %d",
+                path,
+                int(self.step.numpy()),
+                int(self.epoch.numpy()),
+            )
+            return path
+        return None
+
+    # ------------------------------------------------------------------ the loop
+    @tf.function
+    def train_step(self, images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+        """One optimisation step on a batch; returns the float32 loss."""
+        onehot = tf.one_hot(labels, self.task.num_classes, dtype=tf.float32)
+        fp16 = isinstance(self.optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
+        with tf.GradientTape() as tape:
+            probs = self.model(images, training=True)
+            loss = self.loss_fn(onehot, tf.cast(probs, tf.float32))
+            scaled = self.optimizer.get_scaled_loss(loss) if fp16 else loss
+        tape = self.dist.gradient_tape(tape)
+        variables = self.model.trainable_variables
+        grads = tape.gradient(scaled, variables)
+        if fp16:
+            grads = self.optimizer.get_unscaled_gradients(grads)
+        self.optimizer.apply_gradients(zip(grads, variables, strict=True))
+        return loss
+
+    def fit(self) -> dict:
+        """Trains until a stop condition; returns the summary (also in ``summary.json``)."""
+        for hook in self.hooks:
+            hook.on_train_begin(self)
+        self.dist.broadcast_variables(self.model.variables)
+        logs = {"loss": float("nan"), "patches_per_s": 0.0, "epoch": int(self.epoch.numpy())}
+        bad_steps = 0
+        try:
+            while self._stop_reason is None and self.epoch.numpy() < self.config.epochs:
+                losses, epoch_start, patches = [], time.time(), 0
+                for images, labels in self.dataset:
+                    loss = float(self.train_step(images, labels).numpy())
+                    if int(self.step.numpy()) == 0:
+                        self.dist.broadcast_variables(self.optimizer.variables())
+                    self.step.assign_add(1)
+                    bad_steps = self._check_loss(loss, bad_steps)
+                    losses.append(loss)
+                    patches += int(images.shape[0])
+                    seconds = time.time() - epoch_start
+                    logs = {"loss": loss, "patches_per_s": patches / max(seconds, 1e-9)}
+                    for hook in self.hooks:
+                        hook.on_step_end(self, logs)
+                    if self._stop_reason:
+                        break
+                self._train_seconds += time.time() - epoch_start
+                self._train_patches += patches
+                epoch_complete = self._stop_reason is None
+                if epoch_complete:
+                    self.train_source.end_epoch()
+                    self.epoch.assign_add(1)
+                    self.cache_state.assign(_state_json(self.train_source))
+                logs = {
+                    "epoch": int(self.epoch.numpy()),
+                    "step": int(self.step.numpy()),
+                    "loss": float(np.mean(losses)) if losses else float("nan"),
+                    "patches_per_s": patches / max(time.time() - epoch_start, 1e-9),
+                }
+                if epoch_complete:
+                    for hook in self.hooks:
+                        hook.on_epoch_end(self, logs)
+        except KeyboardInterrupt:
+            logging.warning("interrupted: saving a checkpoint at step %d", int(self.step.numpy()))
+            self.save_checkpoint()
+            raise
+        logs.pop("validation", None)
+        logs.setdefault("step", int(self.step.numpy()))
+        logs.setdefault("epoch", int(self.epoch.numpy()))
+        for hook in self.hooks:
+            hook.on_train_end(self, logs)
+        logging.info("stopped: %s", self._stop_reason or "reached --epochs")
+        return self.summary()
+
+    def _check_loss(self, loss: float, bad_steps: int) -> int:
+        if math.isfinite(loss):
+            return 0
+        step = int(self.step.numpy())
+        if self.config.precision == "mixed_float16" and bad_steps < 20:
+            logging.warning("non-finite loss at step %d: skipped by loss scaling", step)
+            return bad_steps + 1
+        raise NonFiniteLossError(
+            f"loss became {loss} at step {step}; stopping (the last checkpoint and the best "
+            f"model are from before it). Try a lower --learning_rate or --precision=float32."
+        )
+
+    # ------------------------------------------------------------------ used by hooks
+    def stop(self, reason: str) -> None:
+        """Ends the run after the current step."""
+        if self._stop_reason is None:
+            self._stop_reason = reason
+
+    def wall_seconds(self) -> float:
+        """Wall time of the run, including earlier runs it resumed, set-up and cache fill."""
+        return float(self.elapsed_s.numpy()) + time.time() - self._start
+
+    def patches_per_s(self) -> float:
+        """Training patches per second of training-loop time (validation excluded)."""
+        return self._train_patches / self._train_seconds if self._train_seconds else 0.0
+
+    def validation_items(self):
+        """This worker's preprocessed validation items, in case order."""
+        entries = self.val_source.epoch_items()
+        items = [item for _, item in sorted(entries, key=lambda e: e[0])]
+        return items
+
+    def cache_stats(self) -> dict:
+        stats = getattr(self.train_source, "stats", None)
+        return stats() if callable(stats) else {}
+
+    def save_checkpoint(self) -> None:
+        """Saves a checkpoint (chief only); the index file is replaced atomically by TF."""
+        if not self.chief:
+            return
+        now = time.time()
+        self.elapsed_s.assign_add(now - self._start)
+        self._start = now
+        self.manager.save(checkpoint_number=int(self.step.numpy()))
+
+    def export_best_model(self) -> None:
+        """Writes the model to ``workdir/best_model.keras`` atomically (chief only)."""
+        if not self.chief:
+            return
+        path = os.path.join(self.config.workdir, BEST_MODEL)
+        tmp = os.path.join(self.config.workdir, "best_model.tmp.keras")
+        self.model.save(tmp)
+        os.replace(tmp, path)
+
+    def summary(self) -> dict:
+        path = os.path.join(self.config.workdir, "summary.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f)
+        return {}
+
+    def close(self) -> None:
+        """Stops the caches' threads and frees their memory."""
+        for source in (self.train_source, self.val_source):
+            source.close()
+
+
+def _model_options(config: TrainConfig) -> dict:
+    """The model options the chosen builder accepts."""
+    wanted = {
+        "depth": config.depth,
+        "base_filters": config.base_filters,
+        "norm": config.norm,
+        "residual": config.residual,
+    }
+    accepted = inspect.signature(MODELS[config.model]).parameters
+    return {k: v for k, v in wanted.items() if k in accepted}
+
+
+def _state_json(source) -> str:
+    state = source.state() if hasattr(source, "state") else {}
+    return json.dumps(state, default=_jsonable)
+
+
+def _jsonable(value):
+    if isinstance(value, np.integer | np.floating):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint")
+
+
+def _write_json(path: str, value) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2, default=_jsonable)
+    os.replace(tmp, path)
