@@ -321,8 +321,14 @@ def crop_with_padding(
     label_patch = tf.slice(label, start, size)
     before = (patch - size) // 2
     paddings = tf.stack([before, patch - size - before], axis=1)
-    image_patch = tf.pad(image_patch, tf.concat([paddings, [[0, 0]]], 0))
-    label_patch = tf.pad(label_patch, paddings)
+    image_patch, label_patch = tf.cond(
+        tf.reduce_any(size < patch),
+        lambda: (
+            tf.pad(image_patch, tf.concat([paddings, [[0, 0]]], 0)),
+            tf.pad(label_patch, paddings),
+        ),
+        lambda: (image_patch, label_patch),
+    )
     channels = image.shape[-1]
     image_patch = tf.ensure_shape(image_patch, [*patch_size, channels])
     label_patch = tf.ensure_shape(label_patch, list(patch_size))
@@ -332,13 +338,9 @@ def crop_with_padding(
 def random_flip(image: tf.Tensor, label: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """Flips each spatial axis with probability 1/2 (image and label together)."""
     flips = tf.random.stateless_uniform([3], seed) < 0.5
-    for axis in range(3):
-        image, label = tf.cond(
-            flips[axis],
-            lambda a=axis, i=image, lb=label: (tf.reverse(i, [a]), tf.reverse(lb, [a])),
-            lambda i=image, lb=label: (i, lb),
-        )
-    return image, label
+    # One reverse over the drawn axes: a single pass over the patch instead of one per axis.
+    axes = tf.boolean_mask(tf.range(3), flips)
+    return tf.reverse(image, axes), tf.reverse(label, axes)
 
 
 def random_intensity_shift(image: tf.Tensor, max_shift: float, seed: tf.Tensor) -> tf.Tensor:
