@@ -71,6 +71,7 @@ class Trainer:
         self._stop_reason = None
         self._train_seconds = 0.0
         self._train_patches = 0
+        self.losses: list[float] = []  # per-step training losses of this session
         if config.deterministic:
             tf.keras.utils.set_random_seed(config.seed)
             tf.config.experimental.enable_op_determinism()
@@ -280,6 +281,7 @@ class Trainer:
                     self.step.assign_add(1)
                     bad_steps = self._check_loss(loss, bad_steps)
                     losses.append(loss)
+                    self.losses.append(loss)
                     patches += int(images.shape[0])
                     seconds = time.time() - epoch_start
                     logs = {"loss": loss, "patches_per_s": patches / max(seconds, 1e-9)}

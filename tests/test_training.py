@@ -1,0 +1,161 @@
+"""The training engine end to end on a tiny synthetic task: outputs, resume, policies."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_medseg.training.config import TrainConfig
+from tf_medseg.training.loop import ConfigError, Trainer
+
+
+@pytest.fixture(autouse=True)
+def _restore_policy():
+    yield
+    tf.keras.mixed_precision.set_global_policy("float32")
+
+
+def tiny_config(data_dir, workdir, **overrides) -> TrainConfig:
+    base = dict(
+        data_dir=data_dir,
+        workdir=str(workdir),
+        num_val=2,
+        spacing=(2.0, 2.0, 2.0),
+        patch_size=(16, 16, 16),
+        val_roi_size=(16, 16, 16),
+        val_overlap=0.25,
+        batch_size=2,
+        num_samples=2,
+        depth=2,
+        base_filters=4,
+        cache="smart",
+        replace_rate=0.5,
+        cache_num=2,
+        epochs=2,
+        progress=False,
+        cache_workers=1,
+    )
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def _run(config):
+    trainer = Trainer(config)
+    try:
+        summary = trainer.fit()
+    finally:
+        trainer.close()
+    return trainer, summary
+
+
+def test_end_to_end_writes_every_output(spleen_task_dir, tmp_path):
+    trainer, summary = _run(tiny_config(spleen_task_dir, tmp_path / "run", epochs=2))
+    workdir = str(tmp_path / "run")
+    # 2 cached items x 2 samples / batch 2 = 2 steps per epoch.
+    assert summary["steps"] == 4 and summary["epochs"] == 2
+    for key in ("best_dice", "best_step", "best_wall_s", "time_to_target_s", "patches_per_s"):
+        assert key in summary
+    assert 0.0 <= summary["best_dice"] <= 1.0 and summary["patches_per_s"] > 0
+    lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [line["step"] for line in lines] == [2, 4]
+    for line in lines:
+        assert set(line) >= {"step", "epoch", "wall_s", "dice", "mean_dice", "r_fp", "r_fn"}
+        assert "spleen" in line["dice"]
+    assert glob.glob(os.path.join(workdir, "checkpoints", "ckpt-4.index"))
+    assert os.path.isfile(os.path.join(workdir, "best_model.keras"))
+    config = json.load(open(os.path.join(workdir, "config.json")))
+    assert config["patch_size"] == [16, 16, 16]
+    events = glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+    assert len(events) == 1
+    tags = set()
+    for event in tf.compat.v1.train.summary_iterator(events[0]):
+        for value in event.summary.value:
+            tags.add(value.tag)
+    assert {"val/mean_dice", "val/dice_spleen", "val/r_fp", "sampler/positive_fraction"} <= tags
+    assert {"train/patches_per_s", "cache/swaps"} <= tags
+    assert "val/slice_true_red_pred_green" in tags
+    loaded = tf.keras.models.load_model(os.path.join(workdir, "best_model.keras"))
+    x = np.zeros((1, 16, 16, 16, 1), np.float32)
+    assert loaded(x).shape == (1, 16, 16, 16, 2)
+
+
+def test_resume_continues_from_saved_step_and_optimizer_state(spleen_task_dir, tmp_path):
+    first, _ = _run(tiny_config(spleen_task_dir, tmp_path / "run", epochs=1, optimizer="adam"))
+    saved_weights = [v.numpy() for v in first.model.trainable_variables]
+    saved_slots = [v.numpy() for v in first.optimizer.variables()]
+    saved_cache = json.loads(first.cache_state.numpy().decode())
+    second = Trainer(tiny_config(spleen_task_dir, tmp_path / "run", epochs=2, optimizer="adam"))
+    try:
+        assert second.restored_from is not None
+        assert int(second.step.numpy()) == 2 and int(second.epoch.numpy()) == 1
+        assert int(second.optimizer.iterations.numpy()) == 2
+        for a, b in zip(saved_weights, second.model.trainable_variables, strict=True):
+            np.testing.assert_array_equal(a, b.numpy())
+        restored_slots = [v.numpy() for v in second.optimizer.variables()]
+        assert len(restored_slots) == len(saved_slots)
+        for a, b in zip(saved_slots, restored_slots, strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert second.train_source.state()["epoch"] == saved_cache["epoch"] == 1
+        summary = second.fit()
+    finally:
+        second.close()
+    assert summary["steps"] == 4 and len(second.losses) == 2
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16", "mixed_float16"])
+def test_policies_run_with_finite_loss(spleen_task_dir, tmp_path, policy):
+    trainer, summary = _run(
+        tiny_config(spleen_task_dir, tmp_path / policy, precision=policy, epochs=1)
+    )
+    assert len(trainer.losses) == 2 and np.all(np.isfinite(trainer.losses))
+    scaled = isinstance(trainer.optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
+    assert scaled == (policy == "mixed_float16")
+    assert trainer.model.layers[-1].dtype_policy.compute_dtype == "float32"
+
+
+def test_deterministic_runs_give_identical_losses(spleen_task_dir, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        config = tiny_config(
+            spleen_task_dir,
+            tmp_path / name,
+            deterministic=True,
+            seed=7,
+            max_steps=20,
+            epochs=100,
+            val_every=100,
+            cache="full",
+        )
+        trainer, _ = _run(config)
+        runs.append(trainer.losses)
+    assert len(runs[0]) == 20
+    assert runs[0] == runs[1]
+
+
+def test_contradictory_flags_are_rejected_one_line_each(spleen_task_dir, tmp_path):
+    config = tiny_config(
+        spleen_task_dir,
+        tmp_path,
+        patch_size=(32, 32, 32),
+        replace_rate=1.5,
+        pos_fraction_bounds=(0.9, 0.1),
+    )
+    with pytest.raises(ConfigError) as err:
+        Trainer(config)
+    lines = str(err.value).splitlines()
+    assert any("larger than the validation window" in line for line in lines)
+    assert any("--replace_rate" in line for line in lines)
+    assert any("--pos_fraction_bounds" in line for line in lines)
+    assert len(lines) == 3
+    assert (
+        dataclasses.replace(
+            config, patch_size=(16, 16, 16), replace_rate=0.1, pos_fraction_bounds=(0.1, 0.9)
+        ).validate()
+        == []
+    )
