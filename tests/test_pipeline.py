@@ -293,3 +293,21 @@ def test_real_prefix_on_a_synthetic_task(tmp_path):
     for element, index in zip(volumes, sorted(cached), strict=True):
         assert element["case"].numpy().decode() == items[index]["case"]
         np.testing.assert_array_equal(element["label"].numpy(), reference[index]["label"])
+
+
+def test_pipeline_benchmark_runs_at_a_tiny_size(tmp_path):
+    from tf_medseg.bench.pipeline import BenchConfig, format_table, run_benchmark
+
+    config = BenchConfig(
+        work_dir=str(tmp_path), num_volumes=4, size=24, patch=12, step_s=0.01, stall_epochs=1
+    )
+    results = run_benchmark(config)
+    assert set(results) >= {"none", "full", "smart", "peak_rss_bytes"}
+    assert all(results[m]["patches_per_s"] > 0 for m in ("none", "full", "smart"))
+    assert results["none"]["patches"] == 4 * 4
+    assert results["full"]["patches"] == 3 * 4 * 4
+    assert results["smart"]["patches"] == 6 * 2 * 4 and results["smart"]["cache_num"] == 2
+    assert results["full"]["fill_s"] > 0 and results["smart"]["fill_s"] > 0
+    assert 0 <= results["smart"]["stall_fraction"] < 1
+    assert results["peak_rss_bytes"] > 0
+    assert "smart" in format_table(results)
