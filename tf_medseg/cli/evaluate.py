@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -194,12 +193,9 @@ def evaluate_dirs(
     dice = np.full((len(scores), width), np.nan)
     for row, score in zip(dice, scores, strict=True):
         row[: len(score)] = score
-    with warnings.catch_warnings():
-        # An all-NaN mean (a class in no case) is NaN on purpose.
-        warnings.simplefilter("ignore", RuntimeWarning)
-        class_means = np.nanmean(dice, axis=0)
-        case_means = np.nanmean(dice, axis=1)
-        overall = float(np.nanmean(case_means))
+    class_means = metrics.mean_dice_per_class(dice)
+    case_means = np.array([metrics.mean_dice(row) for row in dice])
+    overall = metrics.mean_dice(dice)
     return Evaluation(tuple(n for n, _, _ in pairs), dice, class_means, case_means, overall)
 
 
