@@ -69,22 +69,21 @@ def test_per_case_per_class_dice_and_means(tmp_path):
     assert result.overall != pytest.approx(np.mean(result.class_means), rel=1e-6)
 
 
+def run_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "tf_medseg.cli.evaluate", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def test_csv_and_table_from_the_command_line(tmp_path):
     cases = make_cases(tmp_path)
     names, table = expected_table(cases)
     out = tmp_path / "out" / "dice.csv"
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tf_medseg.cli.evaluate",
-            f"--pred_dir={tmp_path / 'preds'}",
-            f"--label_dir={tmp_path / 'labels'}",
-            f"--csv={out}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    completed = run_cli(
+        f"--pred_dir={tmp_path / 'preds'}", f"--label_dir={tmp_path / 'labels'}", f"--csv={out}"
     )
     assert completed.returncode == 0, completed.stderr
     lines = completed.stdout.strip().splitlines()
@@ -129,6 +128,15 @@ def test_missing_label_names_the_prediction(tmp_path):
     save(tmp_path / "preds" / "case_z.nii.gz", np.zeros((12, 10, 8), dtype=np.uint8))
     with pytest.raises(FileNotFoundError, match="case_z.nii.gz has no label"):
         evaluate.evaluate_dirs(tmp_path / "preds", tmp_path / "labels")
+
+
+def test_command_line_error_is_a_message_naming_the_file(tmp_path):
+    make_cases(tmp_path)
+    (tmp_path / "labels" / "case_c.nii.gz").unlink()
+    completed = run_cli(f"--pred_dir={tmp_path / 'preds'}", f"--label_dir={tmp_path / 'labels'}")
+    assert completed.returncode == 1
+    assert "case_c.nii.gz has no label" in completed.stderr
+    assert "Traceback" not in completed.stderr
 
 
 def test_shape_mismatch_names_both_files(tmp_path):

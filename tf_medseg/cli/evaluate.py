@@ -240,7 +240,11 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS.pred_dir or not FLAGS.label_dir:
         raise app.UsageError("--pred_dir and --label_dir are required")
-    result = evaluate_dirs(FLAGS.pred_dir, FLAGS.label_dir, FLAGS.num_classes)
+    try:
+        result = evaluate_dirs(FLAGS.pred_dir, FLAGS.label_dir, FLAGS.num_classes)
+    except (FileNotFoundError, DataError) as error:
+        # Bad input is the user's to fix: the message names the file, a traceback adds nothing.
+        raise SystemExit(f"tf-medseg-evaluate: {error}") from error
     print(format_table(result))
     if FLAGS.csv:
         write_csv(result, FLAGS.csv)
