@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from tf_medseg.cache import SmartCache
 from tf_medseg.pipeline import (
+    EpochIterators,
     UncachedSource,
     build_eval_dataset,
     build_train_dataset,
@@ -82,6 +83,25 @@ def test_batches_are_bit_identical_whatever_the_parallelism():
     with cache_of(VOLUMES, seed=4) as cache:
         other_seed = collect(build_train_dataset(cache, 2, (16, 12, 20), 4, 0.5, seed=8))
     assert not np.array_equal(runs[0][0][0], other_seed[0][0])
+
+
+def test_epoch_iterators_created_ahead_give_the_same_epochs():
+    def epochs(use_iterators):
+        out = []
+        with cache_of(VOLUMES, cache_num=2, replace_rate=0.5, wait_for_replacements=True) as c:
+            ds = build_train_dataset(c, 2, (8, 8, 8), 2, 0.5, seed=1)
+            with EpochIterators(ds) as iterators:
+                for _ in range(3):
+                    batches = iterators.next_epoch() if use_iterators else iter(ds)
+                    out.append([x.numpy() for x, _ in batches])
+                    c.end_epoch()
+        return out
+
+    direct, ahead = epochs(False), epochs(True)
+    for a, b in zip(direct, ahead, strict=True):
+        assert len(a) == len(b) == 2
+        assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not np.array_equal(direct[0][0], direct[1][0])
 
 
 def numpy_crop(image, label, centre, patch):

@@ -11,7 +11,8 @@ the training pipeline with 96^3 patches, 4 patches per volume and batches of 2:
 * ``smart``: half of the items cached, half of those replaced each epoch.
 
 Throughput is measured flat out (the consumer only takes the batches), after a warm-up batch
-that traces the graph; the smart cache's epochs include its epoch boundary. The stall fraction
+that traces the graph; epochs are iterated as the training loop does, with
+:class:`~tf_medseg.pipeline.EpochIterators`, and include the epoch boundary. The stall fraction
 is measured with a training-like consumer that spends ``--step_s`` per batch: time spent
 waiting for the next batch (and at the epoch boundary) over the total time. It prints a table
 and writes JSON::
@@ -41,7 +42,7 @@ from absl import app, flags
 
 from tf_medseg.data.msd import load_task
 from tf_medseg.data.synthetic import generate_task
-from tf_medseg.pipeline import build_train_dataset, make_source
+from tf_medseg.pipeline import EpochIterators, build_train_dataset, make_source
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,12 +106,13 @@ def _throughput(source, dataset: tf.data.Dataset, epochs: int) -> dict:
     for _ in dataset.take(1):  # traces the map; not timed
         pass
     patches = 0
-    start = time.perf_counter()
-    for _ in range(epochs):
-        for images, _ in dataset:
-            patches += int(images.shape[0])
-        source.end_epoch()
-    seconds = time.perf_counter() - start
+    with EpochIterators(dataset) as iterators:
+        start = time.perf_counter()
+        for _ in range(epochs):
+            for images, _ in iterators.next_epoch():
+                patches += int(images.shape[0])
+            source.end_epoch()
+        seconds = time.perf_counter() - start
     return {"patches_per_s": patches / seconds, "patches": patches, "seconds": seconds}
 
 
@@ -118,23 +120,25 @@ def _stall(source, dataset: tf.data.Dataset, epochs: int, step_s: float) -> dict
     """Fraction of a training-like consumer's time spent waiting for input."""
     waited = 0.0
     batches = 0
-    start = time.perf_counter()
-    for _ in range(epochs):
-        iterator = iter(dataset)
-        while True:
+    with EpochIterators(dataset) as iterators:
+        start = time.perf_counter()
+        for _ in range(epochs):
             asked = time.perf_counter()
-            try:
-                next(iterator)
-            except StopIteration:
-                waited += time.perf_counter() - asked
-                break
-            waited += time.perf_counter() - asked
-            batches += 1
-            time.sleep(step_s)  # the training step (an accelerator leaves the CPU free)
-        boundary = time.perf_counter()
-        source.end_epoch()
-        waited += time.perf_counter() - boundary
-    total = time.perf_counter() - start
+            iterator = iterators.next_epoch()
+            while True:
+                try:
+                    next(iterator)
+                except StopIteration:
+                    break
+                finally:
+                    waited += time.perf_counter() - asked
+                batches += 1
+                time.sleep(step_s)  # the training step (an accelerator leaves the CPU free)
+                asked = time.perf_counter()
+            boundary = time.perf_counter()
+            source.end_epoch()
+            waited += time.perf_counter() - boundary
+        total = time.perf_counter() - start
     return {"stall_fraction": waited / total, "stall_s": waited, "stall_batches": batches}
 
 
