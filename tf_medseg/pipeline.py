@@ -46,8 +46,13 @@ from typing import Any, Protocol
 import numpy as np
 import tensorflow as tf
 
-from tf_medseg.cache import CachePrefixError, PersistentPrefixCache, SmartCache, rank_shard
-from tf_medseg.cache.smart_cache import item_path
+from tf_medseg.cache import (
+    CachePrefixError,
+    PersistentPrefixCache,
+    SmartCache,
+    item_path,
+    rank_shard,
+)
 
 CachedItem = dict[str, Any]
 Prefix = Callable[[Mapping[str, Any]], CachedItem]
