@@ -379,3 +379,18 @@ def softmax_head(x: tf.Tensor, num_classes: int) -> tf.Tensor:
         raise ValueError(f"num_classes must be >= 2 (background included), got {num_classes}")
     logits = tf.keras.layers.Conv3D(num_classes, 1, name="logits")(x)
     return tf.keras.layers.Activation("softmax", dtype="float32", name="probs")(logits)
+
+
+@tf.keras.utils.register_keras_serializable(package="tf_medseg")
+class MaxPool3D(tf.keras.layers.MaxPool3D):
+    """3D max pooling that also runs under ``mixed_float16`` on a CPU.
+
+    TensorFlow has no float16 ``MaxPool3D`` kernel for CPUs; there the layer pools in float32
+    and casts back. A maximum is exact in any precision, so the result is the same as a float16
+    kernel's; on GPUs the float16 kernel runs as usual.
+    """
+
+    def call(self, inputs):
+        if inputs.dtype == tf.float16 and not tf.config.list_logical_devices("GPU"):
+            return tf.cast(super().call(tf.cast(inputs, tf.float32)), tf.float16)
+        return super().call(inputs)

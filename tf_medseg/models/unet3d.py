@@ -76,7 +76,7 @@ def build_unet3d(
             x, base_filters * 2**level, norm, activation, residual, groups, f"enc{level}"
         )
         skips.append(x)
-        x = tf.keras.layers.MaxPool3D(2, name=f"enc{level}_pool")(x)
+        x = blocks.MaxPool3D(2, name=f"enc{level}_pool")(x)
     x = _level_block(x, base_filters * 2**depth, norm, activation, residual, groups, "bottleneck")
     for level in reversed(range(depth)):
         filters = base_filters * 2**level
