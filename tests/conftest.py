@@ -18,4 +18,6 @@ def spleen_task_dir(tmp_path_factory) -> str:
 def heart_task_dir(tmp_path_factory) -> str:
     """A tiny synthetic heart task (MRI, two modalities)."""
     out = tmp_path_factory.mktemp("synthetic") / "heart"
-    return generate_task("heart", str(out), num_train=3, num_test=1, size=24, seed=1, num_modalities=2)
+    return generate_task(
+        "heart", str(out), num_train=3, num_test=1, size=24, seed=1, num_modalities=2
+    )

@@ -114,8 +114,10 @@ def test_split_rejects_impossible_sizes():
 
 def test_paper_split_is_used_for_named_task(tmp_path):
     root = tmp_path / "Task02_Heart"
-    training = [{"image": f"./imagesTr/la_{i:03d}.nii.gz", "label": f"./labelsTr/la_{i:03d}.nii.gz"}
-                for i in range(20)]
+    training = [
+        {"image": f"./imagesTr/la_{i:03d}.nii.gz", "label": f"./labelsTr/la_{i:03d}.nii.gz"}
+        for i in range(20)
+    ]
     _write_meta(str(root), _meta(training))
     task = load_task(str(root), check_files=False)
     train, val = task_split(task, seed=0)
@@ -125,8 +127,9 @@ def test_paper_split_is_used_for_named_task(tmp_path):
 def test_split_file(tmp_path):
     items = _items(5)
     path = tmp_path / "split.json"
-    path.write_text(json.dumps({"train": ["case_000", "case_001", "case_002"],
-                                "validation": ["case_004"]}))
+    path.write_text(
+        json.dumps({"train": ["case_000", "case_001", "case_002"], "validation": ["case_004"]})
+    )
     train, val = read_split_file(str(path), items)
     assert [i["case"] for i in train] == ["case_000", "case_001", "case_002"]
     assert [i["case"] for i in val] == ["case_004"]

@@ -59,7 +59,11 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     a = generate_task("liver", str(tmp_path / "a"), num_train=2, num_test=1, size=20, seed=7)
     b = generate_task("liver", str(tmp_path / "b"), num_train=2, num_test=1, size=20, seed=7)
     c = generate_task("liver", str(tmp_path / "c"), num_train=2, num_test=1, size=20, seed=8)
-    for rel in ("imagesTr/liver_000.nii.gz", "labelsTr/liver_001.nii.gz", "imagesTs/liver_002.nii.gz"):
+    for rel in (
+        "imagesTr/liver_000.nii.gz",
+        "labelsTr/liver_001.nii.gz",
+        "imagesTs/liver_002.nii.gz",
+    ):
         assert filecmp.cmp(os.path.join(a, rel), os.path.join(b, rel), shallow=False)
     assert not filecmp.cmp(
         os.path.join(a, "imagesTr/liver_000.nii.gz"),
@@ -84,8 +88,16 @@ def test_cli_writes_task(tmp_path):
 
     out = tmp_path / "cli"
     subprocess.run(
-        [sys.executable, "-m", "tf_medseg.cli.synth", "--task=heart", f"--out={out}",
-         "--num_train=2", "--num_test=0", "--size=16"],
+        [
+            sys.executable,
+            "-m",
+            "tf_medseg.cli.synth",
+            "--task=heart",
+            f"--out={out}",
+            "--num_train=2",
+            "--num_test=0",
+            "--size=16",
+        ],
         check=True,
         capture_output=True,
     )

@@ -7,8 +7,13 @@ import pytest
 
 from tf_medseg.data.io import DataError, read_nifti, write_nifti
 from tf_medseg.data.msd import load_task, split_items
-from tf_medseg.transforms import Compose, PreprocessingConfig, RandomTransform, Transform
-from tf_medseg.transforms import build_preprocessing
+from tf_medseg.transforms import (
+    Compose,
+    PreprocessingConfig,
+    RandomTransform,
+    Transform,
+    build_preprocessing,
+)
 from tf_medseg.transforms.indices import ForegroundIndices
 from tf_medseg.transforms.intensity import NormalizeCT, NormalizeMRI
 from tf_medseg.transforms.load import LoadImage
@@ -103,8 +108,12 @@ def test_resample_matches_linear_interpolation_reference(tmp_path):
 
 
 def test_resample_shape_rule(tmp_path):
-    data = _item(tmp_path, np.zeros((10, 7, 5), np.float32), np.zeros((10, 7, 5), np.uint8),
-                 np.diag([0.8, 0.8, 2.5, 1.0]))
+    data = _item(
+        tmp_path,
+        np.zeros((10, 7, 5), np.float32),
+        np.zeros((10, 7, 5), np.uint8),
+        np.diag([0.8, 0.8, 2.5, 1.0]),
+    )
     out = Resample((1.0, 1.0, 1.0))(data)
     assert out["image"].shape[:3] == (8, 6, 12)  # round(10*0.8), round(7*0.8)=6, round(12.5)=12
     with pytest.raises(ValueError, match="positive"):
@@ -145,8 +154,9 @@ def test_normalize_mri_reference():
     out = NormalizeMRI()({"case": "c", "image": image})["image"]
     for c in range(2):
         values = image[2:, ..., c]
-        np.testing.assert_allclose(out[2:, ..., c], (values - values.mean()) / values.std(),
-                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            out[2:, ..., c], (values - values.mean()) / values.std(), rtol=1e-4, atol=1e-5
+        )
         assert np.all(out[:2, ..., c] == 0)
     constant = np.ones((4, 4, 4, 1), np.float32)
     with pytest.raises(DataError, match="constant intensity") as err:
@@ -162,8 +172,9 @@ def test_foreground_indices(caplog):
     out = ForegroundIndices(max_indices=1000)(data)
     fg, bg = out["fg_indices"], out["bg_indices"]
     assert fg.dtype == np.int32 and fg.shape == (37, 3)
-    np.testing.assert_array_equal(np.sort(np.ravel_multi_index(fg.T, label.shape)),
-                                  np.flatnonzero(label > 0))
+    np.testing.assert_array_equal(
+        np.sort(np.ravel_multi_index(fg.T, label.shape)), np.flatnonzero(label > 0)
+    )
     assert bg.shape == (963, 3) and np.all(label[tuple(bg.T)] == 0)
     small = ForegroundIndices(max_indices=20)(data)
     assert small["bg_indices"].shape == (20, 3) and np.all(label[tuple(small["bg_indices"].T)] == 0)
