@@ -122,15 +122,21 @@ class Trainer:
             cache_dir=disk,
             progress=config.progress and self.chief,
         )
-        # Validation volumes are dealt round-robin to the workers, never padded (no case twice).
-        self.val_source = make_source(
-            "none" if config.cache == "none" else "full",
-            val_items[self.dist.rank :: self.dist.size],
-            self.prefix,
-            shuffle=False,
-            seed=config.seed,
-            cache_dir=disk,
-            progress=False,
+        # Validation volumes are dealt round-robin to the workers, never padded (no case twice);
+        # a worker beyond the number of cases has none and contributes zero sums.
+        my_val_items = val_items[self.dist.rank :: self.dist.size]
+        self.val_source = (
+            make_source(
+                "none" if config.cache == "none" else "full",
+                my_val_items,
+                self.prefix,
+                shuffle=False,
+                seed=config.seed,
+                cache_dir=disk,
+                progress=False,
+            )
+            if my_val_items
+            else None
         )
 
         self.sampler = AdaptiveSampler(
@@ -345,9 +351,10 @@ class Trainer:
 
     def validation_items(self):
         """This worker's preprocessed validation items, in case order."""
+        if self.val_source is None:
+            return []
         entries = self.val_source.epoch_items()
-        items = [item for _, item in sorted(entries, key=lambda e: e[0])]
-        return items
+        return [item for _, item in sorted(entries, key=lambda e: e[0])]
 
     def cache_stats(self) -> dict:
         stats = getattr(self.train_source, "stats", None)
@@ -381,7 +388,8 @@ class Trainer:
     def close(self) -> None:
         """Stops the caches' threads and frees their memory."""
         for source in (self.train_source, self.val_source):
-            source.close()
+            if source is not None:
+                source.close()
 
 
 def _model_options(config: TrainConfig) -> dict:
