@@ -33,8 +33,13 @@ $(VENV)/.horovod: $(VENV)/.installed
 test: venv
 	$(PY) -m pytest -q tests
 
+# The demo trains from scratch each time (its workdir is removed first); the data is kept.
 demo: venv
-	$(PY) -m tf_medseg.cli.demo --data_dir=$(DEMO_DATA) --workdir=$(DEMO_WORKDIR)
+	test -f $(DEMO_DATA)/dataset.json || $(PY) -m tf_medseg.cli.synth --task=spleen \
+		--out=$(DEMO_DATA) --num_train=16 --num_test=2 --size=96 --seed=0
+	rm -rf $(DEMO_WORKDIR)
+	$(PY) -m tf_medseg.cli.train --flagfile=experiments/synthetic_spleen.flags \
+		--data_dir=$(DEMO_DATA) --workdir=$(DEMO_WORKDIR)
 
 bench: venv
 	$(PY) -m tf_medseg.bench.pipeline --json=runs/bench/pipeline.json

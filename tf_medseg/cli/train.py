@@ -14,7 +14,6 @@ workers.
 
 from __future__ import annotations
 
-import json
 import sys
 
 from absl import app, flags, logging
@@ -50,8 +49,37 @@ def main(argv: list[str]) -> int:
     finally:
         trainer.close()
     if trainer.chief:
-        print(json.dumps(summary, indent=2))
+        print(result_table(summary, config))
     return 0
+
+
+def result_table(summary: dict, config) -> str:
+    """A short, human-readable table of a run's summary.json."""
+
+    def fmt(value, unit=""):
+        if value is None:
+            return "not reached"
+        return f"{value:.4f}" if isinstance(value, float) and not unit else f"{value}{unit}"
+
+    ttt = summary.get("time_to_target_s")
+    rows = [
+        ("best mean Dice", fmt(summary.get("best_dice"))),
+        ("at step", fmt(summary.get("best_step"))),
+        ("at wall time", f"{summary.get('best_wall_s', 0):.1f} s"),
+        (
+            f"time to Dice {config.target_dice:g}" if config.target_dice else "time to target",
+            "no target" if not config.target_dice else (f"{ttt:.1f} s" if ttt else "not reached"),
+        ),
+        ("steps", fmt(summary.get("steps"))),
+        ("training patches/s", f"{summary.get('patches_per_s', 0):.2f}"),
+        ("total wall time", f"{summary.get('wall_s', 0):.1f} s"),
+        ("precision, workers", f"{summary.get('precision')}, {summary.get('workers')}"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{'result'.ljust(width)}  value", f"{'-' * width}  {'-' * 12}"]
+    lines += [f"{name.ljust(width)}  {value}" for name, value in rows]
+    lines.append(f"(summary.json, metrics.jsonl, TensorBoard logs in {config.workdir})")
+    return "\n".join(lines)
 
 
 def run() -> None:

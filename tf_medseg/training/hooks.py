@@ -38,14 +38,18 @@ class Hook:
 
 
 class ProgressHook(Hook):
-    """A progress bar per epoch with the step, loss and patches/s (chief only)."""
+    """A progress bar per epoch with the step, loss and patches/s, and a log line per epoch.
 
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
+    Args:
+        bar: Show the bar (the log line is written either way).
+    """
+
+    def __init__(self, bar: bool = True):
+        self.show_bar = bar
         self.bar = None
 
     def on_step_end(self, trainer, logs):
-        if not self.enabled:
+        if not self.show_bar:
             return
         if self.bar is None:
             from tqdm import tqdm
@@ -74,8 +78,7 @@ class ProgressHook(Hook):
         if "validation" in logs:
             v = logs["validation"]
             message += f" | val dice {v.mean_dice:.4f} (best {trainer.best_dice.numpy():.4f})"
-        if self.enabled:
-            logging.info(message)
+        logging.info(message)
 
 
 class ValidationHook(Hook):

@@ -212,10 +212,10 @@ class Trainer:
         hooks = [
             hooks_lib.ValidationHook(c.val_every),
             hooks_lib.SamplerHook(),
-            hooks_lib.ProgressHook(c.progress and self.chief),
         ]
         if self.chief:
             hooks += [
+                hooks_lib.ProgressHook(bar=c.progress),
                 hooks_lib.TensorBoardHook(
                     os.path.join(c.workdir, "tensorboard"), images=c.image_summaries
                 ),
