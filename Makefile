@@ -41,8 +41,14 @@ demo: venv
 	$(PY) -m tf_medseg.cli.train --flagfile=experiments/synthetic_spleen.flags \
 		--data_dir=$(DEMO_DATA) --workdir=$(DEMO_WORKDIR)
 
+# Benchmarks print tables and write JSON (and plots) to runs/bench/. Run on a quiet machine.
+BENCH_MINUTES ?= 12
 bench: venv
 	$(PY) -m tf_medseg.bench.pipeline --json=runs/bench/pipeline.json
+	$(PY) -m tf_medseg.bench.models --json=runs/bench/models.json
+	$(PY) -m tf_medseg.bench.inference --json=runs/bench/inference.json
+	$(PY) -m tf_medseg.bench.time_to_dice --task=spleen --configs=baseline,proposed \
+		--max_minutes_per_run=$(BENCH_MINUTES) --json=runs/bench/time_to_dice_spleen.json
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -10,8 +10,8 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
+from tiny_config import tiny_config
 
-from tf_medseg.training.config import TrainConfig
 from tf_medseg.training.loop import ConfigError, Trainer
 
 
@@ -19,30 +19,6 @@ from tf_medseg.training.loop import ConfigError, Trainer
 def _restore_policy():
     yield
     tf.keras.mixed_precision.set_global_policy("float32")
-
-
-def tiny_config(data_dir, workdir, **overrides) -> TrainConfig:
-    base = dict(
-        data_dir=data_dir,
-        workdir=str(workdir),
-        num_val=2,
-        spacing=(2.0, 2.0, 2.0),
-        patch_size=(16, 16, 16),
-        val_roi_size=(16, 16, 16),
-        val_overlap=0.25,
-        batch_size=2,
-        num_samples=2,
-        depth=2,
-        base_filters=4,
-        cache="smart",
-        replace_rate=0.5,
-        cache_num=2,
-        epochs=2,
-        progress=False,
-        cache_workers=1,
-    )
-    base.update(overrides)
-    return TrainConfig(**base)
 
 
 def _run(config):

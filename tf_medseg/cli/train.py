@@ -33,12 +33,13 @@ def main(argv: list[str]) -> int:
         for line in errors:
             print(f"tf-medseg-train: {line}", file=sys.stderr)
         return 2
+    from tf_medseg.cache import CacheBudgetError, CachePrefixError
     from tf_medseg.data.io import DataError
-    from tf_medseg.training.loop import Trainer
+    from tf_medseg.training.loop import NonFiniteLossError, Trainer
 
     try:
         trainer = Trainer(config)
-    except DataError as err:
+    except (DataError, CacheBudgetError, CachePrefixError) as err:
         print(f"tf-medseg-train: {err}", file=sys.stderr)
         return 2
     try:
@@ -46,6 +47,9 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         logging.warning("interrupted; the checkpoint is saved, run the same command to resume")
         return 130
+    except (DataError, CachePrefixError, NonFiniteLossError) as err:
+        print(f"tf-medseg-train: {err}", file=sys.stderr)
+        return 1
     finally:
         trainer.close()
     if trainer.chief:

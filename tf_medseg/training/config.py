@@ -71,7 +71,14 @@ class TrainConfig:
     lr_schedule: str = _f("constant", "Learning-rate schedule: constant or cosine.")
     warmup_steps: int = _f(0, "Linear warm-up steps.")
     weight_decay: float = _f(0.0, "NovoGrad's decoupled weight decay.")
-    loss: str = _f("dice", "Loss: dice (equation 1) or dice_ce.")
+    loss: str = _f("dice", "Loss: dice (equation 1), dice_ce or ce.")
+    loss_batch: bool = _f(
+        True,
+        "Dice sums over the whole batch rather than per patch. Per patch, a patch without a "
+        "class gives that class no gradient, so background-centred patches never teach the "
+        "network to remove false positives.",
+    )
+    loss_include_background: bool = _f(False, "Include the background class in the Dice loss.")
     precision: str = _f("float32", "Policy: float32, mixed_bfloat16 (CPU/A100) or mixed_float16.")
     scale_lr: bool = _f(False, "Multiply the learning rate by the number of Horovod workers.")
     fp16_allreduce: bool = _f(False, "Compress Horovod all-reduce to float16.")

@@ -1,0 +1,203 @@
+"""Failure is loud, early and recoverable: killed runs resume, bad checkpoints fall back,
+worker exceptions surface with the file's path, a diverging loss stops the run, Ctrl-C saves.
+
+The kill, interrupt and resume tests run the real ``tf-medseg-train`` command in subprocesses.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from tiny_config import tiny_config
+
+from tf_medseg.cache import CacheBudgetError, CachePrefixError
+from tf_medseg.training.loop import NonFiniteLossError, Trainer
+
+TINY_FLAGS = [
+    "--num_val=2",
+    "--spacing=2",
+    "--patch_size=16",
+    "--val_roi_size=16",
+    "--val_overlap=0.25",
+    "--batch_size=2",
+    "--num_samples=2",
+    "--depth=2",
+    "--base_filters=4",
+    "--cache_num=2",
+    "--cache_workers=1",
+    "--epochs=1000",
+    "--progress=false",
+]
+
+
+def _train_command(data_dir, workdir, *extra):
+    return [
+        sys.executable,
+        "-m",
+        "tf_medseg.cli.train",
+        f"--data_dir={data_dir}",
+        f"--workdir={workdir}",
+        *TINY_FLAGS,
+        *extra,
+    ]
+
+
+def _wait_for(predicate, timeout, proc=None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if proc is not None and proc.poll() is not None:
+            return predicate()
+        time.sleep(0.2)
+    return False
+
+
+def _checkpoint_steps(workdir):
+    return sorted(
+        int(os.path.basename(p).split("-")[1].split(".")[0])
+        for p in glob.glob(os.path.join(workdir, "checkpoints", "ckpt-*.index"))
+    )
+
+
+def test_sigkill_at_a_random_moment_then_resume_finishes_the_same_steps(spleen_task_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    command = _train_command(spleen_task_dir, workdir, "--max_steps=16")
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert _wait_for(lambda: _checkpoint_steps(workdir), 120, proc), "no checkpoint written"
+        time.sleep(random.uniform(0.0, 1.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    saved = _checkpoint_steps(workdir)
+    assert saved and max(saved) < 16, "the first run was killed before finishing"
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resumed from" in result.stderr
+    summary = json.load(open(os.path.join(workdir, "summary.json")))
+    assert summary["steps"] == 16
+    steps_logged = [
+        json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))
+    ]
+    assert steps_logged[-1] == 16
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(spleen_task_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    command = _train_command(spleen_task_dir, workdir, "--max_steps=100000", "--val_every=1000")
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # Wait until training runs (TensorBoard's event file appears when the loop starts).
+        assert _wait_for(lambda: glob.glob(os.path.join(workdir, "tensorboard", "*")), 120, proc)
+        time.sleep(3.0)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "interrupted" in stderr
+    assert _checkpoint_steps(workdir), "Ctrl-C must leave a checkpoint"
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(spleen_task_dir, tmp_path, caplog):
+    config = tiny_config(spleen_task_dir, tmp_path / "run", epochs=2)
+    trainer = Trainer(config)
+    trainer.fit()
+    trainer.close()
+    steps = _checkpoint_steps(config.workdir)
+    assert steps == [2, 4]
+    latest = glob.glob(os.path.join(config.workdir, "checkpoints", "ckpt-4.data-*"))[0]
+    with open(latest, "r+b") as f:
+        f.truncate(os.path.getsize(latest) // 3)
+    with caplog.at_level(logging.WARNING):
+        resumed = Trainer(config)
+    try:
+        assert resumed.restored_from.endswith("ckpt-2")
+        assert int(resumed.step.numpy()) == 2
+        assert any(
+            "ckpt-4" in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records
+        )
+    finally:
+        resumed.close()
+
+
+def test_worker_exception_ends_training_with_the_path(spleen_task_dir, tmp_path):
+    data = str(tmp_path / "data")
+    shutil.copytree(spleen_task_dir, data)
+    victim = os.path.join(data, "imagesTr", "spleen_001.nii.gz")
+    with open(victim, "r+b") as f:
+        f.truncate(200)
+    config = tiny_config(data, tmp_path / "run", epochs=50, val_every=100)
+    start = time.time()
+    with pytest.raises(CachePrefixError) as err:
+        trainer = Trainer(config)
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
+    assert victim in str(err.value)
+    assert time.time() - start < 120
+
+
+def test_memory_budget_below_one_item_is_rejected_before_training(spleen_task_dir, tmp_path):
+    config = tiny_config(spleen_task_dir, tmp_path / "run", memory_budget_gb=1e-6)
+    with pytest.raises(CacheBudgetError):
+        Trainer(config)
+    assert not glob.glob(os.path.join(config.workdir, "checkpoints", "*"))
+
+
+def test_diverging_loss_stops_with_the_step_and_keeps_no_nan_model(spleen_task_dir, tmp_path):
+    # Plain SGD at an absurd learning rate without normalisation overflows the weights.
+    config = tiny_config(
+        spleen_task_dir,
+        tmp_path / "run",
+        optimizer="sgd",
+        learning_rate=1e30,
+        norm="batch",
+        epochs=20,
+        val_every=1,
+    )
+    trainer = Trainer(config)
+    try:
+        with pytest.raises(NonFiniteLossError, match=r"at step \d+"):
+            trainer.fit()
+    finally:
+        trainer.close()
+    best = os.path.join(config.workdir, "best_model.keras")
+    if os.path.exists(best):
+        import tensorflow as tf
+
+        import tf_medseg.models  # noqa: F401  (registers the custom layers)
+
+        model = tf.keras.models.load_model(best)
+        assert all(np.all(np.isfinite(w)) for w in model.get_weights())
+
+
+def test_cli_reports_bad_data_in_one_line(tmp_path):
+    root = tmp_path / "task"
+    root.mkdir()
+    (root / "dataset.json").write_text("{broken")
+    result = subprocess.run(
+        _train_command(str(root), str(tmp_path / "run")),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("tf-medseg-train:") and "dataset.json" in last and "JSON" in last

@@ -1,0 +1,29 @@
+"""The tiny training configuration the engine tests share (seconds per run on 2 cores)."""
+
+from __future__ import annotations
+
+from tf_medseg.training.config import TrainConfig
+
+
+def tiny_config(data_dir, workdir, **overrides) -> TrainConfig:
+    base = dict(
+        data_dir=data_dir,
+        workdir=str(workdir),
+        num_val=2,
+        spacing=(2.0, 2.0, 2.0),
+        patch_size=(16, 16, 16),
+        val_roi_size=(16, 16, 16),
+        val_overlap=0.25,
+        batch_size=2,
+        num_samples=2,
+        depth=2,
+        base_filters=4,
+        cache="smart",
+        replace_rate=0.5,
+        cache_num=2,
+        epochs=2,
+        progress=False,
+        cache_workers=1,
+    )
+    base.update(overrides)
+    return TrainConfig(**base)

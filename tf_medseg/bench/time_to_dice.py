@@ -1,0 +1,251 @@
+"""Time to a target Dice: the paper's Table 1 and its ablations, on this machine.
+
+Each configuration is the task's synthetic flagfile (``experiments/synthetic_<task>.flags``, the
+proposed preset) with a few flags overridden, trained in its own process (so the global
+mixed-precision policy and determinism settings cannot leak between runs) on the same data, with
+the same seed, model size and patch size, until it reaches ``--target_dice`` or its time cap.
+The table gives the best Dice, the wall time and steps to the target, patches/s, and the speed-up
+over the baseline; a plot shows validation Dice against wall time for every configuration.
+
+::
+
+    python -m tf_medseg.bench.time_to_dice --task=spleen --configs=baseline,proposed \
+        --json=runs/bench/time_to_dice_spleen.json --max_minutes_per_run=15
+
+The baseline is the paper's "native" pipeline: no cache, Adam 1e-4, batch norm, fixed 1:1
+sampling, float32. A run that never reaches the target counts with its cap, and the JSON says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from absl import app, flags, logging
+
+#: The paper's baseline: each ingredient of the proposed preset turned off.
+BASELINE = {
+    "cache": "none",
+    "optimizer": "adam",
+    "learning_rate": "1e-4",
+    "norm": "batch",
+    "adaptive_sampling": "false",
+    "precision": "float32",
+}
+
+#: One ingredient of the proposed preset, as flag overrides.
+INGREDIENTS = {
+    "cache": {"cache": "smart"},
+    "novograd": {"optimizer": "novograd", "learning_rate": None},
+    "instance_norm": {"norm": "instance"},
+    "adaptive": {"adaptive_sampling": "true"},
+    "bf16": {"precision": "mixed_bfloat16"},
+}
+
+
+def configurations(proposed_flags: dict[str, str]) -> dict[str, dict[str, str]]:
+    """Every configuration the benchmark knows, as flag overrides of the proposed flagfile.
+
+    ``baseline`` and ``proposed``; ``baseline+X`` adds ingredient X to the baseline and
+    ``proposed-X`` removes it from the proposed preset (its baseline value).
+    """
+    configs = {"proposed": {}, "baseline": dict(BASELINE)}
+    for name, change in INGREDIENTS.items():
+        added = dict(BASELINE)
+        for key, value in change.items():
+            added[key] = proposed_flags.get(key, value) if value is None else value
+        configs[f"baseline+{name}"] = added
+        configs[f"proposed-{name}"] = {key: BASELINE[key] for key in change}
+    return configs
+
+
+def read_flagfile(path: str) -> dict[str, str]:
+    """``--name=value`` lines of a flagfile (comments and nested flagfiles ignored)."""
+    values = {}
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line.startswith("--") and "=" in line and not line.startswith("--flagfile"):
+                key, value = line[2:].split("=", 1)
+                values[key] = value
+    return values
+
+
+def run_config(
+    name: str,
+    overrides: dict[str, str],
+    flagfile: str,
+    data_dir: str,
+    workdir: str,
+    max_minutes: float,
+    target: float,
+    extra: list[str],
+) -> dict:
+    """Trains one configuration in a subprocess; returns its summary and validation curve."""
+    shutil.rmtree(workdir, ignore_errors=True)
+    command = [
+        sys.executable,
+        "-m",
+        "tf_medseg.cli.train",
+        f"--flagfile={flagfile}",
+        f"--data_dir={data_dir}",
+        f"--workdir={workdir}",
+        f"--max_minutes={max_minutes}",
+        f"--target_dice={target}",
+        "--progress=false",
+        *[f"--{k}={v}" for k, v in overrides.items()],
+        *extra,
+    ]
+    logging.info("%s: %s", name, " ".join(command[3:]))
+    start = time.time()
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "train.log"), "w") as log:
+        proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed (exit {proc.returncode}); see {workdir}/train.log")
+    with open(os.path.join(workdir, "summary.json")) as f:
+        summary = json.load(f)
+    curve = []
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            entry = json.loads(line)
+            curve.append([entry["wall_s"], entry["mean_dice"], entry["step"]])
+    reached = summary["time_to_target_s"] is not None
+    return {
+        "overrides": overrides,
+        "reached_target": reached,
+        "time_to_target_s": summary["time_to_target_s"] if reached else 60.0 * max_minutes,
+        "steps_to_target": summary.get("steps_to_target"),
+        "best_dice": summary["best_dice"],
+        "steps": summary["steps"],
+        "patches_per_s": summary["patches_per_s"],
+        "wall_s": round(time.time() - start, 1),
+        "curve": curve,
+    }
+
+
+def markdown_table(results: dict, baseline: str, target: float) -> str:
+    """The results as a markdown table, with the speed-up over ``baseline``."""
+    base = results.get(baseline, {}).get("time_to_target_s")
+    lines = [
+        f"| configuration | best Dice | time to Dice {target:g} (s) | steps to target "
+        "| patches/s | speed-up vs baseline |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in results.items():
+        ttt = f"{r['time_to_target_s']:.0f}" + (
+            "" if r["reached_target"] else " (cap, not reached)"
+        )
+        speedup = f"{base / r['time_to_target_s']:.2f}x" if base else "-"
+        lines.append(
+            f"| {name} | {r['best_dice']:.4f} | {ttt} | {r['steps_to_target'] or '-'} "
+            f"| {r['patches_per_s']:.2f} | {speedup} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_curves(results: dict, path: str, title: str) -> None:
+    """Validation Dice against wall time, one line per configuration (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in results.items():
+        if r["curve"]:
+            wall, dice, _ = zip(*r["curve"], strict=True)
+            ax.plot(
+                wall, [d if d is not None else float("nan") for d in dice], marker=".", label=name
+            )
+    ax.set_xlabel("wall time (s)")
+    ax.set_ylabel("validation mean Dice")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+    flags.DEFINE_enum("task", "spleen", ["spleen", "heart", "liver"], "Synthetic task.")
+    flags.DEFINE_list("configs", ["baseline", "proposed"], "Configurations to run, in order.")
+    flags.DEFINE_string("json", "runs/bench/time_to_dice.json", "Output JSON (PNG, .md beside).")
+    flags.DEFINE_float("max_minutes_per_run", 15.0, "Time cap of each run.")
+    flags.DEFINE_float("target_dice", 0.0, "Target Dice (0: the flagfile's).")
+    flags.DEFINE_string("data_dir", None, "Task folder (default: generated synthetic task).")
+    flags.DEFINE_string("workdir", "runs/bench/time_to_dice", "Where the runs write.")
+    flags.DEFINE_list("extra", [], "Extra flags for every run, e.g. --extra=--seed=1.")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    flagfile = os.path.join("experiments", f"synthetic_{FLAGS.task}.flags")
+    proposed = read_flagfile(flagfile)
+    target = FLAGS.target_dice or float(proposed.get("target_dice", 0.9))
+    data_dir = FLAGS.data_dir
+    if not data_dir:
+        from tf_medseg.data.synthetic import generate_task
+
+        data_dir = os.path.join(FLAGS.workdir, f"data_{FLAGS.task}")
+        if not os.path.isfile(os.path.join(data_dir, "dataset.json")):
+            generate_task(FLAGS.task, data_dir, num_train=16, num_test=2, size=96, seed=0)
+    known = configurations(proposed)
+    unknown = [c for c in FLAGS.configs if c not in known]
+    if unknown:
+        raise app.UsageError(f"unknown configuration(s) {unknown}; known: {sorted(known)}")
+    results = {}
+    for name in FLAGS.configs:
+        results[name] = run_config(
+            name,
+            known[name],
+            flagfile,
+            data_dir,
+            os.path.join(FLAGS.workdir, FLAGS.task, name.replace("+", "_plus_")),
+            FLAGS.max_minutes_per_run,
+            target,
+            [e if e.startswith("--") else f"--{e}" for e in FLAGS.extra],
+        )
+        r = results[name]
+        print(
+            f"{name}: best Dice {r['best_dice']}, time to target {r['time_to_target_s']:.0f} s"
+            f"{'' if r['reached_target'] else ' (cap)'}, {r['patches_per_s']:.2f} patches/s",
+            flush=True,
+        )
+    output = {
+        "task": FLAGS.task,
+        "target_dice": target,
+        "max_minutes_per_run": FLAGS.max_minutes_per_run,
+        "machine": f"{os.cpu_count()}-core CPU",
+        "runs": results,
+    }
+    if "baseline" in results and "proposed" in results:
+        output["speedup"] = (
+            results["baseline"]["time_to_target_s"] / results["proposed"]["time_to_target_s"]
+        )
+        output["baseline_capped"] = not results["baseline"]["reached_target"]
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
+    with open(FLAGS.json, "w") as f:
+        json.dump(output, f, indent=2)
+    stem = os.path.splitext(FLAGS.json)[0]
+    table = markdown_table(results, "baseline", target)
+    with open(stem + ".md", "w") as f:
+        f.write(table + "\n")
+    plot_curves(results, stem + ".png", f"synthetic {FLAGS.task}, {os.cpu_count()}-core CPU")
+    print(table)
+    if "speedup" in output:
+        capped = " (baseline capped: a lower bound)" if output["baseline_capped"] else ""
+        print(f"speed-up, baseline over proposed time to target: {output['speedup']:.2f}x{capped}")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)
