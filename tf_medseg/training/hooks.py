@@ -300,7 +300,11 @@ class StopHook(Hook):
         c = trainer.config
         if c.max_steps and trainer.step.numpy() >= c.max_steps:
             trainer.stop("reached --max_steps")
-        elif c.max_minutes and trainer.wall_seconds() >= 60.0 * c.max_minutes:
+        # Each worker has its own clock: all stop as soon as one is past the bound, or the
+        # others would wait for it in the next all-reduce.
+        elif c.max_minutes and trainer.dist.any_rank(
+            trainer.wall_seconds() >= 60.0 * c.max_minutes, "stop_max_minutes"
+        ):
             trainer.stop("reached --max_minutes")
 
     def on_epoch_end(self, trainer, logs):

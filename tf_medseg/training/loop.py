@@ -158,12 +158,16 @@ class Trainer:
         )
         self.patches_per_epoch = patches_per_epoch(self.train_source, config.num_samples)
         self.steps_per_epoch = math.ceil(self.patches_per_epoch / config.batch_size)
+        # A rank with a longer epoch would wait forever in a gradient all-reduce: fail now.
+        self.dist.check_same(self.steps_per_epoch, "steps per epoch")
 
         self.model = build_model(
             config.model, self.task.num_classes, self.task.num_channels, **_model_options(config)
         )
         self.loss_fn = get_loss(config.loss)
-        lr = config.learning_rate * (self.dist.size if config.scale_lr else 1)
+        lr = self.dist.scaled_learning_rate(
+            config.learning_rate, config.scale_lr, config.warmup_steps
+        )
         self.optimizer = build_optimizer(
             config.optimizer,
             lr,
@@ -204,6 +208,7 @@ class Trainer:
             max_to_keep=config.keep_checkpoints,
         )
         self.restored_from = self._restore()
+        self.dist.check_same(int(self.step.numpy()), "restored step (is --workdir shared?)")
         self.hooks = self._make_hooks()
 
     # ------------------------------------------------------------------ set-up helpers
@@ -240,9 +245,9 @@ class Trainer:
                     "checkpoint %s is unreadable (%s); trying the previous one", path, err
                 )
                 continue
-            state = self.cache_state.numpy().decode()
+            state = _rank_state(self.cache_state.numpy().decode(), self.dist)
             if state and hasattr(self.train_source, "restore"):
-                self.train_source.restore(json.loads(state))
+                self.train_source.restore(state)
             logging.info(
                 "resumed from %s at step %d, epoch %d",
                 path,
@@ -268,7 +273,8 @@ class Trainer:
         if fp16:
             grads = self.optimizer.get_unscaled_gradients(grads)
         self.optimizer.apply_gradients(zip(grads, variables, strict=True))
-        return loss
+        # The global batch's loss, identical on every rank (so is the non-finite-loss decision).
+        return self.dist.mean_in_graph(loss, "train_loss")
 
     def fit(self) -> dict:
         """Trains until a stop condition; returns the summary (also in ``summary.json``)."""
@@ -301,7 +307,7 @@ class Trainer:
                 if epoch_complete:
                     self.train_source.end_epoch()
                     self.epoch.assign_add(1)
-                    self.cache_state.assign(_state_json(self.train_source))
+                    self.cache_state.assign(_state_json(self.train_source, self.dist))
                 logs = {
                     "epoch": int(self.epoch.numpy()),
                     "step": int(self.step.numpy()),
@@ -404,9 +410,29 @@ def _model_options(config: TrainConfig) -> dict:
     return {k: v for k, v in wanted.items() if k in accepted}
 
 
-def _state_json(source) -> str:
+def _state_json(source, dist: distributed.Distributed) -> str:
+    """The cache position to checkpoint; with several workers every rank's, in rank order."""
     state = source.state() if hasattr(source, "state") else {}
+    if dist.size > 1:
+        state = {"ranks": dist.allgather_object(state, "cache_state")}
     return json.dumps(state, default=_jsonable)
+
+
+def _rank_state(text: str, dist: distributed.Distributed) -> dict | None:
+    """This rank's part of a checkpointed cache position (None: nothing to restore)."""
+    if not text:
+        return None
+    state = json.loads(text)
+    ranks = state["ranks"] if "ranks" in state else [state]
+    if len(ranks) != dist.size:
+        logging.warning(
+            "the checkpoint's cache position is for %d workers, this run has %d: the cache "
+            "starts afresh",
+            len(ranks),
+            dist.size,
+        )
+        return None
+    return ranks[dist.rank]
 
 
 def _jsonable(value):
