@@ -345,3 +345,21 @@ def test_restart_resumes_the_last_checkpoint_and_stops_on_an_agreed_time_bound(
     assert tf.train.latest_checkpoint(str(workdir / "checkpoints")).endswith(f"-{last_step + 1}")
     for name in (k for k in arr0 if k.startswith("w")):  # fp16 compression on the wire
         np.testing.assert_array_equal(arr0[name], arr1[name], err_msg=name)
+
+
+@needs_horovod
+def test_one_process_resumes_a_two_worker_checkpoint(resumed, task_dir, workdir, caplog):
+    """The checkpoint holds each rank's cache position; one process keeps the model and the
+    counters, and starts its cache afresh instead of failing on a foreign rank's position."""
+    latest = tf.train.latest_checkpoint(str(workdir / "checkpoints"))
+    (_, arr0) = resumed.rank(0)
+    trainer = Trainer(tiny_config(task_dir, workdir, epochs=100000))
+    try:
+        assert trainer.restored_from == latest
+        assert int(trainer.step.numpy()) == int(latest.rsplit("-", 1)[1])
+        for i, v in enumerate(trainer.model.weights):
+            np.testing.assert_array_equal(v.numpy(), arr0[f"w{i}"])
+        assert trainer.train_source.state()["world_size"] == 1
+    finally:
+        trainer.close()
+    assert "cache position is for 2 workers" in caplog.text
