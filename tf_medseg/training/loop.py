@@ -164,7 +164,11 @@ class Trainer:
         self.model = build_model(
             config.model, self.task.num_classes, self.task.num_channels, **_model_options(config)
         )
-        self.loss_fn = get_loss(config.loss)
+        dice_options = {
+            "batch": config.loss_batch,
+            "include_background": config.loss_include_background,
+        }
+        self.loss_fn = get_loss(config.loss, **({} if config.loss == "ce" else dice_options))
         lr = self.dist.scaled_learning_rate(
             config.learning_rate, config.scale_lr, config.warmup_steps
         )
