@@ -22,6 +22,8 @@ import pytest
 from tiny_config import tiny_config
 
 from tf_medseg.cache import CacheBudgetError, CachePrefixError
+from tf_medseg.data.io import DataError
+from tf_medseg.data.msd import load_task, task_split
 from tf_medseg.training.loop import NonFiniteLossError, Trainer
 
 TINY_FLAGS = [
@@ -136,22 +138,37 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(spleen_task_dir, t
         resumed.close()
 
 
-def test_worker_exception_ends_training_with_the_path(spleen_task_dir, tmp_path):
+def _copy_with_truncated(spleen_task_dir, tmp_path, pick):
     data = str(tmp_path / "data")
     shutil.copytree(spleen_task_dir, data)
-    victim = os.path.join(data, "imagesTr", "spleen_001.nii.gz")
+    train, val = task_split(load_task(data), num_val=2, seed=0)
+    victim = pick(train, val)["image"]
     with open(victim, "r+b") as f:
         f.truncate(200)
-    config = tiny_config(data, tmp_path / "run", epochs=50, val_every=100)
-    start = time.time()
-    with pytest.raises(CachePrefixError) as err:
-        trainer = Trainer(config)
-        try:
-            trainer.fit()
-        finally:
-            trainer.close()
+    return data, victim
+
+
+def test_corrupt_training_file_stops_before_training(spleen_task_dir, tmp_path):
+    data, victim = _copy_with_truncated(spleen_task_dir, tmp_path, lambda t, v: t[1])
+    with pytest.raises(DataError, match="not a readable NIfTI") as err:
+        Trainer(tiny_config(data, tmp_path / "run"))
     assert victim in str(err.value)
-    assert time.time() - start < 120
+    assert not glob.glob(os.path.join(str(tmp_path / "run"), "checkpoints", "*"))
+
+
+def test_worker_exception_ends_training_with_the_path(spleen_task_dir, tmp_path):
+    # A validation volume is first read by the cache's worker threads at the first validation.
+    data, victim = _copy_with_truncated(spleen_task_dir, tmp_path, lambda t, v: v[0])
+    trainer = Trainer(tiny_config(data, tmp_path / "run", epochs=5))
+    start = time.time()
+    try:
+        with pytest.raises(CachePrefixError) as err:
+            trainer.fit()
+    finally:
+        trainer.close()
+    assert victim in str(err.value)
+    assert time.time() - start < 60
+    assert int(trainer.step.numpy()) == 2, "stopped at the first validation"
 
 
 def test_memory_budget_below_one_item_is_rejected_before_training(spleen_task_dir, tmp_path):

@@ -244,7 +244,7 @@ class Trainer:
         for path in reversed(self.manager.checkpoints):
             try:
                 self.checkpoint.restore(path).assert_existing_objects_matched()
-            except (tf.errors.OpError, ValueError, AssertionError) as err:
+            except Exception as err:  # noqa: BLE001  (truncated files raise IndexError, too)
                 logging.warning(
                     "checkpoint %s is unreadable (%s); trying the previous one", path, err
                 )
@@ -259,6 +259,11 @@ class Trainer:
                 int(self.epoch.numpy()),
             )
             return path
+        if self.manager.checkpoints:
+            raise RuntimeError(
+                f"no readable checkpoint in {self.manager.directory} (tried "
+                f"{len(self.manager.checkpoints)}); move it away to start afresh"
+            )
         return None
 
     # ------------------------------------------------------------------ the loop
