@@ -3,19 +3,39 @@
 load -> reorient to RAS -> resample (1.0 mm isotropic) -> crop to the body -> normalise
 (CT: foreground percentiles; MRI: z-score of non-zero voxels) -> foreground/background indices.
 All of it is deterministic, so all of it is the smart cache's prefix.
+
+The trainer writes the chain's :meth:`Compose.config` to ``workdir/preprocessing.json``;
+:func:`preprocessing_from_config` builds the same chain back from it, so that ``predict``
+preprocesses new volumes exactly as training did (the CT range comes from the file, not from
+the training data, which predict does not need).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from tf_medseg.data.msd import MSDTask
 from tf_medseg.data.stats import intensity_stats
-from tf_medseg.transforms.base import Compose
+from tf_medseg.transforms.base import Compose, Transform
 from tf_medseg.transforms.indices import ForegroundIndices
 from tf_medseg.transforms.intensity import NormalizeCT, NormalizeMRI
 from tf_medseg.transforms.load import LoadImage
 from tf_medseg.transforms.spatial import CropForeground, Orientation, Resample
+
+#: The transforms a saved chain may name, by class name; each takes its ``config()`` as kwargs.
+TRANSFORMS: dict[str, type[Transform]] = {
+    cls.__name__: cls
+    for cls in (
+        LoadImage,
+        Orientation,
+        Resample,
+        CropForeground,
+        NormalizeCT,
+        NormalizeMRI,
+        ForegroundIndices,
+    )
+}
 
 #: Body thresholds of the crop, by normalisation kind: CT in HU, MRI non-zero.
 BODY_THRESHOLD = {"ct": -500.0, "mri": 0.0}
@@ -78,3 +98,38 @@ def build_preprocessing(
             ForegroundIndices(config.max_indices, config.seed),
         ]
     )
+
+
+def preprocessing_from_config(config: dict[str, Any]) -> Compose:
+    """Rebuilds a deterministic chain from its :meth:`Compose.config` (``preprocessing.json``).
+
+    Args:
+        config: ``{"transforms": [{"name": ..., **settings}, ...]}``; nested chains appear as
+            entries named ``Compose`` with their own ``transforms``.
+
+    Returns:
+        A Compose equal in settings (and so in :meth:`Compose.config_fingerprint`) to the one
+        the configuration was taken from.
+
+    Raises:
+        ValueError: The configuration names an unknown transform or settings it does not take.
+    """
+    if not isinstance(config, dict) or not isinstance(config.get("transforms"), list):
+        raise ValueError("a preprocessing configuration needs a 'transforms' list")
+    transforms: list[Transform] = []
+    for entry in config["transforms"]:
+        settings = dict(entry)
+        name = settings.pop("name", None)
+        if name == "Compose":
+            transforms.append(preprocessing_from_config(settings))
+            continue
+        if name not in TRANSFORMS:
+            raise ValueError(
+                f"unknown transform {name!r} in the preprocessing configuration; "
+                f"known: {sorted(TRANSFORMS)}"
+            )
+        try:
+            transforms.append(TRANSFORMS[name](**settings))
+        except TypeError as err:
+            raise ValueError(f"bad settings for {name}: {settings} ({err})") from err
+    return Compose(transforms)

@@ -1,0 +1,343 @@
+"""tf-medseg-predict: segments NIfTI volumes with a trained model, in the input's own geometry.
+
+Usage::
+
+    tf-medseg-predict --model=runs/spleen --input=Task09_Spleen/imagesTs --output=preds \\
+        [--keep_largest] [--roi_size=160] [--overlap=0.25] [--mode=gaussian] [--sw_batch_size=2]
+
+``--model`` is a training workdir (its ``best_model.keras`` is used) or a ``.keras`` file; the
+files the trainer writes beside it say how to preprocess: ``preprocessing.json`` (the
+deterministic chain, required), ``config.json`` (the sliding-window defaults: ``val_roi_size``,
+``val_overlap``, ``val_mode``, ``val_keep_largest``) and ``task.json`` (modality and class names).
+Each input goes through the same deterministic preprocessing as in training (reorient, resample,
+crop, normalise), the sliding window, argmax and optionally the largest connected component per
+class; then the resampling, crop and reorientation are undone and ``OUTPUT/<case>.nii.gz`` is
+written as uint8 labels with the input's exact shape and affine. Bad input (wrong channel count,
+unreadable file) stops with a one-line message naming the file and exit code 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+
+import nibabel as nib
+import numpy as np
+import tensorflow as tf
+from absl import app, flags, logging
+from tqdm import tqdm
+
+import tf_medseg.models  # noqa: F401  (registers the custom layers that load_model needs)
+from tf_medseg.data.io import DataError, write_nifti
+from tf_medseg.data.msd import case_name
+from tf_medseg.inference import BLEND_MODES, keep_largest_component, sliding_window_inference
+from tf_medseg.training.config import TrainConfig
+from tf_medseg.training.validation import make_window_predictor
+from tf_medseg.transforms.base import Compose
+from tf_medseg.transforms.load import LoadImage
+from tf_medseg.transforms.preprocessing import preprocessing_from_config
+from tf_medseg.transforms.spatial import invert_label
+
+FLAGS = flags.FLAGS
+
+MODEL_FILE = "best_model.keras"
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+class ModelError(ValueError):
+    """The model, its saved preprocessing and the requested settings do not fit together."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowSettings:
+    """How the sliding window runs over a preprocessed volume.
+
+    Attributes:
+        roi_size: Window size per axis (divisible by the model's downsampling factor).
+        overlap: A fraction in [0, 1), or an int number of voxels.
+        mode: ``constant`` or ``gaussian`` blending.
+        sw_batch_size: Windows per forward pass.
+        keep_largest: Keep the largest connected component of each class.
+    """
+
+    roi_size: tuple[int, int, int]
+    overlap: float | int
+    mode: str
+    sw_batch_size: int
+    keep_largest: bool
+
+
+def model_files(model: str) -> tuple[str, str]:
+    """Finds the model file and the folder holding its preprocessing and configuration.
+
+    Args:
+        model: A training workdir or a ``.keras`` file.
+
+    Returns:
+        ``(model file, folder)``.
+
+    Raises:
+        FileNotFoundError: The model file or ``preprocessing.json`` is missing.
+    """
+    path = os.path.join(model, MODEL_FILE) if os.path.isdir(model) else model
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such model file (train first, or pass a .keras file)")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isfile(os.path.join(folder, "preprocessing.json")):
+        raise FileNotFoundError(
+            f"{folder}/preprocessing.json not found: predict needs the preprocessing the trainer "
+            "wrote beside the model"
+        )
+    return path, folder
+
+
+def window_settings(config: TrainConfig, **overrides) -> WindowSettings:
+    """The training run's validation window settings, with the given overrides (None: keep).
+
+    Raises:
+        ModelError: A window size that is not 3 positive multiples of ``2**config.depth``.
+    """
+    values = {
+        "roi_size": config.val_roi_size,
+        "overlap": config.val_overlap,
+        "mode": config.val_mode,
+        "sw_batch_size": config.val_sw_batch_size,
+        "keep_largest": config.val_keep_largest,
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    roi = [int(r) for r in values["roi_size"]]
+    roi = roi * 3 if len(roi) == 1 else roi
+    step = 2**config.depth
+    if len(roi) != 3 or any(r <= 0 or r % step for r in roi):
+        raise ModelError(
+            f"window size {roi} must be 3 positive multiples of {step} (2^depth of the model)"
+        )
+    overlap = float(values["overlap"])
+    # Overlap >= 1 counts voxels (the paper's 32), which sliding_window_inference takes as int.
+    values["overlap"] = int(overlap) if overlap >= 1 else overlap
+    values["roi_size"] = tuple(roi)
+    values["sw_batch_size"] = int(values["sw_batch_size"])
+    values["keep_largest"] = bool(values["keep_largest"])
+    return WindowSettings(**values)
+
+
+def list_inputs(path: str) -> list[str]:
+    """The NIfTI files to segment: the file itself, or every .nii/.nii.gz of a folder, sorted.
+
+    Raises:
+        FileNotFoundError: Nothing to segment there.
+        DataError: Two files of a folder have the same case name.
+    """
+    if os.path.isfile(path):
+        if not path.endswith(NIFTI_SUFFIXES):
+            raise DataError(f"{path}: not a NIfTI file (.nii or .nii.gz)")
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    files = sorted(
+        os.path.join(path, name)
+        for name in os.listdir(path)
+        if name.endswith(NIFTI_SUFFIXES) and not name.startswith(".")
+    )
+    if not files:
+        raise FileNotFoundError(f"{path}: no .nii or .nii.gz files in this folder")
+    seen: dict[str, str] = {}
+    for file in files:
+        name = case_name(file)
+        if name in seen:
+            raise DataError(f"{file} and {seen[name]} are the same case {name!r}")
+        seen[name] = file
+    return files
+
+
+class Segmenter:
+    """A trained model with its preprocessing and window settings, applied to NIfTI files.
+
+    Args:
+        model: The Keras model (channels-last input, softmax output).
+        preprocessing: The deterministic chain of training (loading included).
+        settings: Sliding-window settings.
+        modalities: Channel names, for messages.
+    """
+
+    def __init__(
+        self,
+        model,
+        preprocessing: Compose,
+        settings: WindowSettings,
+        modalities: Sequence[str] = (),
+    ):
+        load = preprocessing.transforms[0] if len(preprocessing) else None
+        if not isinstance(load, LoadImage):
+            raise ModelError("the preprocessing chain must start with LoadImage")
+        self.num_channels = int(model.input_shape[-1])
+        if load.num_channels != self.num_channels:
+            raise ModelError(
+                f"the model takes {self.num_channels} channel(s) but its preprocessing loads "
+                f"{load.num_channels}; preprocessing.json is not this model's"
+            )
+        self.preprocessing = preprocessing
+        self.settings = settings
+        self.modalities = tuple(modalities)
+        self.predictor = make_window_predictor(
+            model, settings.roi_size, self.num_channels, settings.sw_batch_size
+        )
+
+    @classmethod
+    def load(cls, model: str, **overrides) -> Segmenter:
+        """Loads a model with the files the trainer wrote beside it.
+
+        Args:
+            model: A training workdir or a ``.keras`` file.
+            **overrides: :class:`WindowSettings` fields to take instead of ``config.json``'s.
+
+        Returns:
+            The segmenter.
+
+        Raises:
+            FileNotFoundError: The model or its ``preprocessing.json`` is missing.
+            ModelError: A bad ``preprocessing.json``, or window settings the model cannot take.
+        """
+        path, folder = model_files(model)
+        config_path = os.path.join(folder, "config.json")
+        if os.path.isfile(config_path):
+            with open(config_path) as f:
+                config = TrainConfig.from_json(f.read())
+        else:
+            logging.warning("%s not found: default window settings", config_path)
+            config = TrainConfig()
+        preprocessing_path = os.path.join(folder, "preprocessing.json")
+        with open(preprocessing_path) as f:
+            try:
+                preprocessing = preprocessing_from_config(json.load(f))
+            except ValueError as err:  # also json.JSONDecodeError
+                raise ModelError(f"{preprocessing_path}: {err}") from err
+        modalities = ()
+        task_path = os.path.join(folder, "task.json")
+        if os.path.isfile(task_path):
+            with open(task_path) as f:
+                modalities = tuple(json.load(f).get("modalities", ()))
+        keras_model = tf.keras.models.load_model(path, compile=False)
+        return cls(keras_model, preprocessing, window_settings(config, **overrides), modalities)
+
+    def check_channels(self, path: str) -> None:
+        """Refuses a file whose channel count differs from the model's, reading the header only.
+
+        Unreadable files pass here; loading them reports the problem.
+
+        Raises:
+            DataError: The file has another number of channels.
+        """
+        try:
+            shape = nib.load(path).shape
+        except (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError):
+            return
+        channels = 1 if len(shape) == 3 else shape[3] if len(shape) == 4 else None
+        if channels != self.num_channels:
+            names = f" ({', '.join(self.modalities)})" if self.modalities else ""
+            raise DataError(
+                f"{path}: image of shape {tuple(shape)} has {channels} channel(s), the model "
+                f"takes {self.num_channels}{names}"
+            )
+
+    def segment(self, path: str) -> tuple[np.ndarray, np.ndarray]:
+        """Segments one file.
+
+        Args:
+            path: A NIfTI image.
+
+        Returns:
+            ``(labels, affine)``: uint8 labels with the file's spatial shape, and its affine.
+
+        Raises:
+            DataError: The file is unreadable or does not fit the model.
+        """
+        item = self.preprocessing({"case": case_name(path), "image": path})
+        s = self.settings
+        probs = sliding_window_inference(
+            np.asarray(item["image"], np.float32)[None],
+            self.predictor,
+            s.roi_size,
+            overlap=s.overlap,
+            mode=s.mode,
+            sw_batch_size=s.sw_batch_size,
+        )
+        labels = np.argmax(probs[0], axis=-1).astype(np.uint8)
+        if s.keep_largest:
+            labels = keep_largest_component(labels)
+        geometry = item["geometry"]
+        return invert_label(labels, geometry), np.asarray(geometry["source_affine"])
+
+    def segment_files(self, files: Sequence[str], output: str, progress: bool = True) -> list[str]:
+        """Segments files into ``output/<case>.nii.gz``; checks every file's channels first.
+
+        Returns:
+            The written paths.
+        """
+        for path in files:
+            self.check_channels(path)
+        os.makedirs(output, exist_ok=True)
+        written = []
+        for path in tqdm(files, desc="predict", unit="file", disable=not progress):
+            labels, affine = self.segment(path)
+            out = os.path.join(output, f"{case_name(path)}.nii.gz")
+            write_nifti(out, labels, affine)
+            written.append(out)
+        return written
+
+
+def define_flags() -> None:
+    """Declares the command's flags (at run time, so that importing this module declares none
+    and cannot clash with ``tf-medseg-train``'s ``--model`` in the same process)."""
+    flags.DEFINE_string("model", None, "Training workdir (uses best_model.keras) or a .keras file.")
+    flags.DEFINE_string(
+        "input", None, "A NIfTI image, or a folder whose .nii/.nii.gz files are used."
+    )
+    flags.DEFINE_string("output", None, "Folder for the label files (<case>.nii.gz).")
+    flags.DEFINE_bool(
+        "keep_largest", None, "Keep the largest connected component per class (default: config)."
+    )
+    flags.DEFINE_list("roi_size", None, "Window size, 1 or 3 ints (default: config val_roi_size).")
+    flags.DEFINE_float(
+        "overlap",
+        None,
+        "Window overlap: fraction < 1 or voxels >= 1 (default: config val_overlap).",
+    )
+    flags.DEFINE_enum("mode", None, BLEND_MODES, "Window blending (default: config val_mode).")
+    flags.DEFINE_integer("sw_batch_size", None, "Windows per forward pass (default: config).")
+    flags.DEFINE_bool("progress", True, "Progress bar over files.")
+
+
+def main(argv: Sequence[str]) -> None:
+    """Entry point of ``tf-medseg-predict`` (run through ``absl.app``)."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not FLAGS.model or not FLAGS.input or not FLAGS.output:
+        raise app.UsageError("--model, --input and --output are required")
+    try:
+        files = list_inputs(FLAGS.input)
+        segmenter = Segmenter.load(
+            FLAGS.model,
+            roi_size=FLAGS.roi_size,
+            overlap=FLAGS.overlap,
+            mode=FLAGS.mode,
+            sw_batch_size=FLAGS.sw_batch_size,
+            keep_largest=FLAGS.keep_largest,
+        )
+        written = segmenter.segment_files(files, FLAGS.output, progress=FLAGS.progress)
+    except (FileNotFoundError, DataError, ModelError) as error:
+        # Bad input is the user's to fix: the message names the file, a traceback adds nothing.
+        raise SystemExit(f"tf-medseg-predict: {error}") from error
+    print(f"wrote {len(written)} label file(s) to {FLAGS.output}")
+
+
+def run() -> None:
+    """Console-script entry point."""
+    define_flags()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
