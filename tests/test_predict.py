@@ -1,6 +1,7 @@
 """tf-medseg-predict end to end: train briefly on a synthetic spleen, segment its test volume.
 
-The trained workdir is shared by the tests of this module (one training, ~20-40 s on 2 cores).
+The trained workdir is shared by the tests of this module (one training: 15-40 s on the 2 shared
+cores, depending on their load).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def trained(tmp_path_factory):
     workdir trained on it for 120 steps.
 
     The settings were chosen by measurement on three data seeds (test Dice 0.85-0.88 after
-    120 steps, about 30 s on 2 busy cores): 24^3 patches at 2 mm, instance norm, validation
+    120 steps): 24^3 patches at 2 mm, instance norm, validation
     windows of the patch size with 50% overlap (windows larger than the patches shift the
     instance-norm statistics), Adam 1e-2 with a cosine decay.
     """
