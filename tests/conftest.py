@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+import tf_medseg  # noqa: F401  (sets TensorFlow's oneDNN switch before TensorFlow is imported)
 from tf_medseg.data.synthetic import generate_task
 
 

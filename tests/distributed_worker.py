@@ -52,7 +52,6 @@ def main() -> None:
 
     from tf_medseg.training.config import TrainConfig
     from tf_medseg.training.loop import Trainer
-    from tf_medseg.training.validation import make_window_predictor, validate
 
     with open(args.config) as f:
         config = TrainConfig.from_json(f.read())
@@ -86,24 +85,8 @@ def main() -> None:
             "rank1_true": dist.any_rank(dist.rank == 1, "vote_rank1"),
             "none_true": dist.any_rank(False, "vote_none"),
         }
-        c = config
-        predictor = make_window_predictor(
-            trainer.model, c.val_roi_size, trainer.task.num_channels, c.val_sw_batch_size
-        )
         local_items = trainer.validation_items()
-        result = validate(
-            predictor,
-            local_items,
-            trainer.task.num_classes,
-            c.val_roi_size,
-            c.val_overlap,
-            c.val_mode,
-            c.val_sw_batch_size,
-            c.val_keep_largest,
-            dist,
-            case_offset=dist.rank,
-            num_cases=trainer.num_val_cases,
-        )
+        result = trainer.validate()
     finally:
         trainer.close()
     if args.record:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
+from tiny_config import tiny_config
 
 from tf_medseg import distributed
 from tf_medseg.data.synthetic import generate_task
@@ -71,23 +72,10 @@ def task_dir(tmp_path_factory) -> str:
     return generate_task("spleen", str(out), num_train=9, num_test=0, size=32, seed=11)
 
 
-def tiny_config(data_dir: str, workdir: Path, **overrides) -> TrainConfig:
-    base = dict(
-        data_dir=data_dir,
-        workdir=str(workdir),
+def hvd_config(data_dir: str, workdir: Path, **overrides) -> TrainConfig:
+    """The shared tiny configuration, made deterministic and comparable across worker counts."""
+    settings = dict(
         num_val=3,
-        spacing=(2.0, 2.0, 2.0),
-        patch_size=(16, 16, 16),
-        val_roi_size=(16, 16, 16),
-        val_overlap=0.25,
-        batch_size=2,
-        num_samples=2,
-        depth=2,
-        base_filters=4,
-        cache="smart",
-        cache_num=2,
-        replace_rate=0.5,
-        cache_workers=1,
         epochs=3,
         optimizer="novograd",
         learning_rate=1e-2,
@@ -96,11 +84,9 @@ def tiny_config(data_dir: str, workdir: Path, **overrides) -> TrainConfig:
         loss_batch=False,
         deterministic=True,
         seed=5,
-        progress=False,
         image_summaries=False,
     )
-    base.update(overrides)
-    return TrainConfig(**base)
+    return tiny_config(data_dir, workdir, **{**settings, **overrides})
 
 
 class Job:
@@ -177,7 +163,7 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(task_dir, workdir, tmp_path_factory) -> Job:
-    config = tiny_config(task_dir, workdir)
+    config = hvd_config(task_dir, workdir)
     job = _run(Job(config, tmp_path_factory.mktemp("job") / "trained", "--record"))
     # Jobs B and C append to the shared workdir: keep A's outputs.
     for name in ("metrics.jsonl", "summary.json"):
@@ -188,7 +174,7 @@ def trained(task_dir, workdir, tmp_path_factory) -> Job:
 @pytest.fixture(scope="module")
 def killed(trained, task_dir, workdir, tmp_path_factory) -> dict:
     """Job B: resumes A's checkpoint, trains until rank 1 is killed with SIGKILL."""
-    config = tiny_config(task_dir, workdir, epochs=100000, val_every=100000)
+    config = hvd_config(task_dir, workdir, epochs=100000, val_every=100000)
     job = Job(config, tmp_path_factory.mktemp("job") / "killed")
     checkpoints = workdir / "checkpoints"
     wanted = 3 * STEPS_PER_EPOCH + 2 * STEPS_PER_EPOCH  # A's 3 epochs, then 2 of B's own
@@ -221,14 +207,14 @@ def killed(trained, task_dir, workdir, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def resumed(killed, task_dir, workdir, tmp_path_factory) -> Job:
-    config = tiny_config(task_dir, workdir, epochs=100000, max_minutes=30.0, fp16_allreduce=True)
+    config = hvd_config(task_dir, workdir, epochs=100000, max_minutes=30.0, fp16_allreduce=True)
     return _run(Job(config, tmp_path_factory.mktemp("job") / "resumed", "--skew_clock_rank", "1"))
 
 
 @pytest.fixture(scope="module")
 def single(task_dir, tmp_path_factory):
     """A one-process Trainer with the global batch (2 ranks x 2 patches) for the references."""
-    config = tiny_config(task_dir, tmp_path_factory.mktemp("single") / "run", batch_size=4)
+    config = hvd_config(task_dir, tmp_path_factory.mktemp("single") / "run", batch_size=4)
     trainer = Trainer(config)
     yield trainer
     trainer.close()
@@ -271,8 +257,10 @@ def test_loss_curve_matches_one_process_on_the_same_global_batch(trained, single
         losses.append(float(single.train_step(tf.constant(images), tf.constant(labels))))
     np.testing.assert_allclose(info0["losses"], losses, rtol=0, atol=1e-6)
     assert losses[-1] < losses[0] - 5e-3  # the curve moves far more than the tolerance
+    # oneDNN picks its convolution kernels by batch size (4 here, 2 per rank), so sums are
+    # ordered differently: the weights agree to 2e-4 after moving by about 1e-2.
     for i, v in enumerate(single.model.weights):
-        np.testing.assert_allclose(v.numpy(), arr0[f"w{i}"], rtol=0, atol=2e-5)
+        np.testing.assert_allclose(v.numpy(), arr0[f"w{i}"], rtol=0, atol=2e-4)
 
 
 @needs_horovod
@@ -353,7 +341,7 @@ def test_one_process_resumes_a_two_worker_checkpoint(resumed, task_dir, workdir,
     counters, and starts its cache afresh instead of failing on a foreign rank's position."""
     latest = tf.train.latest_checkpoint(str(workdir / "checkpoints"))
     (_, arr0) = resumed.rank(0)
-    trainer = Trainer(tiny_config(task_dir, workdir, epochs=100000))
+    trainer = Trainer(hvd_config(task_dir, workdir, epochs=100000))
     try:
         assert trainer.restored_from == latest
         assert int(trainer.step.numpy()) == int(latest.rsplit("-", 1)[1])

@@ -5,4 +5,12 @@ TensorFlow 2.15 / Keras 2: smart cache with gradual replacement, adaptive positi
 patch sampling, NovoGrad, mixed precision and Horovod multi-worker training.
 """
 
+import os
+
+# TensorFlow 2.15 turns its oneDNN kernels on by default only on some Intel CPUs. On others (this
+# project's 2-core AMD EPYC CI machine among them) a 3D U-Net training step ran 9x faster with them
+# (90 ms vs 837 ms for 2x32^3, measured). It must be set before TensorFlow is imported; an
+# explicit TF_ENABLE_ONEDNN_OPTS=0 in the environment still turns them off.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
 __version__ = "0.1.0"

@@ -18,7 +18,6 @@ import tensorflow as tf
 from absl import logging
 
 from tf_medseg.optim import current_learning_rate
-from tf_medseg.training.validation import make_window_predictor, validate
 
 
 class Hook:
@@ -86,31 +85,12 @@ class ValidationHook(Hook):
 
     def __init__(self, every: int):
         self.every = every
-        self.predictor = None
         self.last_step = None
-
-    def on_train_begin(self, trainer):
-        c = trainer.config
-        self.predictor = make_window_predictor(
-            trainer.model, c.val_roi_size, trainer.task.num_channels, c.val_sw_batch_size
-        )
 
     def run(self, trainer, logs):
         c = trainer.config
         start = time.time()
-        result = validate(
-            self.predictor,
-            trainer.validation_items(),
-            trainer.task.num_classes,
-            c.val_roi_size,
-            c.val_overlap,
-            c.val_mode,
-            c.val_sw_batch_size,
-            c.val_keep_largest,
-            trainer.dist,
-            case_offset=trainer.dist.rank,
-            num_cases=trainer.num_val_cases,
-        )
+        result = trainer.validate()
         logs["validation"] = result
         logs["validation_s"] = time.time() - start
         self.last_step = int(trainer.step.numpy())

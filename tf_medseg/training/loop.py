@@ -35,6 +35,7 @@ from tf_medseg.pipeline import build_train_dataset, make_source, patches_per_epo
 from tf_medseg.sampling import AdaptiveSampler
 from tf_medseg.training import hooks as hooks_lib
 from tf_medseg.training.config import TrainConfig, steps_upper_bound
+from tf_medseg.training.validation import ValidationResult, make_window_predictor, validate
 from tf_medseg.transforms.preprocessing import PreprocessingConfig, build_preprocessing
 
 BEST_MODEL = "best_model.keras"
@@ -72,6 +73,7 @@ class Trainer:
         self._train_seconds = 0.0
         self._train_patches = 0
         self.losses: list[float] = []  # per-step training losses of this session
+        self._window_predictor = None
         if config.deterministic:
             tf.keras.utils.set_random_seed(config.seed)
             tf.config.experimental.enable_op_determinism()
@@ -363,6 +365,31 @@ class Trainer:
     def patches_per_s(self) -> float:
         """Training patches per second of training-loop time (validation excluded)."""
         return self._train_patches / self._train_seconds if self._train_seconds else 0.0
+
+    def validate(self) -> ValidationResult:
+        """Scores the current weights on the validation set, shared out across the workers.
+
+        Returns:
+            The combined result, the same on every worker.
+        """
+        c = self.config
+        if self._window_predictor is None:
+            self._window_predictor = make_window_predictor(
+                self.model, c.val_roi_size, self.task.num_channels, c.val_sw_batch_size
+            )
+        return validate(
+            self._window_predictor,
+            self.validation_items(),
+            self.task.num_classes,
+            c.val_roi_size,
+            int(c.val_overlap) if c.val_overlap >= 1 else c.val_overlap,  # voxels, or a fraction
+            c.val_mode,
+            c.val_sw_batch_size,
+            c.val_keep_largest,
+            self.dist,
+            case_offset=self.dist.rank,
+            num_cases=self.num_val_cases,
+        )
 
     def validation_items(self):
         """This worker's preprocessed validation items, in case order."""
