@@ -180,8 +180,10 @@ def test_foreground_indices(caplog):
     assert small["bg_indices"].shape == (20, 3) and np.all(label[tuple(small["bg_indices"].T)] == 0)
     again = ForegroundIndices(max_indices=20)(data)
     np.testing.assert_array_equal(small["bg_indices"], again["bg_indices"])
-    empty = ForegroundIndices()({**data, "label": np.zeros_like(label)})
+    with caplog.at_level("WARNING"):
+        empty = ForegroundIndices()({**data, "label": np.zeros_like(label)})
     assert empty["fg_indices"].shape == (0, 3)
+    assert any("no foreground" in r.getMessage() for r in caplog.records)
 
 
 def test_full_chain_on_synthetic_ct_and_inverse(spleen_task_dir):
