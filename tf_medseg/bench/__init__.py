@@ -1,1 +1,15 @@
-"""tf_medseg.bench."""
+"""Benchmarks: each prints a table and writes JSON (``make bench``); never part of the tests."""
+
+import platform
+
+
+def cpu_name() -> str:
+    """The CPU model from ``/proc/cpuinfo`` where there is one, else the machine type."""
+    try:
+        with open("/proc/cpuinfo") as file:
+            for line in file:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

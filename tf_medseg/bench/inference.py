@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import time
 
@@ -29,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
+from tf_medseg.bench import cpu_name
 from tf_medseg.data.synthetic import make_phantom
 from tf_medseg.inference import BLEND_MODES, sliding_window_inference, window_starts
 from tf_medseg.models import build_model
@@ -171,7 +171,7 @@ def run_benchmark(
         "model_batch_s": model_s,
         "repeats": repeats,
         "tensorflow": tf.__version__,
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "results": results,
     }
@@ -192,17 +192,6 @@ def format_table(report: dict) -> str:
             f"{row['median_s'] / report['num_windows']:9.3f} {row['overhead_s']:11.2f}"
         )
     return "\n".join(lines)
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as file:
-            for line in file:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str]) -> None:

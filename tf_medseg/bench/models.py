@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import time
 
@@ -20,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
+from tf_medseg.bench import cpu_name
 from tf_medseg.losses import soft_dice_loss
 from tf_medseg.models import MODELS, build_model
 
@@ -108,18 +108,6 @@ def benchmark(
     finally:
         tf.keras.mixed_precision.set_global_policy(previous)
     return results
-
-
-def cpu_name() -> str:
-    """The CPU model from ``/proc/cpuinfo`` where there is one, else the machine type."""
-    try:
-        with open("/proc/cpuinfo") as file:
-            for line in file:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def format_table(results: list[dict]) -> str:
