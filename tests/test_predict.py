@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 import pytest
+from tiny_config import tiny_config
 
 from tf_medseg.cli.predict import ModelError, list_inputs, window_settings
 from tf_medseg.data.io import DataError, read_nifti, write_nifti
@@ -49,21 +50,15 @@ def trained(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("predict")
     data = generate_task("spleen", str(root / "data"), num_train=10, num_test=1, size=64, seed=0)
-    config = TrainConfig(
-        data_dir=data,
-        workdir=str(root / "run"),
+    config = tiny_config(
+        data,
+        root / "run",
         num_val=1,
-        spacing=(2.0, 2.0, 2.0),
         patch_size=(24, 24, 24),
         val_roi_size=(24, 24, 24),
         val_overlap=0.5,
-        batch_size=2,
         num_samples=8,
-        depth=2,
-        base_filters=4,
-        norm="instance",
         cache="full",
-        cache_workers=1,
         optimizer="adam",
         learning_rate=1e-2,
         lr_schedule="cosine",
@@ -72,7 +67,6 @@ def trained(tmp_path_factory):
         val_every=1000,
         checkpoint_every=1000,
         deterministic=True,
-        progress=False,
         image_summaries=False,
     )
     trainer = Trainer(config)
