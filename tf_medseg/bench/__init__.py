@@ -1,5 +1,7 @@
 """Benchmarks: each prints a table and writes JSON (``make bench``); never part of the tests."""
 
+import json
+import os
 import platform
 
 
@@ -13,3 +15,11 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def write_json(path: str, value) -> None:
+    """Writes a benchmark's results as JSON (creating the folder) and says where."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as file:
+        json.dump(value, file, indent=2)
+    print(f"wrote {path}")

@@ -19,7 +19,6 @@ windows, and the time of the model alone on one window batch, so that
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -28,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from tf_medseg.bench import cpu_name
+from tf_medseg.bench import cpu_name, write_json
 from tf_medseg.data.synthetic import make_phantom
 from tf_medseg.inference import BLEND_MODES, sliding_window_inference, window_starts
 from tf_medseg.models import build_model
@@ -203,10 +202,7 @@ def main(argv: list[str]) -> None:
     )
     print(format_table(report))
     if FLAGS.json:
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
-        with open(FLAGS.json, "w") as file:
-            json.dump(report, file, indent=2)
-        print(f"wrote {FLAGS.json}")
+        write_json(FLAGS.json, report)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ writes JSON::
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -19,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from tf_medseg.bench import cpu_name
+from tf_medseg.bench import cpu_name, write_json
 from tf_medseg.losses import soft_dice_loss
 from tf_medseg.models import MODELS, build_model
 
@@ -145,10 +144,7 @@ def main(argv: list[str]) -> None:
         "results": results,
     }
     if FLAGS.json:
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
-        with open(FLAGS.json, "w") as file:
-            json.dump(report, file, indent=2)
-        print(f"wrote {FLAGS.json}")
+        write_json(FLAGS.json, report)
 
 
 if __name__ == "__main__":

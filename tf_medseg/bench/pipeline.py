@@ -29,7 +29,6 @@ and writes JSON::
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import resource
@@ -40,6 +39,7 @@ from collections.abc import Callable
 import tensorflow as tf
 from absl import app, flags
 
+from tf_medseg.bench import write_json
 from tf_medseg.data.msd import load_task
 from tf_medseg.data.synthetic import generate_task
 from tf_medseg.pipeline import EpochIterators, build_train_dataset, make_source
@@ -248,10 +248,7 @@ def main(argv: list[str]) -> None:
     config = BenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)})
     results = run_benchmark(config)
     print(format_table(results))
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"wrote {args.json}")
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

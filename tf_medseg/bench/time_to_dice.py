@@ -27,6 +27,8 @@ import time
 
 from absl import app, flags, logging
 
+from tf_medseg.bench import write_json
+
 #: The paper's baseline: each ingredient of the proposed preset turned off.
 BASELINE = {
     "cache": "none",
@@ -232,9 +234,7 @@ def main(argv: list[str]) -> None:
             results["baseline"]["time_to_target_s"] / results["proposed"]["time_to_target_s"]
         )
         output["baseline_capped"] = not results["baseline"]["reached_target"]
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
-    with open(FLAGS.json, "w") as f:
-        json.dump(output, f, indent=2)
+    write_json(FLAGS.json, output)
     stem = os.path.splitext(FLAGS.json)[0]
     table = markdown_table(results, "baseline", target)
     with open(stem + ".md", "w") as f:
