@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from tf_medseg.cache import SmartCache
 from tf_medseg.pipeline import (
-    EpochIterators,
+    TrainStream,
     UncachedSource,
     build_eval_dataset,
     build_train_dataset,
@@ -85,23 +85,86 @@ def test_batches_are_bit_identical_whatever_the_parallelism():
     assert not np.array_equal(runs[0][0][0], other_seed[0][0])
 
 
-def test_epoch_iterators_created_ahead_give_the_same_epochs():
-    def epochs(use_iterators):
-        out = []
-        with cache_of(VOLUMES, cache_num=2, replace_rate=0.5, wait_for_replacements=True) as c:
-            ds = build_train_dataset(c, 2, (8, 8, 8), 2, 0.5, seed=1)
-            with EpochIterators(ds) as iterators:
-                for _ in range(3):
-                    batches = iterators.next_epoch() if use_iterators else iter(ds)
-                    out.append([x.numpy() for x, _ in batches])
-                    c.end_epoch()
-        return out
+def per_epoch_batches(cache, epochs):
+    """Reference: one build_train_dataset pass per epoch."""
+    out = []
+    ds = build_train_dataset(cache, 2, (8, 8, 8), 2, 0.5, seed=1)
+    for _ in range(epochs):
+        out.append([(x.numpy(), y.numpy()) for x, y in ds])
+        cache.end_epoch()
+    return out
 
-    direct, ahead = epochs(False), epochs(True)
-    for a, b in zip(direct, ahead, strict=True):
-        assert len(a) == len(b) == 2
-        assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
-    assert not np.array_equal(direct[0][0], direct[1][0])
+
+def assert_same_epochs(first, second):
+    assert len(first) == len(second)
+    for a, b in zip(first, second, strict=True):
+        assert len(a) == len(b)
+        for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+            np.testing.assert_array_equal(xa, xb)
+            np.testing.assert_array_equal(ya, yb)
+
+
+def test_train_stream_gives_the_per_epoch_batches_with_smart_cache_swaps():
+    options = {"cache_num": 2, "replace_rate": 0.5, "wait_for_replacements": True}
+    with cache_of(VOLUMES, **options) as cache:
+        direct = per_epoch_batches(cache, 4)
+    with cache_of(VOLUMES, **options) as cache:
+        with TrainStream(cache, 2, (8, 8, 8), 2, 0.5, seed=1) as stream:
+            assert stream.steps_per_epoch == 2
+            streamed = []
+            for _ in range(4):
+                streamed.append([(x.numpy(), y.numpy()) for x, y in stream.epoch()])
+                stream.end_epoch()
+            assert cache.stats()["swaps"] == 4  # one replacement at each of the 4 boundaries
+    assert_same_epochs(direct, streamed)
+    assert not np.array_equal(direct[0][0][0], direct[1][0][0])
+
+
+def test_train_stream_epoch_left_early_restarts_at_the_next_epoch():
+    with cache_of(VOLUMES) as cache:
+        direct = per_epoch_batches(cache, 3)
+    with cache_of(VOLUMES) as cache, TrainStream(cache, 2, (8, 8, 8), 2, 0.5, seed=1) as stream:
+        assert stream.steps_per_epoch == 3
+        first = next(iter(stream.epoch()))  # one batch of epoch 0, then the epoch is ended
+        stream.end_epoch()
+        rest = []
+        for _ in range(2):
+            rest.append([(x.numpy(), y.numpy()) for x, y in stream.epoch()])
+            stream.end_epoch()
+    np.testing.assert_array_equal(first[0].numpy(), direct[0][0][0])
+    assert_same_epochs(direct[1:], rest)
+
+
+def test_train_stream_refuses_an_epoch_changed_behind_its_back():
+    with cache_of(VOLUMES) as cache, TrainStream(cache, 2, (8, 8, 8), 2, 0.5, seed=1) as stream:
+        batches = stream.epoch()
+        next(batches)
+        next(batches)
+        cache.end_epoch()  # not through the stream: the next batch belongs to the old epoch
+        with pytest.raises(RuntimeError, match="end_epoch"):
+            next(batches)
+
+
+def test_train_stream_close_returns_while_waiting_for_the_next_epoch():
+    import time
+
+    with cache_of(VOLUMES) as cache:
+        stream = TrainStream(cache, 2, (8, 8, 8), 2, 0.5, seed=1)
+        list(stream.epoch())  # the prefetcher now waits for end_epoch()
+        start = time.perf_counter()
+        stream.close()
+        assert time.perf_counter() - start < 2.0
+        with pytest.raises(RuntimeError, match="closed"):
+            next(stream.epoch())
+
+
+def test_train_stream_drop_remainder_needs_a_full_batch():
+    with cache_of(VOLUMES[:1]) as cache:
+        with pytest.raises(ValueError, match="no full batch"):
+            TrainStream(cache, 4, (8, 8, 8), 2, 0.5, seed=1, drop_remainder=True)
+        stream = TrainStream(cache, 2, (8, 8, 8), 3, 0.5, seed=1, drop_remainder=True)
+        assert [x.shape[0] for x, _ in stream.epoch()] == [2]
+        stream.close()
 
 
 def numpy_crop(image, label, centre, patch):
@@ -319,7 +382,14 @@ def test_pipeline_benchmark_runs_at_a_tiny_size(tmp_path):
     from tf_medseg.bench.pipeline import BenchConfig, format_table, run_benchmark
 
     config = BenchConfig(
-        work_dir=str(tmp_path), num_volumes=4, size=24, patch=12, step_s=0.01, stall_epochs=1
+        work_dir=str(tmp_path),
+        num_volumes=4,
+        size=24,
+        patch=12,
+        step_s=0.01,
+        stall_epochs=1,
+        none_epochs=1,
+        cached_epochs=3,
     )
     results = run_benchmark(config)
     assert set(results) >= {"none", "full", "smart", "peak_rss_bytes"}

@@ -1,6 +1,8 @@
 """Tests of the smart cache: schedule, no-stall path, rank shards, budget, failures, resume."""
 
 import json
+import os
+import sys
 import threading
 import time
 
@@ -142,6 +144,34 @@ def test_late_replacements_do_not_stall_training_and_are_swapped_in_later():
         cache.end_epoch()
         assert cache.cached_indices() == [2, 3, 4, 5]
         assert cache.stats()["swaps"] == 2 and cache.stats()["late_swaps"] == 2
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux's")
+@pytest.mark.parametrize("nice", [0, 7])
+def test_replacements_run_at_a_lower_priority_than_training(nice):
+    priorities = {}
+
+    def recording_prefix(item):
+        thread = threading.get_native_id()
+        priorities[index_of(item)] = os.getpriority(os.PRIO_PROCESS, thread)
+        return index_prefix(item)
+
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    with SmartCache(
+        make_items(6),
+        recording_prefix,
+        cache_num=3,
+        replace_rate=1.0,
+        shuffle=False,
+        progress=False,
+        wait_for_replacements=True,
+        replace_nice=nice,
+    ) as cache:
+        cache.fill()
+        cache.end_epoch()
+    assert [priorities[i] for i in range(3)] == [own] * 3  # the initial fill: full priority
+    assert [priorities[i] for i in range(3, 6)] == [min(own + nice, 19)] * 3
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own
 
 
 def test_strict_schedule_waits_and_records_the_wait():

@@ -10,9 +10,10 @@ the training pipeline with 96^3 patches, 4 patches per volume and batches of 2:
 * ``full``: every item cached, no replacement;
 * ``smart``: half of the items cached, half of those replaced each epoch.
 
-Throughput is measured flat out (the consumer only takes the batches), after a warm-up batch
+Throughput is measured flat out (the consumer only takes the batches), after a warm-up epoch
 that traces the graph; epochs are iterated as the training loop does, with
-:class:`~tf_medseg.pipeline.EpochIterators`, and include the epoch boundary. The stall fraction
+:class:`~tf_medseg.pipeline.TrainStream`, and include the epoch boundaries (the smart cache's
+swaps). The stall fraction
 is measured with a training-like consumer that spends ``--step_s`` per batch: time spent
 waiting for the next batch (and at the epoch boundary) over the total time. It prints a table
 and writes JSON::
@@ -42,7 +43,7 @@ from absl import app, flags
 from tf_medseg.bench import write_json
 from tf_medseg.data.msd import load_task
 from tf_medseg.data.synthetic import generate_task
-from tf_medseg.pipeline import EpochIterators, build_train_dataset, make_source
+from tf_medseg.pipeline import TrainStream, make_source
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +58,8 @@ class BenchConfig:
     num_samples: int = 4
     batch_size: int = 2
     num_workers: int = 2
-    none_epochs: int = 1
-    cached_epochs: int = 3
+    none_epochs: int = 2
+    cached_epochs: int = 10
     stall_epochs: int = 3
     step_s: float = 1.0
     smart_cache_rate: float = 0.5
@@ -89,8 +90,8 @@ def _task_items(config: BenchConfig, scratch: str) -> tuple[list[dict], Callable
     return items, prefix
 
 
-def _dataset(source, config: BenchConfig, channels: int) -> tf.data.Dataset:
-    return build_train_dataset(
+def _stream(source, config: BenchConfig, channels: int) -> TrainStream:
+    return TrainStream(
         source,
         config.batch_size,
         (config.patch,) * 3,
@@ -101,44 +102,37 @@ def _dataset(source, config: BenchConfig, channels: int) -> tf.data.Dataset:
     )
 
 
-def _throughput(source, dataset: tf.data.Dataset, epochs: int) -> dict:
+def _throughput(stream: TrainStream, epochs: int) -> dict:
     """Patches per second, consuming as fast as the pipeline produces."""
-    for _ in dataset.take(1):  # traces the map; not timed
+    for _ in stream.epoch():  # the first epoch traces the graph and fills the pipeline
         pass
+    stream.end_epoch()
     patches = 0
-    with EpochIterators(dataset) as iterators:
-        start = time.perf_counter()
-        for _ in range(epochs):
-            for images, _ in iterators.next_epoch():
-                patches += int(images.shape[0])
-            source.end_epoch()
-        seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(epochs):
+        for images, _ in stream.epoch():
+            patches += int(images.shape[0])
+        stream.end_epoch()
+    seconds = time.perf_counter() - start
     return {"patches_per_s": patches / seconds, "patches": patches, "seconds": seconds}
 
 
-def _stall(source, dataset: tf.data.Dataset, epochs: int, step_s: float) -> dict:
+def _stall(stream: TrainStream, epochs: int, step_s: float) -> dict:
     """Fraction of a training-like consumer's time spent waiting for input."""
     waited = 0.0
     batches = 0
-    with EpochIterators(dataset) as iterators:
-        start = time.perf_counter()
-        for _ in range(epochs):
+    start = time.perf_counter()
+    for _ in range(epochs):
+        asked = time.perf_counter()
+        for _ in stream.epoch():
+            waited += time.perf_counter() - asked
+            batches += 1
+            time.sleep(step_s)  # the training step (an accelerator leaves the CPU free)
             asked = time.perf_counter()
-            iterator = iterators.next_epoch()
-            while True:
-                try:
-                    next(iterator)
-                except StopIteration:
-                    break
-                finally:
-                    waited += time.perf_counter() - asked
-                batches += 1
-                time.sleep(step_s)  # the training step (an accelerator leaves the CPU free)
-                asked = time.perf_counter()
-            boundary = time.perf_counter()
-            source.end_epoch()
-            waited += time.perf_counter() - boundary
-        total = time.perf_counter() - start
+        # The epoch boundary: the smart cache swaps in its replacements.
+        stream.end_epoch()
+        waited += time.perf_counter() - asked
+    total = time.perf_counter() - start
     return {"stall_fraction": waited / total, "stall_s": waited, "stall_batches": batches}
 
 
@@ -153,9 +147,8 @@ def run_benchmark(config: BenchConfig) -> dict:
             "none", items, prefix, num_workers=config.num_workers, seed=config.seed
         ) as source:
             channels = int(source.peek()["image"].shape[-1])
-            results["none"] = _throughput(
-                source, _dataset(source, config, channels), config.none_epochs
-            )
+            with _stream(source, config, channels) as stream:
+                results["none"] = _throughput(stream, config.none_epochs)
 
         with make_source(
             "full", items, prefix, num_workers=config.num_workers, seed=config.seed
@@ -163,7 +156,8 @@ def run_benchmark(config: BenchConfig) -> dict:
             start = time.perf_counter()
             source.fill()
             fill_s = time.perf_counter() - start
-            run = _throughput(source, _dataset(source, config, channels), config.cached_epochs)
+            with _stream(source, config, channels) as stream:
+                run = _throughput(stream, config.cached_epochs)
             results["full"] = {
                 **run,
                 "fill_s": fill_s,
@@ -182,9 +176,9 @@ def run_benchmark(config: BenchConfig) -> dict:
             fill_s = time.perf_counter() - start
             # As many smart epochs as patches of the full-cache run.
             epochs = max(1, round(config.cached_epochs * len(items) / source.cache_num))
-            dataset = _dataset(source, config, channels)
-            run = _throughput(source, dataset, epochs)
-            stall = _stall(source, dataset, config.stall_epochs, config.step_s)
+            with _stream(source, config, channels) as stream:
+                run = _throughput(stream, epochs)
+                stall = _stall(stream, config.stall_epochs, config.step_s)
             stats = source.stats()
             results["smart"] = {
                 **run,
@@ -233,8 +227,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("num_samples", 4, "Patches per volume per epoch.", lower_bound=1)
     flags.DEFINE_integer("batch_size", 2, "Patches per batch.", lower_bound=1)
     flags.DEFINE_integer("num_workers", 2, "Threads of the prefix (fill, or every epoch for none).")
-    flags.DEFINE_integer("none_epochs", 1, "Timed epochs without a cache.", lower_bound=1)
-    flags.DEFINE_integer("cached_epochs", 3, "Timed epochs of the full cache.", lower_bound=1)
+    flags.DEFINE_integer("none_epochs", 2, "Timed epochs without a cache.", lower_bound=1)
+    flags.DEFINE_integer("cached_epochs", 10, "Timed epochs of the full cache.", lower_bound=1)
     flags.DEFINE_integer("stall_epochs", 3, "Smart-cache epochs of the stall measurement.")
     flags.DEFINE_float("step_s", 1.0, "Seconds the training-like consumer spends per batch.")
     flags.DEFINE_float("smart_cache_rate", 0.5, "Fraction of the volumes the smart cache holds.")

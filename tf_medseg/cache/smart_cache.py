@@ -29,6 +29,8 @@ import collections
 import logging
 import math
 import os
+import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
@@ -121,6 +123,22 @@ def _aligned(array: np.ndarray) -> np.ndarray:
     return out
 
 
+def _lower_thread_priority(nice: int) -> None:
+    """Raises the calling thread's nice value by ``nice`` (Linux: nice is per thread).
+
+    Replacement threads run at a lower priority than the training and input threads, so that
+    preparing replacements takes the CPU time training leaves idle instead of slowing training
+    (what is not ready at an epoch boundary is swapped in later). Elsewhere a no-op.
+    """
+    if nice <= 0 or not hasattr(os, "setpriority") or sys.platform != "linux":
+        return
+    try:
+        thread = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + nice)
+    except OSError as exc:  # e.g. a seccomp profile that forbids it: keep the default priority
+        logging.warning("could not lower the replacement thread's priority: %s", exc)
+
+
 def _replace_count(cache_num: int, replace_rate: float, shard_size: int) -> int:
     if cache_num >= shard_size:
         return 0
@@ -156,6 +174,11 @@ class SmartCache:
         cache_dir: Optional folder for an on-disk cache of prefix outputs
             (``PersistentPrefixCache``); the prefix must then have ``config_fingerprint()``.
         progress: Show a progress bar during the initial fill.
+        replace_nice: How much lower than the training threads the replacement threads run
+            (a nice increment, Linux only; 0 keeps the same priority). A training step that
+            needs the CPU (CPU training, or a CPU-bound random tail) then runs at full speed
+            while replacements use the time it leaves idle; replacements that are late at an
+            epoch boundary are counted in ``stats()["late_swaps"]``.
 
     Raises:
         ValueError: On an empty item list or an out-of-range argument.
@@ -180,6 +203,7 @@ class SmartCache:
         wait_for_replacements: bool = False,
         cache_dir: str | None = None,
         progress: bool = True,
+        replace_nice: int = 10,
     ):
         if not items:
             raise ValueError("SmartCache needs at least one item")
@@ -205,6 +229,7 @@ class SmartCache:
         self.shard_size = math.ceil(len(self._items) / world_size)
         self._num_init_workers = num_init_workers or max(1, _cpu_count())
         self._num_replace_workers = num_replace_workers
+        self.replace_nice = int(replace_nice)
 
         self._shards: dict[int, np.ndarray] = {}
         self._cursor = 0
@@ -313,7 +338,10 @@ class SmartCache:
             raise RuntimeError("the smart cache is closed")
         if self._replace_pool is None:
             self._replace_pool = futures.ThreadPoolExecutor(
-                self._num_replace_workers, thread_name_prefix="smart-cache-replace"
+                self._num_replace_workers,
+                thread_name_prefix="smart-cache-replace",
+                initializer=_lower_thread_priority,
+                initargs=(self.replace_nice,),
             )
         return self._replace_pool
 

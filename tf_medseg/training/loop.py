@@ -5,7 +5,7 @@ tail, model, loss, optimiser, adaptive sampler, checkpoint) and :meth:`Trainer.f
 
     for each epoch:
         for each batch: train step; hooks.on_step_end
-        source.end_epoch()                      # smart cache swaps in its replacements
+        stream.end_epoch()                      # smart cache swaps in its replacements
         hooks.on_epoch_end                      # validate, update sampler, log, checkpoint, stop
     hooks.on_train_end
 
@@ -31,7 +31,7 @@ from tf_medseg.data.msd import load_task, task_split
 from tf_medseg.losses import get_loss
 from tf_medseg.models import MODELS, build_model
 from tf_medseg.optim import build_optimizer
-from tf_medseg.pipeline import build_train_dataset, make_source, patches_per_epoch
+from tf_medseg.pipeline import TrainStream, make_source, patches_per_epoch
 from tf_medseg.sampling import AdaptiveSampler
 from tf_medseg.training import hooks as hooks_lib
 from tf_medseg.training.config import TrainConfig, steps_upper_bound
@@ -147,7 +147,7 @@ class Trainer:
             tuple(config.pos_fraction_bounds),
             adaptive=config.adaptive_sampling,
         )
-        self.dataset = build_train_dataset(
+        self.stream = TrainStream(
             self.train_source,
             config.batch_size,
             config.patch_size,
@@ -159,7 +159,7 @@ class Trainer:
             num_channels=self.task.num_channels,
         )
         self.patches_per_epoch = patches_per_epoch(self.train_source, config.num_samples)
-        self.steps_per_epoch = math.ceil(self.patches_per_epoch / config.batch_size)
+        self.steps_per_epoch = self.stream.steps_per_epoch
         # A rank with a longer epoch would wait forever in a gradient all-reduce: fail now.
         self.dist.check_same(self.steps_per_epoch, "steps per epoch")
 
@@ -297,7 +297,7 @@ class Trainer:
         try:
             while self._stop_reason is None and self.epoch.numpy() < self.config.epochs:
                 losses, epoch_start, patches = [], time.time(), 0
-                for images, labels in self.dataset:
+                for images, labels in self.stream.epoch():
                     loss = float(self.train_step(images, labels).numpy())
                     if int(self.step.numpy()) == 0:
                         self.dist.broadcast_variables(self.optimizer.variables())
@@ -316,7 +316,7 @@ class Trainer:
                 self._train_patches += patches
                 epoch_complete = self._stop_reason is None
                 if epoch_complete:
-                    self.train_source.end_epoch()
+                    self.stream.end_epoch()
                     self.epoch.assign_add(1)
                     self.cache_state.assign(_state_json(self.train_source, self.dist))
                 logs = {
@@ -428,7 +428,8 @@ class Trainer:
         return {}
 
     def close(self) -> None:
-        """Stops the caches' threads and frees their memory."""
+        """Stops the input stream and the caches' threads, and frees their memory."""
+        self.stream.close()
         for source in (self.train_source, self.val_source):
             if source is not None:
                 source.close()
