@@ -135,3 +135,24 @@ def test_contradictory_flags_are_rejected_one_line_each(spleen_task_dir, tmp_pat
         ).validate()
         == []
     )
+
+
+def test_profile_steps_write_a_trace_that_names_the_step_ops(spleen_task_dir, tmp_path):
+    from tf_medseg.bench.step_profile import format_summary, newest_trace, summarise
+
+    config = tiny_config(
+        spleen_task_dir, tmp_path / "run", epochs=2, profile_steps=(1, 3), val_every=10
+    )
+    assert config.validate() == []
+    _run(config)
+    trace = newest_trace(str(tmp_path / "run"))
+    assert trace.startswith(str(tmp_path / "run" / "tensorboard" / "plugins" / "profile"))
+    summary = summarise(trace)
+    compute = next(g for name, g in summary["groups"].items() if name.startswith("compute"))
+    # The traced steps ran the U-Net's convolutions and their gradients.
+    assert any("Conv3D" in op_type for op_type in compute["op_types"])
+    assert any("Conv3DBackpropFilter" in op_type for op_type in compute["op_types"])
+    assert 0 < summary["span_ms"] < 60_000
+    assert "Conv3D" in format_summary(summary)
+    bad = dataclasses.replace(config, profile_steps=(3, 1))
+    assert any("--profile_steps" in line for line in bad.validate())

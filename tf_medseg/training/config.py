@@ -98,6 +98,12 @@ class TrainConfig:
     # Reproducibility and logging
     seed: int = _f(0, "Run seed: split, cache order, patches.")
     deterministic: bool = _f(False, "Seed everything and enable TensorFlow op determinism.")
+    profile_steps: tuple[int, ...] = _f(
+        (),
+        "Two step numbers START,END: trace steps START+1..END with tf.profiler into "
+        "workdir/tensorboard/plugins/profile (TensorBoard's Profile tab; summarised by "
+        "python -m tf_medseg.bench.step_profile).",
+    )
     progress: bool = _f(True, "Progress bars.")
     image_summaries: bool = _f(True, "Validation slice with contours in TensorBoard.")
 
@@ -146,6 +152,12 @@ class TrainConfig:
             errors.append(f"--memory_budget_gb must be >= 0, got {self.memory_budget_gb}")
         if not 0.0 <= self.target_dice <= 1.0:
             errors.append(f"--target_dice must be in [0, 1], got {self.target_dice}")
+        if self.profile_steps and (
+            len(self.profile_steps) != 2 or not 0 <= self.profile_steps[0] < self.profile_steps[1]
+        ):
+            errors.append(
+                f"--profile_steps must be two steps START < END, got {list(self.profile_steps)}"
+            )
         return errors
 
     def to_json(self) -> str:

@@ -198,6 +198,42 @@ class TensorBoardHook(Hook):
         self.writer.close()
 
 
+class ProfileHook(Hook):
+    """Traces the steps after ``start`` up to ``end`` with ``tf.profiler`` into ``logdir``.
+
+    The trace holds the train step's ops and the input pipeline's threads; TensorBoard shows it
+    under Profile (with the profile plugin installed) and ``python -m
+    tf_medseg.bench.step_profile`` prints its most expensive ops.
+    """
+
+    def __init__(self, logdir: str, start: int, end: int):
+        self.logdir = logdir
+        self.start, self.end = int(start), int(end)
+        self.running = False
+
+    def _stop(self) -> None:
+        if self.running:
+            tf.profiler.experimental.stop()
+            self.running = False
+            logging.info("profile of steps %d-%d in %s", self.start + 1, self.end, self.logdir)
+
+    def on_train_begin(self, trainer):
+        if int(trainer.step.numpy()) == self.start:
+            tf.profiler.experimental.start(self.logdir)
+            self.running = True
+
+    def on_step_end(self, trainer, logs):
+        step = int(trainer.step.numpy())
+        if step == self.start and not self.running:
+            tf.profiler.experimental.start(self.logdir)
+            self.running = True
+        elif step >= self.end:
+            self._stop()
+
+    def on_train_end(self, trainer, logs):
+        self._stop()
+
+
 class MetricsLogHook(Hook):
     """``workdir/metrics.jsonl`` (a line per validation) and ``workdir/summary.json``."""
 

@@ -232,6 +232,9 @@ class Trainer:
                 ),
                 hooks_lib.MetricsLogHook(c.workdir),
             ]
+            if c.profile_steps:
+                logdir = os.path.join(c.workdir, "tensorboard")
+                hooks.append(hooks_lib.ProfileHook(logdir, *c.profile_steps))
         hooks += [hooks_lib.CheckpointHook(c.checkpoint_every), hooks_lib.StopHook()]
         return hooks
 
