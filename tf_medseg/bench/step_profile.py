@@ -10,9 +10,10 @@ event's self time (its duration minus the events nested in it on the same thread
 the self time per TensorFlow op type, split into the threads that run the training step's and
 validation's ops (``tf_Compute``), the input pipeline's threads (``tf_data_*``) and the Python
 threads (whose time includes waiting for the step). Profile steps without a validation in
-between (a large ``--val_every``) to see the training step alone. Events that are not ops (executor bookkeeping, memory allocation, eager
-dispatch) are summed as ``(framework)``. The profiler is TensorFlow's own; this module only
-reads its XSpace protobuf, which the TensorBoard profile plugin would otherwise be needed for.
+between (a large ``--val_every``) to see the training step alone. Events that are not ops
+(executor bookkeeping, memory allocation, eager dispatch) are summed as ``(framework)``. The
+profiler is TensorFlow's own; this module only reads its XSpace protobuf (TensorBoard's profile
+plugin is not needed).
 """
 
 from __future__ import annotations
