@@ -3,7 +3,10 @@
 Each configuration is the task's synthetic flagfile (``experiments/synthetic_<task>.flags``, the
 proposed preset) with a few flags overridden, trained in its own process (so the global
 mixed-precision policy and determinism settings cannot leak between runs) on the same data, with
-the same seed, model size and patch size, until it reaches ``--target_dice`` or its time cap.
+the same seeds, model size and patch size, until it reaches ``--target_dice`` or its time cap.
+With several ``--seeds`` every configuration runs once per seed and the table gives medians
+(validation Dice of these small runs swings by several points between validations, so one seed
+can move a time to target by 2x).
 The table gives the best Dice, the wall time and steps to the target, patches/s, and the speed-up
 over the baseline; a plot shows validation Dice against wall time for every configuration.
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -53,7 +57,9 @@ def configurations(proposed_flags: dict[str, str]) -> dict[str, dict[str, str]]:
     """Every configuration the benchmark knows, as flag overrides of the proposed flagfile.
 
     ``baseline`` and ``proposed``; ``baseline+X`` adds ingredient X to the baseline and
-    ``proposed-X`` removes it from the proposed preset (its baseline value).
+    ``proposed-X`` removes it from the proposed preset (its baseline value). An ingredient the
+    proposed flagfile leaves out (on a CPU without native bfloat16 the presets train in
+    float32) gives ``proposed+X`` instead, the preset with it added.
     """
     configs = {"proposed": {}, "baseline": dict(BASELINE)}
     for name, change in INGREDIENTS.items():
@@ -61,7 +67,10 @@ def configurations(proposed_flags: dict[str, str]) -> dict[str, dict[str, str]]:
         for key, value in change.items():
             added[key] = proposed_flags.get(key, value) if value is None else value
         configs[f"baseline+{name}"] = added
-        configs[f"proposed-{name}"] = {key: BASELINE[key] for key in change}
+        if all(value is None or proposed_flags.get(key) == value for key, value in change.items()):
+            configs[f"proposed-{name}"] = {key: BASELINE[key] for key in change}
+        else:
+            configs[f"proposed+{name}"] = {k: v for k, v in change.items() if v is not None}
     return configs
 
 
@@ -130,18 +139,54 @@ def run_config(
     }
 
 
-def markdown_table(results: dict, baseline: str, target: float) -> str:
-    """The results as a markdown table, with the speed-up over ``baseline``."""
-    base = results.get(baseline, {}).get("time_to_target_s")
+def aggregate(per_seed: dict[int, dict]) -> dict:
+    """One configuration's runs over seeds: medians of time to target (a capped run counts with
+    its cap), steps to target, best Dice and patches/s, with every seed's run kept."""
+    runs = list(per_seed.values())
+
+    def median(key):
+        values = [r[key] for r in runs if r[key] is not None]
+        return float(statistics.median(values)) if values else None
+
+    steps = median("steps_to_target")
+    return {
+        "time_to_target_s": median("time_to_target_s"),
+        "reached_target": all(r["reached_target"] for r in runs),
+        "reached_count": sum(r["reached_target"] for r in runs),
+        "steps_to_target": None if steps is None else round(steps),
+        "best_dice": median("best_dice"),
+        "steps": median("steps"),
+        "patches_per_s": median("patches_per_s"),
+        "seeds": sorted(per_seed),
+        "per_seed": {str(seed): run for seed, run in per_seed.items()},
+        # The first seed's curve for the plot; every seed's curve is in per_seed.
+        "curve": runs[0]["curve"],
+    }
+
+
+def markdown_table(
+    results: dict, baseline: str, target: float, base_time_s: float | None = None
+) -> str:
+    """The results as a markdown table, with the speed-up over ``baseline`` (or over
+    ``base_time_s``, a baseline time to target measured in another invocation)."""
+    base = base_time_s or results.get(baseline, {}).get("time_to_target_s")
     lines = [
         f"| configuration | best Dice | time to Dice {target:g} (s) | steps to target "
         "| patches/s | speed-up vs baseline |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in results.items():
-        ttt = f"{r['time_to_target_s']:.0f}" + (
-            "" if r["reached_target"] else " (cap, not reached)"
-        )
+        seeds = r.get("per_seed", {})
+        if len(seeds) > 1:
+            each = ", ".join(
+                f"{run['time_to_target_s']:.0f}{'' if run['reached_target'] else ' cap'}"
+                for run in seeds.values()
+            )
+            ttt = f"{r['time_to_target_s']:.0f} (median of {each})"
+        else:
+            ttt = f"{r['time_to_target_s']:.0f}" + (
+                "" if r["reached_target"] else " (cap, not reached)"
+            )
         speedup = f"{base / r['time_to_target_s']:.2f}x" if base else "-"
         lines.append(
             f"| {name} | {r['best_dice']:.4f} | {ttt} | {r['steps_to_target'] or '-'} "
@@ -185,7 +230,14 @@ def _define_flags() -> None:
     flags.DEFINE_float("target_dice", 0.0, "Target Dice (0: the flagfile's).")
     flags.DEFINE_string("data_dir", None, "Task folder (default: generated synthetic task).")
     flags.DEFINE_string("workdir", "runs/bench/time_to_dice", "Where the runs write.")
-    flags.DEFINE_list("extra", [], "Extra flags for every run, e.g. --extra=--seed=1.")
+    flags.DEFINE_list("seeds", ["0"], "Run seeds; each configuration runs once per seed.")
+    flags.DEFINE_string(
+        "baseline_json",
+        None,
+        "A previous output whose baseline time to target gives the speed-up column (for "
+        "ablations run without the baseline).",
+    )
+    flags.DEFINE_list("extra", [], "Extra flags for every run, e.g. --extra=--val_every=4.")
 
 
 def main(argv: list[str]) -> None:
@@ -204,28 +256,36 @@ def main(argv: list[str]) -> None:
     unknown = [c for c in FLAGS.configs if c not in known]
     if unknown:
         raise app.UsageError(f"unknown configuration(s) {unknown}; known: {sorted(known)}")
+    seeds = [int(seed) for seed in FLAGS.seeds]
+    extra = [e if e.startswith("--") else f"--{e}" for e in FLAGS.extra]
     results = {}
     for name in FLAGS.configs:
-        results[name] = run_config(
-            name,
-            known[name],
-            flagfile,
-            data_dir,
-            os.path.join(FLAGS.workdir, FLAGS.task, name.replace("+", "_plus_")),
-            FLAGS.max_minutes_per_run,
-            target,
-            [e if e.startswith("--") else f"--{e}" for e in FLAGS.extra],
-        )
-        r = results[name]
-        print(
-            f"{name}: best Dice {r['best_dice']}, time to target {r['time_to_target_s']:.0f} s"
-            f"{'' if r['reached_target'] else ' (cap)'}, {r['patches_per_s']:.2f} patches/s",
-            flush=True,
-        )
+        per_seed = {}
+        for seed in seeds:
+            run_name = name.replace("+", "_plus_")
+            per_seed[seed] = run_config(
+                f"{name} seed {seed}",
+                known[name],
+                flagfile,
+                data_dir,
+                os.path.join(FLAGS.workdir, FLAGS.task, run_name, f"seed{seed}"),
+                FLAGS.max_minutes_per_run,
+                target,
+                [*extra, f"--seed={seed}"],
+            )
+            r = per_seed[seed]
+            print(
+                f"{name} seed {seed}: best Dice {r['best_dice']}, time to target "
+                f"{r['time_to_target_s']:.0f} s{'' if r['reached_target'] else ' (cap)'}, "
+                f"{r['patches_per_s']:.2f} patches/s",
+                flush=True,
+            )
+        results[name] = aggregate(per_seed)
     output = {
         "task": FLAGS.task,
         "target_dice": target,
         "max_minutes_per_run": FLAGS.max_minutes_per_run,
+        "seeds": seeds,
         "machine": f"{os.cpu_count()}-core CPU",
         "runs": results,
     }
@@ -234,9 +294,15 @@ def main(argv: list[str]) -> None:
             results["baseline"]["time_to_target_s"] / results["proposed"]["time_to_target_s"]
         )
         output["baseline_capped"] = not results["baseline"]["reached_target"]
-    write_json(FLAGS.json, output)
     stem = os.path.splitext(FLAGS.json)[0]
-    table = markdown_table(results, "baseline", target)
+    base_time_s = None
+    if FLAGS.baseline_json and "baseline" not in results:
+        with open(FLAGS.baseline_json) as f:
+            base_time_s = json.load(f)["runs"]["baseline"]["time_to_target_s"]
+        output["baseline_time_to_target_s"] = base_time_s
+        output["baseline_from"] = FLAGS.baseline_json
+    write_json(FLAGS.json, output)
+    table = markdown_table(results, "baseline", target, base_time_s)
     with open(stem + ".md", "w") as f:
         f.write(table + "\n")
     plot_curves(results, stem + ".png", f"synthetic {FLAGS.task}, {os.cpu_count()}-core CPU")

@@ -1,0 +1,100 @@
+"""The time-to-Dice benchmark's parts: configurations, a real run, aggregation, table, plot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tf_medseg.bench import time_to_dice as ttd
+
+
+def test_configurations_add_and_remove_one_ingredient_at_a_time():
+    proposed = ttd.read_flagfile("experiments/synthetic_spleen.flags")
+    configs = ttd.configurations(proposed)
+    assert configs["proposed"] == {}
+    assert configs["baseline"] == ttd.BASELINE
+    # Added to the baseline: one flag group differs from the baseline.
+    assert configs["baseline+novograd"] == {
+        **ttd.BASELINE,
+        "optimizer": "novograd",
+        "learning_rate": proposed["learning_rate"],
+    }
+    assert configs["baseline+cache"] == {**ttd.BASELINE, "cache": "smart"}
+    # Removed from the proposed preset: its baseline values.
+    assert configs["proposed-instance_norm"] == {"norm": "batch"}
+    assert configs["proposed-adaptive"] == {"adaptive_sampling": "false"}
+    # The preset trains in float32, so bfloat16 is an addition to it, not a removal.
+    assert proposed["precision"] == "float32"
+    assert configs["proposed+bf16"] == {"precision": "mixed_bfloat16"}
+    assert "proposed-bf16" not in configs
+    bf16_preset = {**proposed, "precision": "mixed_bfloat16"}
+    assert ttd.configurations(bf16_preset)["proposed-bf16"] == {"precision": "float32"}
+
+
+def _run(time_s, reached, dice, steps=10):
+    return {
+        "time_to_target_s": time_s,
+        "reached_target": reached,
+        "steps_to_target": steps if reached else None,
+        "best_dice": dice,
+        "steps": steps,
+        "patches_per_s": 2.0,
+        "curve": [[time_s, dice, steps]],
+    }
+
+
+def test_aggregate_takes_medians_and_counts_capped_runs():
+    result = ttd.aggregate(
+        {0: _run(40, True, 0.93), 1: _run(300, False, 0.85), 2: _run(60, True, 0.91)}
+    )
+    assert result["time_to_target_s"] == 60  # the cap counts as a time
+    assert result["reached_target"] is False and result["reached_count"] == 2
+    assert result["best_dice"] == pytest.approx(0.91)
+    assert result["steps_to_target"] == 10
+    assert result["seeds"] == [0, 1, 2]
+    table = ttd.markdown_table(
+        {"baseline": result, "proposed": ttd.aggregate({0: _run(20, True, 0.95)})}, "baseline", 0.9
+    )
+    assert "60 (median of 40, 300 cap, 60)" in table
+    assert "| proposed | 0.9500 | 20 |" in table and "3.00x" in table
+
+
+def test_a_real_run_reaches_a_low_target_and_is_plotted(spleen_task_dir, tmp_path):
+    flagfile = tmp_path / "tiny.flags"
+    flagfile.write_text(
+        "\n".join(
+            [
+                "--spacing=2.0",
+                "--num_val=2",
+                "--patch_size=16",
+                "--val_roi_size=16",
+                "--val_overlap=0.25",
+                "--batch_size=2",
+                "--num_samples=2",
+                "--depth=2",
+                "--base_filters=4",
+                "--cache=smart",
+                "--epochs=3",
+                "--val_every=1",
+            ]
+        )
+    )
+    run = ttd.run_config(
+        "tiny",
+        {"optimizer": "adam", "learning_rate": "1e-3"},
+        str(flagfile),
+        spleen_task_dir,
+        str(tmp_path / "run"),
+        max_minutes=5,
+        target=0.001,
+        extra=["--seed=1"],
+    )
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["optimizer"] == "adam" and config["seed"] == 1 and config["target_dice"] == 0.001
+    assert len(run["curve"]) >= 1 and run["best_dice"] > 0.001
+    assert run["reached_target"] and 0 < run["time_to_target_s"] <= run["wall_s"]
+    assert run["steps_to_target"] >= 1
+    results = {"tiny": ttd.aggregate({1: run})}
+    ttd.plot_curves(results, str(tmp_path / "curves.png"), "tiny")
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
