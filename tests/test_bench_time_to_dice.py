@@ -54,10 +54,18 @@ def test_aggregate_takes_medians_and_counts_capped_runs():
     assert result["steps_to_target"] == 10
     assert result["seeds"] == [0, 1, 2]
     table = ttd.markdown_table(
-        {"baseline": result, "proposed": ttd.aggregate({0: _run(20, True, 0.95)})}, "baseline", 0.9
+        {
+            "baseline": result,
+            "proposed": ttd.aggregate({0: _run(20, True, 0.95)}),
+            "capped": ttd.aggregate({0: _run(240, False, 0.5)}),
+        },
+        "baseline",
+        0.9,
     )
     assert "60 (median of 40, 300 cap, 60)" in table
-    assert "| proposed | 0.9500 | 20 |" in table and "3.00x" in table
+    assert "| proposed | 0.9500 | 20 |" in table and "| 3.00x |" in table
+    assert "| baseline | 0.9100 |" in table and "| 1.00x |" in table
+    assert "240 (cap, not reached)" in table and "| <= 0.25x |" in table
 
 
 def test_a_real_run_reaches_a_low_target_and_is_plotted(spleen_task_dir, tmp_path):

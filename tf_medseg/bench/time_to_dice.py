@@ -188,6 +188,8 @@ def markdown_table(
                 "" if r["reached_target"] else " (cap, not reached)"
             )
         speedup = f"{base / r['time_to_target_s']:.2f}x" if base else "-"
+        if base and not r["reached_target"] and name != baseline:
+            speedup = "<= " + speedup  # the cap stands for a longer time
         lines.append(
             f"| {name} | {r['best_dice']:.4f} | {ttt} | {r['steps_to_target'] or '-'} "
             f"| {r['patches_per_s']:.2f} | {speedup} |"
