@@ -156,3 +156,15 @@ def test_profile_steps_write_a_trace_that_names_the_step_ops(spleen_task_dir, tm
     assert "Conv3D" in format_summary(summary)
     bad = dataclasses.replace(config, profile_steps=(3, 1))
     assert any("--profile_steps" in line for line in bad.validate())
+
+
+def test_the_step_is_traced_once_before_the_loop(spleen_task_dir, tmp_path):
+    trainer = Trainer(tiny_config(spleen_task_dir, tmp_path / "run", epochs=2))
+    try:
+        trainer.trace_train_step()
+        assert trainer.train_step.experimental_get_tracing_count() == 1
+        trainer.fit()  # full batches only (2 items x 2 samples, batch 2): no second trace
+        assert trainer.train_step.experimental_get_tracing_count() == 1
+        assert int(trainer.step.numpy()) == 4
+    finally:
+        trainer.close()

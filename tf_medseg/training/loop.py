@@ -290,8 +290,23 @@ class Trainer:
         # The global batch's loss, identical on every rank (so is the non-finite-loss decision).
         return self.dist.mean_in_graph(loss, "train_loss")
 
+    def trace_train_step(self) -> None:
+        """Traces the step for full batches before the loop starts (the loop's calls reuse it).
+
+        Tracing takes seconds on a small CPU; done here, an interrupt (Ctrl-C) cannot land in
+        the middle of it once training runs, where it would leave the half-built graph behind
+        and the checkpoint saved on the way out could fail.
+        """
+        if not hasattr(self.train_step, "get_concrete_function"):
+            return  # replaced by a plain wrapper (as the distributed tests do): traced on call
+        c = self.config
+        images = tf.TensorSpec([c.batch_size, *c.patch_size, self.task.num_channels], tf.float32)
+        labels = tf.TensorSpec([c.batch_size, *c.patch_size], tf.int32)
+        self.train_step.get_concrete_function(images, labels)
+
     def fit(self) -> dict:
         """Trains until a stop condition; returns the summary (also in ``summary.json``)."""
+        self.trace_train_step()
         for hook in self.hooks:
             hook.on_train_begin(self)
         self.dist.broadcast_variables(self.model.variables)
