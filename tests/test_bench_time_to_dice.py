@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from tiny_config import TINY_FLAGS
 
 from tf_medseg.bench import time_to_dice as ttd
 
@@ -70,24 +71,9 @@ def test_aggregate_takes_medians_and_counts_capped_runs():
 
 def test_a_real_run_reaches_a_low_target_and_is_plotted(spleen_task_dir, tmp_path):
     flagfile = tmp_path / "tiny.flags"
-    flagfile.write_text(
-        "\n".join(
-            [
-                "--spacing=2.0",
-                "--num_val=2",
-                "--patch_size=16",
-                "--val_roi_size=16",
-                "--val_overlap=0.25",
-                "--batch_size=2",
-                "--num_samples=2",
-                "--depth=2",
-                "--base_filters=4",
-                "--cache=smart",
-                "--epochs=3",
-                "--val_every=1",
-            ]
-        )
-    )
+    # The tiny run's flags, with epochs bounded and a validation every epoch.
+    flags = [f for f in TINY_FLAGS if not f.startswith(("--epochs", "--progress"))]
+    flagfile.write_text("\n".join([*flags, "--epochs=3", "--val_every=1"]))
     run = ttd.run_config(
         "tiny",
         {"optimizer": "adam", "learning_rate": "1e-3"},

@@ -19,28 +19,12 @@ import time
 
 import numpy as np
 import pytest
-from tiny_config import tiny_config
+from tiny_config import TINY_FLAGS, tiny_config
 
 from tf_medseg.cache import CacheBudgetError, CachePrefixError
 from tf_medseg.data.io import DataError
 from tf_medseg.data.msd import load_task, task_split
 from tf_medseg.training.loop import NonFiniteLossError, Trainer
-
-TINY_FLAGS = [
-    "--num_val=2",
-    "--spacing=2",
-    "--patch_size=16",
-    "--val_roi_size=16",
-    "--val_overlap=0.25",
-    "--batch_size=2",
-    "--num_samples=2",
-    "--depth=2",
-    "--base_filters=4",
-    "--cache_num=2",
-    "--cache_workers=1",
-    "--epochs=1000",
-    "--progress=false",
-]
 
 
 def _train_command(data_dir, workdir, *extra):

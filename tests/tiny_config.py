@@ -27,3 +27,21 @@ def tiny_config(data_dir, workdir, **overrides) -> TrainConfig:
     )
     base.update(overrides)
     return TrainConfig(**base)
+
+
+#: The same tiny run as command-line flags (for the CLI and subprocess tests).
+TINY_FLAGS = [
+    "--num_val=2",
+    "--spacing=2",
+    "--patch_size=16",
+    "--val_roi_size=16",
+    "--val_overlap=0.25",
+    "--batch_size=2",
+    "--num_samples=2",
+    "--depth=2",
+    "--base_filters=4",
+    "--cache_num=2",
+    "--cache_workers=1",
+    "--epochs=1000",
+    "--progress=false",
+]
