@@ -134,6 +134,7 @@ def run_config(
         "best_dice": summary["best_dice"],
         "steps": summary["steps"],
         "patches_per_s": summary["patches_per_s"],
+        "steady_patches_per_s": summary.get("steady_patches_per_s"),
         "wall_s": round(time.time() - start, 1),
         "curve": curve,
     }

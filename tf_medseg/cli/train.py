@@ -76,6 +76,10 @@ def result_table(summary: dict, config) -> str:
         ),
         ("steps", fmt(summary.get("steps"))),
         ("training patches/s", f"{summary.get('patches_per_s', 0):.2f}"),
+        (
+            "  after epoch 1",
+            "-" if (steady := summary.get("steady_patches_per_s")) is None else f"{steady:.2f}",
+        ),
         ("total wall time", f"{summary.get('wall_s', 0):.1f} s"),
         ("precision, workers", f"{summary.get('precision')}, {summary.get('workers')}"),
     ]

@@ -266,6 +266,7 @@ class MetricsLogHook(Hook):
 
     def write_summary(self, trainer):
         ttt = float(trainer.time_to_target_s.numpy())
+        steady = trainer.steady_patches_per_s()
         summary = {
             "best_dice": _num(trainer.best_dice.numpy())
             if trainer.best_dice.numpy() >= 0
@@ -279,6 +280,7 @@ class MetricsLogHook(Hook):
             "epochs": int(trainer.epoch.numpy()),
             "wall_s": round(trainer.wall_seconds(), 3),
             "patches_per_s": round(trainer.patches_per_s(), 3),
+            "steady_patches_per_s": None if steady is None else round(steady, 3),
             "precision": trainer.config.precision,
             "workers": trainer.dist.size,
         }

@@ -72,6 +72,10 @@ class Trainer:
         self._stop_reason = None
         self._train_seconds = 0.0
         self._train_patches = 0
+        # The same without this process's first epoch (graph tracing and optimisation).
+        self._epochs_run = 0
+        self._steady_seconds = 0.0
+        self._steady_patches = 0
         self.losses: list[float] = []  # per-step training losses of this session
         self._window_predictor = None
         if config.deterministic:
@@ -332,6 +336,10 @@ class Trainer:
                         break
                 self._train_seconds += time.time() - epoch_start
                 self._train_patches += patches
+                if self._epochs_run:
+                    self._steady_seconds += time.time() - epoch_start
+                    self._steady_patches += patches
+                self._epochs_run += 1
                 epoch_complete = self._stop_reason is None
                 if epoch_complete:
                     self.stream.end_epoch()
@@ -383,6 +391,11 @@ class Trainer:
     def patches_per_s(self) -> float:
         """Training patches per second of training-loop time (validation excluded)."""
         return self._train_patches / self._train_seconds if self._train_seconds else 0.0
+
+    def steady_patches_per_s(self) -> float | None:
+        """As :meth:`patches_per_s` without this process's first epoch, whose graph tracing and
+        optimisation take seconds; None before a second epoch has run."""
+        return self._steady_patches / self._steady_seconds if self._steady_seconds else None
 
     def validate(self) -> ValidationResult:
         """Scores the current weights on the validation set, shared out across the workers.
