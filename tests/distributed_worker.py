@@ -78,6 +78,7 @@ def main() -> None:
             labels.append(batch_labels.numpy())
             return train_step(batch_images, batch_labels)
 
+        recording_step.get_concrete_function = train_step.get_concrete_function
         trainer.train_step = recording_step
     try:
         trainer.fit()

@@ -75,6 +75,13 @@ def compute_importance_map(
     return np.maximum(weights, max(float(weights.min()), _MIN_IMPORTANCE))
 
 
+def overlap_from_flag(value: float) -> float | int:
+    """A flag's window overlap as :func:`sliding_window_inference` takes it: a number >= 1 is
+    whole voxels (an int; the paper's 32), anything smaller a fraction."""
+    value = float(value)
+    return int(value) if value >= 1 else value
+
+
 def window_starts(
     image_size: Sequence[int], roi_size: Sequence[int], overlap: float | int | Sequence = 0.25
 ) -> list[tuple[int, ...]]:

@@ -604,7 +604,7 @@ class TrainStream:
         patch_size = _check_train_args(patch_size, num_samples, batch_size)
         channels = _num_channels(source, num_channels)
         self.source = source
-        patches = patches_per_epoch(source, num_samples)
+        self.patches_per_epoch = patches = patches_per_epoch(source, num_samples)
         self.steps_per_epoch = (
             patches // batch_size if drop_remainder else math.ceil(patches / batch_size)
         )

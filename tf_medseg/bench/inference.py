@@ -29,7 +29,12 @@ from absl import app, flags
 
 from tf_medseg.bench import cpu_name, write_json
 from tf_medseg.data.synthetic import make_phantom
-from tf_medseg.inference import BLEND_MODES, sliding_window_inference, window_starts
+from tf_medseg.inference import (
+    BLEND_MODES,
+    overlap_from_flag,
+    sliding_window_inference,
+    window_starts,
+)
 from tf_medseg.models import build_model
 from tf_medseg.training.validation import make_window_predictor
 
@@ -196,9 +201,14 @@ def format_table(report: dict) -> str:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    overlap = int(FLAGS.overlap) if FLAGS.overlap >= 1 else FLAGS.overlap
     report = run_benchmark(
-        FLAGS.size, FLAGS.roi, overlap, FLAGS.modes, FLAGS.sw_batch_size, FLAGS.repeats, FLAGS.seed
+        FLAGS.size,
+        FLAGS.roi,
+        overlap_from_flag(FLAGS.overlap),
+        FLAGS.modes,
+        FLAGS.sw_batch_size,
+        FLAGS.repeats,
+        FLAGS.seed,
     )
     print(format_table(report))
     if FLAGS.json:

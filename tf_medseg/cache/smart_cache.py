@@ -130,7 +130,7 @@ def _lower_thread_priority(nice: int) -> None:
     preparing replacements takes the CPU time training leaves idle instead of slowing training
     (what is not ready at an epoch boundary is swapped in later). Elsewhere a no-op.
     """
-    if nice <= 0 or not hasattr(os, "setpriority") or sys.platform != "linux":
+    if nice <= 0 or sys.platform != "linux":
         return
     try:
         thread = threading.get_native_id()

@@ -32,7 +32,12 @@ from tqdm import tqdm
 import tf_medseg.models  # noqa: F401  (registers the custom layers that load_model needs)
 from tf_medseg.data.io import DataError, write_nifti
 from tf_medseg.data.msd import case_name
-from tf_medseg.inference import BLEND_MODES, keep_largest_component, sliding_window_inference
+from tf_medseg.inference import (
+    BLEND_MODES,
+    keep_largest_component,
+    overlap_from_flag,
+    sliding_window_inference,
+)
 from tf_medseg.training.config import TrainConfig
 from tf_medseg.training.validation import make_window_predictor
 from tf_medseg.transforms.base import Compose
@@ -114,9 +119,7 @@ def window_settings(config: TrainConfig, **overrides) -> WindowSettings:
         raise ModelError(
             f"window size {roi} must be 3 positive multiples of {step} (2^depth of the model)"
         )
-    overlap = float(values["overlap"])
-    # Overlap >= 1 counts voxels (the paper's 32), which sliding_window_inference takes as int.
-    values["overlap"] = int(overlap) if overlap >= 1 else overlap
+    values["overlap"] = overlap_from_flag(values["overlap"])
     values["roi_size"] = tuple(roi)
     values["sw_batch_size"] = int(values["sw_batch_size"])
     values["keep_largest"] = bool(values["keep_largest"])

@@ -217,18 +217,20 @@ class ProfileHook(Hook):
             self.running = False
             logging.info("profile of steps %d-%d in %s", self.start + 1, self.end, self.logdir)
 
-    def on_train_begin(self, trainer):
-        if int(trainer.step.numpy()) == self.start:
-            tf.profiler.experimental.start(self.logdir)
-            self.running = True
-
-    def on_step_end(self, trainer, logs):
-        step = int(trainer.step.numpy())
+    def _start_at(self, step: int) -> None:
         if step == self.start and not self.running:
             tf.profiler.experimental.start(self.logdir)
             self.running = True
-        elif step >= self.end:
+
+    def on_train_begin(self, trainer):
+        self._start_at(int(trainer.step.numpy()))
+
+    def on_step_end(self, trainer, logs):
+        step = int(trainer.step.numpy())
+        if step >= self.end:
             self._stop()
+        else:
+            self._start_at(step)
 
     def on_train_end(self, trainer, logs):
         self._stop()

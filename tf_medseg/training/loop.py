@@ -28,10 +28,11 @@ from absl import logging
 
 from tf_medseg import distributed
 from tf_medseg.data.msd import load_task, task_split
+from tf_medseg.inference import overlap_from_flag
 from tf_medseg.losses import get_loss
 from tf_medseg.models import MODELS, build_model
 from tf_medseg.optim import build_optimizer
-from tf_medseg.pipeline import TrainStream, make_source, patches_per_epoch
+from tf_medseg.pipeline import TrainStream, make_source
 from tf_medseg.sampling import AdaptiveSampler
 from tf_medseg.training import hooks as hooks_lib
 from tf_medseg.training.config import TrainConfig, steps_upper_bound
@@ -162,7 +163,7 @@ class Trainer:
             intensity_shift=config.intensity_shift,
             num_channels=self.task.num_channels,
         )
-        self.patches_per_epoch = patches_per_epoch(self.train_source, config.num_samples)
+        self.patches_per_epoch = self.stream.patches_per_epoch
         self.steps_per_epoch = self.stream.steps_per_epoch
         # A rank with a longer epoch would wait forever in a gradient all-reduce: fail now.
         self.dist.check_same(self.steps_per_epoch, "steps per epoch")
@@ -301,8 +302,6 @@ class Trainer:
         the middle of it once training runs, where it would leave the half-built graph behind
         and the checkpoint saved on the way out could fail.
         """
-        if not hasattr(self.train_step, "get_concrete_function"):
-            return  # replaced by a plain wrapper (as the distributed tests do): traced on call
         c = self.config
         images = tf.TensorSpec([c.batch_size, *c.patch_size, self.task.num_channels], tf.float32)
         labels = tf.TensorSpec([c.batch_size, *c.patch_size], tf.int32)
@@ -334,10 +333,11 @@ class Trainer:
                         hook.on_step_end(self, logs)
                     if self._stop_reason:
                         break
-                self._train_seconds += time.time() - epoch_start
+                seconds = time.time() - epoch_start
+                self._train_seconds += seconds
                 self._train_patches += patches
                 if self._epochs_run:
-                    self._steady_seconds += time.time() - epoch_start
+                    self._steady_seconds += seconds
                     self._steady_patches += patches
                 self._epochs_run += 1
                 epoch_complete = self._stop_reason is None
@@ -413,7 +413,7 @@ class Trainer:
             self.validation_items(),
             self.task.num_classes,
             c.val_roi_size,
-            int(c.val_overlap) if c.val_overlap >= 1 else c.val_overlap,  # voxels, or a fraction
+            overlap_from_flag(c.val_overlap),
             c.val_mode,
             c.val_sw_batch_size,
             c.val_keep_largest,
