@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -82,22 +83,85 @@ def test_sigkill_at_a_random_moment_then_resume_finishes_the_same_steps(spleen_t
     assert steps_logged[-1] == 16
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(spleen_task_dir, tmp_path):
-    workdir = str(tmp_path / "run")
-    command = _train_command(spleen_task_dir, workdir, "--max_steps=100000", "--val_every=1000")
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _signal_at(command, signum, delay, timeout=20.0):
+    """Runs ``command``, sends ``signum`` after ``delay`` seconds (or when it ends, if sooner);
+    returns (returncode, stderr, seconds from the signal to the exit)."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        # Wait until training runs (TensorBoard's event file appears when the loop starts).
-        assert _wait_for(lambda: glob.glob(os.path.join(workdir, "tensorboard", "*")), 120, proc)
-        time.sleep(3.0)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signum)
+        sent = time.time()
+        _, stderr = proc.communicate(timeout=timeout)
+        return proc.returncode, stderr, time.time() - sent
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, stderr[-2000:]
-    assert "interrupted" in stderr
-    assert _checkpoint_steps(workdir), "Ctrl-C must leave a checkpoint"
+            proc.communicate()
+
+
+def _saved_at(stderr):
+    """The step of the interrupt's checkpoint, from the log line, or None."""
+    match = re.search(r"saving a checkpoint at step (\d+)", stderr)
+    return int(match.group(1)) if match else None
+
+
+def test_signals_at_random_moments_exit_130_with_a_resumable_checkpoint(spleen_task_dir, tmp_path):
+    """20 SIGINTs and 3 SIGTERMs at random moments of one run's life (start-up, the cache fill,
+    steps, epoch boundaries, validation every epoch), each started with the same command, so
+    each must resume where the one before stopped."""
+    workdir = str(tmp_path / "run")
+    command = _train_command(spleen_task_dir, workdir, "--max_steps=100000", "--val_every=1")
+    rng = random.Random(int(os.environ.get("TF_MEDSEG_TEST_SEED", time.time())))
+    # The first run is stopped once it trains; its time to the first epoch sets the range.
+    start = time.time()
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert _wait_for(lambda: _checkpoint_steps(workdir), 180, proc), "never trained"
+        first_epoch_s = time.time() - start
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    saved = _saved_at(stderr)
+    assert saved is not None and saved in _checkpoint_steps(workdir), stderr[-3000:]
+    moments = {"before training": 0, "in training": 0}
+    for run in range(23):
+        signum = signal.SIGTERM if run >= 20 else signal.SIGINT
+        # From 0.3 s: the interpreter's own start-up (about 0.1 s) precedes any handler.
+        delay = rng.uniform(0.3, first_epoch_s + 3.0)
+        code, stderr, seconds = _signal_at(command, signum, delay)
+        where = f"run {run}: {signal.Signals(signum).name} after {delay:.2f} s"
+        assert code == 130, f"{where}: exit {code}\n{stderr[-3000:]}"
+        assert seconds < 20, f"{where}: exited {seconds:.1f} s after the signal"
+        assert (
+            "Traceback" not in stderr and "did not stop within" not in stderr
+        ), f"{where}:\n{stderr[-3000:]}"
+        step = _saved_at(stderr)
+        if step is None:
+            moments["before training"] += 1
+            assert "nothing" in stderr.strip().splitlines()[-1], f"{where}:\n{stderr[-2000:]}"
+        else:
+            moments["in training"] += 1
+            assert step >= saved, f"{where}: resumed behind the last checkpoint ({step} < {saved})"
+            assert f"resumed from {os.path.join(workdir, 'checkpoints', f'ckpt-{saved}')}" in (
+                stderr
+            ), f"{where}:\n{stderr[-2000:]}"
+            assert step in _checkpoint_steps(workdir), f"{where}: no checkpoint at step {step}"
+            saved = step
+    assert all(moments.values()), f"every kind of moment was hit: {moments}"
+    # The last checkpoint resumes and trains on to the end.
+    final = subprocess.run(
+        _train_command(spleen_task_dir, workdir, f"--max_steps={saved + 2}", "--val_every=1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert json.load(open(os.path.join(workdir, "summary.json")))["steps"] == saved + 2
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(spleen_task_dir, tmp_path, caplog):

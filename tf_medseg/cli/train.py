@@ -14,11 +14,33 @@ workers.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
-from absl import app, flags, logging
 
-from tf_medseg.training.config import config_from_flags, define_flags
+def _exit_before_start(signum, frame) -> None:
+    os.write(2, b"tf-medseg-train: interrupted outside training; nothing to save\n")
+    os._exit(130)
+
+
+def _handle_signals_from_the_start() -> None:
+    """Outside ``main``'s handlers (imports, exit) Ctrl-C or SIGTERM end the process quietly."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _exit_before_start)
+
+
+if __name__ == "__main__":  # python -m tf_medseg.cli.train: from before the imports below
+    _handle_signals_from_the_start()
+
+from absl import app, flags, logging  # noqa: E402
+
+from tf_medseg.training.config import config_from_flags, define_flags  # noqa: E402
+from tf_medseg.training.interrupts import (  # noqa: E402
+    EXIT_INTERRUPTED,
+    Interrupts,
+    TrainingInterrupted,
+)
 
 define_flags()
 FLAGS = flags.FLAGS
@@ -33,6 +55,24 @@ def main(argv: list[str]) -> int:
         for line in errors:
             print(f"tf-medseg-train: {line}", file=sys.stderr)
         return 2
+    # Installed before TensorFlow is imported (seconds), so that Ctrl-C is handled everywhere.
+    with Interrupts(grace_s=config.interrupt_grace_s) as interrupts:
+        try:
+            return _train(config, interrupts)
+        except BaseException:
+            # Before the loop a signal raises KeyboardInterrupt wherever the main thread is;
+            # inside TensorFlow's or Keras' context managers their clean-up may replace it with
+            # an error of their own. Either way the stop was asked for and nothing is lost.
+            if not interrupts.requested:
+                raise
+            print(
+                "tf-medseg-train: interrupted outside the training loop; nothing new to save",
+                file=sys.stderr,
+            )
+            return EXIT_INTERRUPTED
+
+
+def _train(config, interrupts: Interrupts) -> int:
     from tf_medseg.cache import CacheBudgetError, CachePrefixError
     from tf_medseg.data.io import DataError
     from tf_medseg.training.loop import NonFiniteLossError, Trainer
@@ -43,10 +83,10 @@ def main(argv: list[str]) -> int:
         print(f"tf-medseg-train: {err}", file=sys.stderr)
         return 2
     try:
-        summary = trainer.fit()
-    except KeyboardInterrupt:
-        logging.warning("interrupted; the checkpoint is saved, run the same command to resume")
-        return 130
+        summary = trainer.fit(interrupts)
+    except TrainingInterrupted as err:
+        logging.warning("%s; the checkpoint is saved, run the same command to resume", err)
+        return EXIT_INTERRUPTED
     except (DataError, CachePrefixError, NonFiniteLossError) as err:
         print(f"tf-medseg-train: {err}", file=sys.stderr)
         return 1
@@ -92,6 +132,7 @@ def result_table(summary: dict, config) -> str:
 
 def run() -> None:
     """Console entry point."""
+    _handle_signals_from_the_start()
     app.run(main)
 
 

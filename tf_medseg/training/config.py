@@ -48,6 +48,11 @@ class TrainConfig:
     replace_rate: float = _f(0.1, "Fraction of the smart cache replaced each epoch.")
     cache_workers: int = _f(0, "Threads filling the cache (0: number of CPUs).")
     memory_budget_gb: float = _f(0.0, "RAM the training cache may use (0: no limit).")
+    cache_strict: bool = _f(
+        False,
+        "Smart cache: wait at each epoch boundary for every replacement (the paper's schedule) "
+        "instead of swapping late ones in at a later boundary. Implied by --deterministic.",
+    )
     disk_cache: bool = _f(False, "Keep prefix outputs on disk in the data folder's cache area.")
     patch_size: tuple[int, ...] = _f((112, 112, 112), "Training patch size (paper: 112^3).")
     batch_size: int = _f(6, "Patches per batch per worker (paper: 6).")
@@ -95,6 +100,12 @@ class TrainConfig:
     val_keep_largest: bool = _f(False, "Keep the largest connected component before scoring.")
     checkpoint_every: int = _f(1, "Checkpoint every N epochs (and at the end).")
     keep_checkpoints: int = _f(3, "Checkpoints kept.")
+    interrupt_grace_s: float = _f(
+        120.0,
+        "Seconds after Ctrl-C or SIGTERM before a run that has not stopped cleanly is ended "
+        "without a checkpoint, its threads' stacks printed (0: wait forever). A second Ctrl-C "
+        "always ends the run at once.",
+    )
     # Reproducibility and logging
     seed: int = _f(0, "Run seed: split, cache order, patches.")
     deterministic: bool = _f(False, "Seed everything and enable TensorFlow op determinism.")
@@ -148,6 +159,8 @@ class TrainConfig:
             errors.append("--val_overlap must be a fraction in [0, 1) or whole voxels >= 1")
         if self.batch_size < 1 or self.num_samples < 1 or self.val_every < 1:
             errors.append("--batch_size, --num_samples and --val_every must be at least 1")
+        if self.interrupt_grace_s < 0:
+            errors.append(f"--interrupt_grace_s must be >= 0, got {self.interrupt_grace_s}")
         if self.memory_budget_gb < 0:
             errors.append(f"--memory_budget_gb must be >= 0, got {self.memory_budget_gb}")
         if not 0.0 <= self.target_dice <= 1.0:

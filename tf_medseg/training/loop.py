@@ -36,6 +36,7 @@ from tf_medseg.pipeline import TrainStream, make_source
 from tf_medseg.sampling import AdaptiveSampler
 from tf_medseg.training import hooks as hooks_lib
 from tf_medseg.training.config import TrainConfig, steps_upper_bound
+from tf_medseg.training.interrupts import Interrupts, TrainingInterrupted
 from tf_medseg.training.validation import ValidationResult, make_window_predictor, validate
 from tf_medseg.transforms.preprocessing import PreprocessingConfig, build_preprocessing
 
@@ -78,6 +79,7 @@ class Trainer:
         self._steady_seconds = 0.0
         self._steady_patches = 0
         self.losses: list[float] = []  # per-step training losses of this session
+        self.interrupts = Interrupts()  # fit() takes the CLI's installed handlers
         self._window_predictor = None
         if config.deterministic:
             tf.keras.utils.set_random_seed(config.seed)
@@ -126,6 +128,7 @@ class Trainer:
             rank=self.dist.rank,
             world_size=self.dist.size,
             memory_budget_bytes=budget,
+            wait_for_replacements=config.cache_strict or config.deterministic,
             cache_dir=disk,
             progress=config.progress and self.chief,
         )
@@ -220,6 +223,12 @@ class Trainer:
         )
         self.restored_from = self._restore()
         self.dist.check_same(int(self.step.numpy()), "restored step (is --workdir shared?)")
+        # The first fill runs here, in this thread, not lazily inside tf.data: a bad file stops
+        # the run with its one-line error before training, Ctrl-C during the fill is a plain
+        # KeyboardInterrupt, and the fill's seconds are not counted in the first epoch.
+        fill = getattr(self.train_source, "fill", None)
+        if callable(fill):
+            fill()
         self.hooks = self._make_hooks()
 
     # ------------------------------------------------------------------ set-up helpers
@@ -307,12 +316,36 @@ class Trainer:
         labels = tf.TensorSpec([c.batch_size, *c.patch_size], tf.int32)
         self.train_step.get_concrete_function(images, labels)
 
-    def fit(self) -> dict:
-        """Trains until a stop condition; returns the summary (also in ``summary.json``)."""
+    def fit(self, interrupts: Interrupts | None = None) -> dict:
+        """Trains until a stop condition; returns the summary (also in ``summary.json``).
+
+        Args:
+            interrupts: Installed signal handlers (the CLI's). While the loop runs, a signal is
+                only recorded there and the loop stops at its next safe point (after a step,
+                between validation cases) with a checkpoint. Without them, Python's own
+                ``KeyboardInterrupt`` is caught wherever it lands and a checkpoint saved.
+
+        Raises:
+            KeyboardInterrupt: (:class:`TrainingInterrupted` with ``interrupts``) after the
+                checkpoint is saved.
+        """
+        self.interrupts = interrupts or Interrupts()  # not installed: never records a signal
         self.trace_train_step()
         for hook in self.hooks:
             hook.on_train_begin(self)
         self.dist.broadcast_variables(self.model.variables)
+        with self.interrupts.deferred():
+            logs = self._loop()
+        logs.pop("validation", None)
+        logs.setdefault("step", int(self.step.numpy()))
+        logs.setdefault("epoch", int(self.epoch.numpy()))
+        for hook in self.hooks:
+            hook.on_train_end(self, logs)
+        logging.info("stopped: %s", self._stop_reason or "reached --epochs")
+        return self.summary()
+
+    def _loop(self) -> dict:
+        """The epochs; returns the last logs. An interrupt saves a checkpoint and re-raises."""
         logs = {"loss": float("nan"), "patches_per_s": 0.0, "epoch": int(self.epoch.numpy())}
         bad_steps = 0
         try:
@@ -331,6 +364,7 @@ class Trainer:
                     logs = {"loss": loss, "patches_per_s": patches / max(seconds, 1e-9)}
                     for hook in self.hooks:
                         hook.on_step_end(self, logs)
+                    self.check_interrupt()
                     if self._stop_reason:
                         break
                 seconds = time.time() - epoch_start
@@ -341,8 +375,13 @@ class Trainer:
                     self._steady_patches += patches
                 self._epochs_run += 1
                 epoch_complete = self._stop_reason is None
+                # When this boundary validates and the sampler adapts, the next epoch's patches
+                # wait for the new positive fraction (else prefetched ones use the old one).
+                hold = self.config.adaptive_sampling and (
+                    (int(self.epoch.numpy()) + 1) % self.config.val_every == 0
+                )
                 if epoch_complete:
-                    self.stream.end_epoch()
+                    self.stream.end_epoch(start_next=not hold)
                     self.epoch.assign_add(1)
                     self.cache_state.assign(_state_json(self.train_source, self.dist))
                 logs = {
@@ -354,17 +393,29 @@ class Trainer:
                 if epoch_complete:
                     for hook in self.hooks:
                         hook.on_epoch_end(self, logs)
-        except KeyboardInterrupt:
-            logging.warning("interrupted: saving a checkpoint at step %d", int(self.step.numpy()))
+                    self.stream.start_next_epoch()
+                    self.check_interrupt()
+        except KeyboardInterrupt as err:
+            reason = str(err) or "interrupted"
+            logging.warning("%s: saving a checkpoint at step %d", reason, int(self.step.numpy()))
             self.save_checkpoint()
             raise
-        logs.pop("validation", None)
-        logs.setdefault("step", int(self.step.numpy()))
-        logs.setdefault("epoch", int(self.epoch.numpy()))
-        for hook in self.hooks:
-            hook.on_train_end(self, logs)
-        logging.info("stopped: %s", self._stop_reason or "reached --epochs")
-        return self.summary()
+        return logs
+
+    def check_interrupt(self) -> None:
+        """Raises :class:`TrainingInterrupted` at a safe point once a stop signal arrived.
+
+        With several workers the decision is collective (one scalar all-reduce), so that every
+        worker leaves at the same step instead of waiting for the others in an all-reduce.
+        """
+        requested = self.interrupts.requested
+        if self.dist.size > 1:
+            requested = self.dist.any_rank(requested, "interrupt")
+        if requested:
+            mine = self.interrupts.requested
+            raise TrainingInterrupted(
+                self.interrupts.reason() if mine else "interrupted on another worker"
+            )
 
     def _check_loss(self, loss: float, bad_steps: int) -> int:
         if math.isfinite(loss):
@@ -420,6 +471,8 @@ class Trainer:
             self.dist,
             case_offset=self.dist.rank,
             num_cases=self.num_val_cases,
+            # One worker stops between cases; several only at the loop's collective check.
+            check_interrupt=self.interrupts.check if self.dist.size == 1 else None,
         )
 
     def validation_items(self):
@@ -432,6 +485,27 @@ class Trainer:
     def cache_stats(self) -> dict:
         stats = getattr(self.train_source, "stats", None)
         return stats() if callable(stats) else {}
+
+    def cache_summary(self) -> dict:
+        """What the training cache really did, for ``summary.json`` (this worker's figures).
+
+        Returns:
+            ``mode``; ``cache_num`` (items held in RAM; 0 for ``none``);
+            ``items_in_shard`` (this worker's training items); ``items_replaced`` (swapped in
+            at epoch boundaries); ``late_swaps`` (replacements not ready at their boundary);
+            ``strict`` (waited for replacements); ``peak_rss_bytes`` of this process.
+        """
+        stats = self.cache_stats()
+        source = self.train_source
+        return {
+            "mode": self.config.cache,
+            "cache_num": int(getattr(source, "cache_num", 0)),
+            "items_in_shard": int(source.shard_size),
+            "items_replaced": int(stats.get("swaps", 0)),
+            "late_swaps": int(stats.get("late_swaps", 0)),
+            "strict": bool(getattr(source, "wait_for_replacements", False)),
+            "peak_rss_bytes": peak_rss_bytes(),
+        }
 
     def save_checkpoint(self) -> None:
         """Saves a checkpoint (chief only); the index file is replaced atomically by TF."""
@@ -464,6 +538,15 @@ class Trainer:
         for source in (self.train_source, self.val_source):
             if source is not None:
                 source.close()
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (Linux reports kilobytes, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def _model_options(config: TrainConfig) -> dict:

@@ -78,6 +78,7 @@ def validate(
     dist: Distributed | None = None,
     case_offset: int = 0,
     num_cases: int | None = None,
+    check_interrupt=None,
 ) -> ValidationResult:
     """Scores this worker's validation volumes and combines the result over all workers.
 
@@ -94,6 +95,8 @@ def validate(
         dist: The workers; None for a single process.
         case_offset: This worker's first case index (its rank).
         num_cases: Cases in the whole validation set (default: ``len(items)``).
+        check_interrupt: Called before each case; raises to abandon the validation (the
+            trainer's Ctrl-C check, single worker only).
 
     Returns:
         The combined :class:`ValidationResult` (identical on every worker).
@@ -103,6 +106,8 @@ def validate(
     per_case = np.zeros((num_cases, 3, num_classes - 1), np.float64)
     example = None
     for j, item in enumerate(items):
+        if check_interrupt is not None:
+            check_interrupt()
         probs = sliding_window_inference(
             np.asarray(item["image"], np.float32)[None],
             predictor,

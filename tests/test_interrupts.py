@@ -1,0 +1,103 @@
+"""Ctrl-C and SIGTERM handling (tf_medseg.training.interrupts): recorded, not raised, while the
+loop runs; raised before it; a second signal or an expired grace period ends the process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from tf_medseg.training.interrupts import EXIT_INTERRUPTED, Interrupts, TrainingInterrupted
+
+
+def _deliver(signum: int) -> None:
+    """Sends ``signum`` to this process and lets the main thread run its Python handler."""
+    os.kill(os.getpid(), signum)
+    for _ in range(100):
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_deferred_is_recorded_and_raised_at_the_check(signum):
+    before = signal.getsignal(signum)
+    with Interrupts(grace_s=0) as interrupts:
+        with interrupts.deferred():
+            _deliver(signum)  # no exception here
+            assert interrupts.requested
+            assert signal.Signals(signum).name in interrupts.reason()
+            with pytest.raises(TrainingInterrupted):
+                interrupts.check()
+    assert signal.getsignal(signum) is before, "uninstall restores the previous handler"
+
+
+def test_outside_a_deferred_block_the_first_signal_raises_keyboard_interrupt():
+    with Interrupts(grace_s=0) as interrupts:
+        with pytest.raises(KeyboardInterrupt):
+            _deliver(signal.SIGINT)
+        assert interrupts.requested, "recorded too, in case the exception is swallowed"
+
+
+def test_without_a_signal_check_passes():
+    with Interrupts(grace_s=0) as interrupts, interrupts.deferred():
+        interrupts.check()
+        assert not interrupts.requested
+
+
+_BLOCKED_MAIN_THREAD = textwrap.dedent(
+    """
+    import sys, time
+    from tf_medseg.training.interrupts import Interrupts
+    with Interrupts(grace_s=float(sys.argv[1])) as interrupts, interrupts.deferred():
+        print("ready", flush=True)
+        time.sleep(60)  # never reaches a check, as a main thread stuck in TensorFlow
+    print("slept through", flush=True)
+    """
+)
+
+
+def _blocked_process(grace_s: float) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _BLOCKED_MAIN_THREAD, str(grace_s)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def test_a_second_signal_exits_at_once_while_the_main_thread_is_blocked():
+    proc = _blocked_process(grace_s=0)
+    try:
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert proc.poll() is None, "the first signal only asks for a stop"
+        start = time.time()
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == EXIT_INTERRUPTED
+    assert time.time() - start < 5
+    assert "second interrupt" in stderr
+
+
+def test_a_run_that_does_not_stop_within_the_grace_period_prints_stacks_and_exits():
+    proc = _blocked_process(grace_s=1.0)
+    try:
+        start = time.time()
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == EXIT_INTERRUPTED
+    assert 0.9 < time.time() - start < 10
+    assert "did not stop within 1 s" in stderr
+    assert "time.sleep" in stderr or "in <module>" in stderr, "the threads' stacks are printed"
