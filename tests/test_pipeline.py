@@ -158,6 +158,26 @@ def test_train_stream_close_returns_while_waiting_for_the_next_epoch():
             next(stream.epoch())
 
 
+def test_train_stream_held_epoch_uses_the_fraction_set_before_it_starts():
+    """The trainer's order at a validating boundary: end the epoch holding the next one, change
+    the sampler's fraction, start it. With 1-voxel patches the label is the centre's class."""
+    import time
+
+    fraction = tf.Variable(1.0)
+    with cache_of(VOLUMES, cache_num=2, replace_rate=0.5, wait_for_replacements=True) as cache:
+        with TrainStream(cache, 2, (1, 1, 1), 4, fraction, seed=1, flip=False) as stream:
+            first = np.concatenate([y.numpy().ravel() for _, y in stream.epoch()])
+            stream.end_epoch(start_next=False)
+            time.sleep(0.5)  # a prefetcher that did not wait would cut patches now
+            fraction.assign(0.0)
+            stream.start_next_epoch()
+            for _ in range(3):
+                later = np.concatenate([y.numpy().ravel() for _, y in stream.epoch()])
+                assert later.size == 8 and not later.any(), "every patch background-centred"
+                stream.end_epoch()
+    assert first.size == 8 and first.all(), "every patch foreground-centred"
+
+
 def test_train_stream_drop_remainder_needs_a_full_batch():
     with cache_of(VOLUMES[:1]) as cache:
         with pytest.raises(ValueError, match="no full batch"):

@@ -615,6 +615,7 @@ class TrainStream:
             )
         self._changed = threading.Condition()
         self._generation = 0
+        self._released = source.epoch  # the newest epoch whose batches may be cut
         self._closed = False
         self._iterator: Iterator | None = None
         self._position = 0  # batches of the current epoch taken from the iterator
@@ -627,7 +628,7 @@ class TrainStream:
             epoch = self.source.epoch
             while True:
                 with self._changed:
-                    while not self._stale(generation) and self.source.epoch < epoch:
+                    while not self._stale(generation) and self._released < epoch:
                         self._changed.wait(timeout=0.1)
                 if self._stale(generation):
                     return
@@ -681,6 +682,7 @@ class TrainStream:
         if self._closed:
             raise RuntimeError("the train stream is closed")
         if self._iterator is None:
+            self._released = self.source.epoch
             self._iterator = iter(self._dataset_of(self._generation))
         while self._position < self.steps_per_epoch:
             images, labels, epochs = next(self._iterator)
@@ -692,16 +694,29 @@ class TrainStream:
                 )
             yield images, labels
 
-    def end_epoch(self) -> None:
-        """Ends the epoch: ``source.end_epoch()``; the next epoch's batches may then start."""
+    def end_epoch(self, start_next: bool = True) -> None:
+        """Ends the epoch: ``source.end_epoch()`` (the smart cache's swap).
+
+        Args:
+            start_next: Let the next epoch's patches be cut now, overlapping whatever the
+                caller does before it asks for them. ``False`` holds them until
+                :meth:`start_next_epoch`: after a validation that changes the sampling
+                fraction, so that every patch of the next epoch is drawn with the new one.
+        """
         complete = self._iterator is not None and self._position == self.steps_per_epoch
         self.source.end_epoch()
         if complete:
             self._position = 0
-            with self._changed:
-                self._changed.notify_all()
         else:
             self._restart()
+        if start_next:
+            self.start_next_epoch()
+
+    def start_next_epoch(self) -> None:
+        """Lets the batches of the source's current epoch be cut (see :meth:`end_epoch`)."""
+        with self._changed:
+            self._released = self.source.epoch
+            self._changed.notify_all()
 
     def close(self) -> None:
         """Stops the stream's generators and drops its iterator (the source stays open)."""

@@ -285,6 +285,7 @@ class MetricsLogHook(Hook):
             "steady_patches_per_s": None if steady is None else round(steady, 3),
             "precision": trainer.config.precision,
             "workers": trainer.dist.size,
+            "cache": trainer.cache_summary(),
         }
         tmp = self.summary_path + ".tmp"
         with open(tmp, "w") as f:
