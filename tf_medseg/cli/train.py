@@ -85,6 +85,7 @@ def _train(config, interrupts: Interrupts) -> int:
     try:
         summary = trainer.fit(interrupts)
     except TrainingInterrupted as err:
+        trainer.close(wait=False)
         logging.warning("%s; the checkpoint is saved, run the same command to resume", err)
         return EXIT_INTERRUPTED
     except (DataError, CachePrefixError, NonFiniteLossError) as err:

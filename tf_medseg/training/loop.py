@@ -532,12 +532,17 @@ class Trainer:
                 return json.load(f)
         return {}
 
-    def close(self) -> None:
-        """Stops the input stream and the caches' threads, and frees their memory."""
+    def close(self, wait: bool = True) -> None:
+        """Stops the input stream and the caches' threads, and frees their memory.
+
+        Args:
+            wait: Wait for the replacements being prepared (``False`` after an interrupt:
+                queued ones are cancelled and a running one is not waited for here).
+        """
         self.stream.close()
         for source in (self.train_source, self.val_source):
             if source is not None:
-                source.close()
+                source.close(wait=wait)
 
 
 def peak_rss_bytes() -> int:
