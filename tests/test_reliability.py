@@ -6,6 +6,7 @@ The kill, interrupt and resume tests run the real ``tf-medseg-train`` command in
 
 from __future__ import annotations
 
+import concurrent.futures
 import glob
 import json
 import logging
@@ -107,14 +108,12 @@ def _saved_at(stderr):
     return int(match.group(1)) if match else None
 
 
-def test_signals_at_random_moments_exit_130_with_a_resumable_checkpoint(spleen_task_dir, tmp_path):
-    """20 SIGINTs and 3 SIGTERMs at random moments of one run's life (start-up, the cache fill,
-    steps, epoch boundaries, validation every epoch), each started with the same command, so
-    each must resume where the one before stopped."""
-    workdir = str(tmp_path / "run")
-    command = _train_command(spleen_task_dir, workdir, "--max_steps=100000", "--val_every=1")
-    rng = random.Random(int(os.environ.get("TF_MEDSEG_TEST_SEED", time.time())))
-    # The first run is stopped once it trains; its time to the first epoch sets the range.
+def _signal_lane(command, workdir, signals, rng):
+    """One run's life stopped by each of ``signals`` in turn, restarted with the same command.
+
+    The first start is stopped once it trains; its time to the first checkpoint sets the range
+    of the random moments. Returns ``(moments, last checkpointed step)``.
+    """
     start = time.time()
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -129,12 +128,11 @@ def test_signals_at_random_moments_exit_130_with_a_resumable_checkpoint(spleen_t
     saved = _saved_at(stderr)
     assert saved is not None and saved in _checkpoint_steps(workdir), stderr[-3000:]
     moments = {"before training": 0, "in training": 0}
-    for run in range(23):
-        signum = signal.SIGTERM if run >= 20 else signal.SIGINT
+    for run, signum in enumerate(signals):
         # From 0.3 s: the interpreter's own start-up (about 0.1 s) precedes any handler.
         delay = rng.uniform(0.3, first_epoch_s + 3.0)
         code, stderr, seconds = _signal_at(command, signum, delay)
-        where = f"run {run}: {signal.Signals(signum).name} after {delay:.2f} s"
+        where = f"{workdir} run {run}: {signal.Signals(signum).name} after {delay:.2f} s"
         assert code == 130, f"{where}: exit {code}\n{stderr[-3000:]}"
         assert seconds < 20, f"{where}: exited {seconds:.1f} s after the signal"
         assert (
@@ -147,13 +145,36 @@ def test_signals_at_random_moments_exit_130_with_a_resumable_checkpoint(spleen_t
         else:
             moments["in training"] += 1
             assert step >= saved, f"{where}: resumed behind the last checkpoint ({step} < {saved})"
-            assert f"resumed from {os.path.join(workdir, 'checkpoints', f'ckpt-{saved}')}" in (
-                stderr
-            ), f"{where}:\n{stderr[-2000:]}"
+            resumed = f"resumed from {os.path.join(workdir, 'checkpoints', f'ckpt-{saved}')}"
+            assert resumed in stderr, f"{where}:\n{stderr[-2000:]}"
             assert step in _checkpoint_steps(workdir), f"{where}: no checkpoint at step {step}"
             saved = step
-    assert all(moments.values()), f"every kind of moment was hit: {moments}"
+    return moments, saved
+
+
+def test_signals_at_random_moments_exit_130_with_a_resumable_checkpoint(spleen_task_dir, tmp_path):
+    """20 SIGINTs and 3 SIGTERMs at random moments of a run's life (start-up, the cache fill,
+    steps, epoch boundaries, validation every epoch): each exits 130 within 20 s, and the same
+    command resumes where the one before stopped. Two runs (lanes) at once, to halve the time."""
+    seed = int(os.environ.get("TF_MEDSEG_TEST_SEED", time.time()))
+    lanes = {
+        "a": [signal.SIGINT] * 10 + [signal.SIGTERM] * 2,
+        "b": [signal.SIGINT] * 10 + [signal.SIGTERM],
+    }
+
+    def lane(name):
+        workdir = str(tmp_path / name)
+        command = _train_command(spleen_task_dir, workdir, "--max_steps=100000", "--val_every=1")
+        return _signal_lane(command, workdir, lanes[name], random.Random(f"{seed}{name}"))
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = dict(zip(lanes, pool.map(lane, lanes), strict=True))
+    kinds = ("before training", "in training")
+    moments = {k: sum(r[0][k] for r in results.values()) for k in kinds}
+    assert all(moments.values()), f"every kind of moment was hit (seed {seed}): {moments}"
     # The last checkpoint resumes and trains on to the end.
+    saved = results["a"][1]
+    workdir = str(tmp_path / "a")
     final = subprocess.run(
         _train_command(spleen_task_dir, workdir, f"--max_steps={saved + 2}", "--val_every=1"),
         capture_output=True,
