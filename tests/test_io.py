@@ -90,6 +90,22 @@ def test_nan_and_infinite_intensities(tmp_path):
     assert path in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("stored", "kept"), [(np.int16, np.int16), (np.uint8, np.uint8), (np.int32, np.float32)]
+)
+def test_integer_images_can_keep_their_type(tmp_path, stored, kept):
+    data = np.arange(4 * 5 * 6).reshape(4, 5, 6).astype(stored)
+    volume = read_nifti(_write(tmp_path / "i.nii.gz", data))
+    image = check_image(volume, 1, keep_integer=True)
+    assert image.dtype == kept and image.shape == (4, 5, 6, 1)  # int32 is not exact in float32
+    np.testing.assert_array_equal(image[..., 0], data)
+    assert check_image(volume, 1).dtype == np.float32
+    nan = np.zeros((6, 6, 6), np.float32)
+    nan[1, 2, 3] = np.nan
+    with pytest.raises(DataError, match="NaN"):
+        check_image(read_nifti(_write(tmp_path / "nan.nii.gz", nan)), 1, keep_integer=True)
+
+
 def test_channel_count_and_dimensionality(tmp_path):
     four_d = _write(tmp_path / "4d.nii.gz", np.zeros((6, 6, 6, 4), np.float32))
     assert check_image(read_nifti(four_d), 4).shape == (6, 6, 6, 4)
@@ -129,6 +145,13 @@ def test_label_checks(tmp_path):
     with pytest.raises(DataError, match=r"values \[3\] are outside") as err:
         check_label(read_nifti(out_of_range), image, 2)
     assert out_of_range in str(err.value)
+
+    negative = ok.astype(np.int16)
+    negative[0, 0, 0] = -1
+    negative[0, 0, 1] = 5
+    signed = _write(tmp_path / "signed.nii.gz", negative)
+    with pytest.raises(DataError, match=r"values \[-1, 5\] are outside"):
+        check_label(read_nifti(signed), image, 2)
 
     fractional = ok.astype(np.float32)
     fractional[0, 0, 0] = 0.5
