@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 
@@ -17,7 +19,13 @@ from tf_medseg.transforms import (
 from tf_medseg.transforms.indices import ForegroundIndices
 from tf_medseg.transforms.intensity import NormalizeCT, NormalizeMRI
 from tf_medseg.transforms.load import LoadImage
-from tf_medseg.transforms.spatial import CropForeground, Orientation, Resample, invert_label
+from tf_medseg.transforms.spatial import (
+    CropForeground,
+    Orientation,
+    Resample,
+    ResampleAndCrop,
+    invert_label,
+)
 
 
 class _Det(Transform):
@@ -216,3 +224,124 @@ def test_full_chain_on_multimodal_mri(heart_task_dir):
     for c in range(2):
         values = out["image"][..., c][out["image"][..., c] != 0]
         assert abs(values.mean()) < 0.2 and 0.7 < values.std() < 1.3
+
+
+def _ct_item(rng, shape, spacing, channels=1, label=True, body=True):
+    """A CT-like item as LoadImage gives it: int16 air with a block of tissue, x fastest."""
+    image = np.full(tuple(shape) + (channels,), -1000, np.int16, order="F")
+    lab = np.zeros(shape, np.uint8, order="F")
+    if body:
+        lo = [int(rng.integers(0, n - 1)) for n in shape]
+        hi = [int(rng.integers(a + 1, n + 1)) for a, n in zip(lo, shape, strict=True)]
+        box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+        image[box] = rng.integers(-600, 400, [b - a for a, b in zip(lo, hi, strict=True)] + [1])
+        lab[box] = rng.integers(0, 3, [b - a for a, b in zip(lo, hi, strict=True)])
+        lab[tuple(int(rng.integers(0, n)) for n in shape)] = 1  # a label outside the body
+    affine = np.diag(list(spacing) + [1.0])
+    geometry = {"source_shape": list(shape), "affine": affine.tolist(), "steps": []}
+    item = {"case": "c", "image": image, "geometry": geometry}
+    if label:
+        item["label"] = lab
+    return item
+
+
+def _assert_same_item(got, expected, exact=True):
+    assert got["geometry"] == expected["geometry"]
+    assert got["image"].dtype == expected["image"].dtype and got["image"].flags.c_contiguous
+    if exact:
+        np.testing.assert_array_equal(got["image"], expected["image"])
+    else:  # float32 rounding of values up to 1000 HU
+        np.testing.assert_allclose(got["image"], expected["image"], rtol=1e-6, atol=1e-4)
+    if "label" in expected:
+        assert got["label"].dtype == np.uint8 and got["label"].flags.c_contiguous
+        np.testing.assert_array_equal(got["label"], expected["label"])
+
+
+@pytest.mark.parametrize("target", [1.0, 1.5, 0.8])
+def test_resample_and_crop_equals_resample_then_crop(target):
+    rng = np.random.default_rng(int(target * 10))
+    spacings = [0.5, 0.7929, 0.8, 1.0, 1.25, 2.0, 2.5, 5.0]
+    fused = ResampleAndCrop((target,) * 3, threshold=-500, margin=1)
+    two_steps = Compose([Resample((target,) * 3), CropForeground(-500, margin=1)])
+    for trial in range(16):
+        shape = rng.integers(6, 20, 3)
+        item = _ct_item(rng, shape, rng.choice(spacings, 3), channels=1 + trial % 2)
+        if trial % 4 == 3:
+            del item["label"]  # what predict loads
+        _assert_same_item(fused(item), two_steps(item), exact=target == 1.0)
+
+
+def test_resample_and_crop_edge_cases(caplog):
+    rng = np.random.default_rng(5)
+    fused = ResampleAndCrop((1.0, 1.0, 1.0), threshold=-500, margin=2)
+    two_steps = Compose([Resample((1.0, 1.0, 1.0)), CropForeground(-500, margin=2)])
+    # Already at the target spacing: the crop alone.
+    item = _ct_item(rng, (9, 8, 7), (1.0, 1.0, 1.0))
+    _assert_same_item(fused(item), two_steps(item))
+    # Body everywhere: resampled, not cropped.
+    item = _ct_item(rng, (9, 8, 7), (0.8, 0.8, 2.0))
+    item["image"][...] = 40
+    _assert_same_item(fused(item), two_steps(item))
+    assert [s["op"] for s in fused(item)["geometry"]["steps"]] == ["resample"]
+    # No body: resampled, not cropped, with the crop's warning.
+    item = _ct_item(rng, (9, 8, 7), (0.8, 0.8, 2.0), body=False)
+    with caplog.at_level("WARNING"):
+        _assert_same_item(fused(item), two_steps(item))
+    assert any("not cropped" in r.getMessage() for r in caplog.records)
+    # A body voxel between the new grid's points vanishes in the interpolation.
+    item = _ct_item(rng, (9, 8, 7), (0.5, 1.0, 1.0), label=False, body=False)
+    item["image"][3, 4, 4] = 0
+    _assert_same_item(fused(item), two_steps(item))
+
+
+def test_resample_and_crop_is_inverted_by_invert_label(tmp_path):
+    label = np.zeros((14, 12, 6), np.uint8)
+    label[3:11, 3:9, 2:5] = 1
+    image = np.where(label > 0, 50.0, -1000.0).astype(np.float32)
+    image[2:12, 2:10, 1:5] = np.maximum(image[2:12, 2:10, 1:5], -100.0)
+    data = Orientation()(_item(tmp_path, image, label, np.diag([-0.8, 0.8, 2.0, 1.0])))
+    out = ResampleAndCrop((1.0, 1.0, 1.0), threshold=-500, margin=1)(data)
+    assert [s["op"] for s in out["geometry"]["steps"]] == ["orient", "resample", "crop"]
+    back = invert_label(out["label"], out["geometry"])
+    two_steps = Compose([Resample((1.0, 1.0, 1.0)), CropForeground(-500, margin=1)])(data)
+    np.testing.assert_array_equal(back, invert_label(two_steps["label"], two_steps["geometry"]))
+    # 0.8 -> 1 -> 0.8 mm by nearest neighbours loses a boundary row or so.
+    dice = 2 * np.sum((back > 0) & (label > 0)) / (np.sum(back > 0) + np.sum(label > 0))
+    assert back.shape == label.shape and dice > 0.8  # 0.84, as before the fused transform
+
+
+def _old_foreground_indices(label, case, max_indices, seed=0):
+    rng = np.random.default_rng([seed, zlib.crc32(case.encode())])
+    out = {}
+    for key, mask in (("fg_indices", label > 0), ("bg_indices", label == 0)):
+        flat = np.flatnonzero(mask)
+        if flat.size > max_indices:
+            flat = np.sort(rng.choice(flat, max_indices, replace=False))
+        out[key] = np.stack(np.unravel_index(flat, label.shape), axis=1).astype(np.int32)
+    return out
+
+
+@pytest.mark.parametrize("max_indices", [10, 300, 5000])
+def test_foreground_indices_equal_the_listing_of_every_voxel(max_indices):
+    rng = np.random.default_rng(max_indices)
+    label = (rng.random((17, 13, 11)) < 0.15).astype(np.uint8)
+    label[0, 0, :3] = 2  # foreground at the first positions
+    for layout in ("C", "F"):
+        data = {"case": "case_7", "label": np.asarray(label, order=layout)}
+        out = ForegroundIndices(max_indices, seed=3)(data)
+        expected = _old_foreground_indices(label, "case_7", max_indices, seed=3)
+        for key in ("fg_indices", "bg_indices"):
+            assert out[key].dtype == np.int32
+            np.testing.assert_array_equal(out[key], expected[key])
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.float32])
+def test_normalize_ct_equals_the_expression_it_computes(dtype):
+    rng = np.random.default_rng(7)
+    image = np.asarray(rng.integers(-1024, 2000, (7, 6, 5, 2)), dtype, order="F")
+    lower, upper = [-160.5, 10.0], [240.25, 900.0]
+    out = NormalizeCT(lower, upper)({"case": "c", "image": image})["image"]
+    lo, hi = np.asarray(lower, np.float32), np.asarray(upper, np.float32)
+    expected = ((np.clip(image.astype(np.float32), lo, hi) - lo) / (hi - lo)).astype(np.float32)
+    assert out.dtype == np.float32 and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, expected)

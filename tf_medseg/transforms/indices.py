@@ -41,11 +41,23 @@ class ForegroundIndices(Transform):
         rng = np.random.default_rng([self.seed, zlib.crc32(data["case"].encode())])
         label = data["label"]
         out = dict(data)
-        for key, mask in (("fg_indices", label > 0), ("bg_indices", label == 0)):
-            flat = np.flatnonzero(mask)
-            if flat.size > self.max_indices:
-                flat = np.sort(rng.choice(flat, self.max_indices, replace=False))
-            out[key] = np.stack(np.unravel_index(flat, label.shape), axis=1).astype(np.int32)
+        fg = np.flatnonzero(label > 0)
+        # The draws are those of ``np.sort(rng.choice(positions, n, replace=False))`` (a choice
+        # from an array draws its indices as from its length), foreground first.
+        if fg.size > self.max_indices:
+            fg_rows = fg[np.sort(rng.choice(fg.size, self.max_indices, replace=False))]
+        else:
+            fg_rows = fg
+        num_bg = label.size - fg.size
+        if num_bg > self.max_indices:
+            # The k-th background voxel, without listing the background (most of the volume):
+            # before it come k background voxels and the foreground voxels below it.
+            picks = np.sort(rng.choice(num_bg, self.max_indices, replace=False))
+            bg_rows = picks + np.searchsorted(fg - np.arange(fg.size), picks, side="right")
+        else:
+            bg_rows = np.flatnonzero(label == 0)
+        for key, rows in (("fg_indices", fg_rows), ("bg_indices", bg_rows)):
+            out[key] = np.stack(np.unravel_index(rows, label.shape), axis=1).astype(np.int32)
         if out["fg_indices"].shape[0] == 0:
             logging.warning(
                 "%s: label has no foreground; patches from it are background only",

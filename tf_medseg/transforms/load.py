@@ -11,9 +11,13 @@ from tf_medseg.transforms.base import Transform
 class LoadImage(Transform):
     """Reads ``image`` (and ``label`` when present) from their paths.
 
-    The output item has ``image`` as float32 (X, Y, Z, C), ``label`` as uint8 (X, Y, Z),
-    ``image_path``, and a ``geometry`` record of the file's shape and affine that later spatial
-    transforms extend, so that predictions can be put back into the file's geometry.
+    The output item has ``image`` (X, Y, Z, C) as float32, or in its stored integer type when
+    float32 holds that exactly (int16 CT: half the bytes, no conversion pass; the spatial and
+    intensity transforms compute in float32 with the same results), ``label`` as uint8
+    (X, Y, Z), ``image_path``, and a ``geometry`` record of the file's shape and affine that
+    later spatial transforms extend, so that predictions can be put back into the file's
+    geometry. Arrays keep the memory order they were read in (x fastest, as the file stores
+    them and as SimpleITK resamples them); the transforms that copy them write C order.
 
     Args:
         num_channels: The task's number of modalities.
@@ -35,7 +39,7 @@ class LoadImage(Transform):
         out = {
             "case": data["case"],
             "image_path": data["image"],
-            "image": check_image(image_vol, self.num_channels),
+            "image": check_image(image_vol, self.num_channels, keep_integer=True),
             "geometry": {
                 "source_shape": list(image_vol.data.shape[:3]),
                 "source_affine": np.asarray(image_vol.affine).tolist(),

@@ -2,12 +2,15 @@
 
 load -> reorient to RAS -> resample (1.0 mm isotropic) -> crop to the body -> normalise
 (CT: foreground percentiles; MRI: z-score of non-zero voxels) -> foreground/background indices.
-All of it is deterministic, so all of it is the smart cache's prefix.
+All of it is deterministic, so all of it is the smart cache's prefix. Resampling and cropping
+are one transform, :class:`~tf_medseg.transforms.spatial.ResampleAndCrop`, which resamples only
+the part of the volume the crop keeps (the same output as the two in a row, for less work).
 
 The trainer writes the chain's :meth:`Compose.config` to ``workdir/preprocessing.json``;
 :func:`preprocessing_from_config` builds the same chain back from it, so that ``predict``
 preprocesses new volumes exactly as training did (the CT range comes from the file, not from
-the training data, which predict does not need).
+the training data, which predict does not need). Chains saved before the fused transform name
+``Resample`` and ``CropForeground`` apart; both are still known, and give the same items.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from tf_medseg.transforms.base import Compose, Transform
 from tf_medseg.transforms.indices import ForegroundIndices
 from tf_medseg.transforms.intensity import NormalizeCT, NormalizeMRI
 from tf_medseg.transforms.load import LoadImage
-from tf_medseg.transforms.spatial import CropForeground, Orientation, Resample
+from tf_medseg.transforms.spatial import CropForeground, Orientation, Resample, ResampleAndCrop
 
 #: The transforms a saved chain may name, by class name; each takes its ``config()`` as kwargs.
 TRANSFORMS: dict[str, type[Transform]] = {
@@ -31,6 +34,7 @@ TRANSFORMS: dict[str, type[Transform]] = {
         Orientation,
         Resample,
         CropForeground,
+        ResampleAndCrop,
         NormalizeCT,
         NormalizeMRI,
         ForegroundIndices,
@@ -92,8 +96,7 @@ def build_preprocessing(
         [
             LoadImage(task.num_channels, task.num_classes),
             Orientation(),
-            Resample(config.spacing),
-            CropForeground(threshold, config.crop_margin),
+            ResampleAndCrop(config.spacing, threshold=threshold, margin=config.crop_margin),
             normalise,
             ForegroundIndices(config.max_indices, config.seed),
         ]
