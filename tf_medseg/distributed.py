@@ -126,6 +126,12 @@ class Distributed:
             return [value]
         return list(self.hvd.allgather_object(value, name=name))
 
+    def broadcast_object(self, value: Any, name: str) -> Any:
+        """Rank 0's ``value`` (picklable) on every worker; the others' ``value`` is ignored."""
+        if self.hvd is None:
+            return value
+        return self.hvd.broadcast_object(value, root_rank=0, name=name)
+
     def check_same(self, value: Any, what: str) -> None:
         """Raises on every worker if ``value`` is not the same on all of them.
 

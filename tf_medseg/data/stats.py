@@ -2,21 +2,32 @@
 
 The paper normalises CT intensities "according to the 5th and 95th percentiles of the overall
 foreground intensities". Those percentiles are a property of the training set, not of one
-volume: they are computed once over the labelled foreground of the training cases and stored as
-JSON in the task's cache area, keyed by the cases' files so that a changed set recomputes them.
+volume: they are computed once per run over the labelled foreground of the training cases, and
+stored as JSON keyed by the cases' files, so that a changed set recomputes them.
+
+Reading the volumes is the cost (decompressing a gzip NIfTI is about 0.4 s per MSD-size CT
+here), so the cases are read by a pool of threads (the decompression and the array work release
+the interpreter lock). Under Horovod only rank 0 reads or computes them, and broadcasts them to
+the other ranks. The JSON lives in the task's cache area, or, when the data folder cannot be
+written (a read-only mount), in a fallback folder such as the run's workdir.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
+import pickle
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from concurrent import futures
+from typing import Any
 
 import numpy as np
 from absl import logging
 
-from tf_medseg.data.io import check_image, check_label, read_nifti
+from tf_medseg.data.io import DataError, check_image, check_label, read_nifti
 
 PERCENTILES = (0.5, 5.0, 50.0, 95.0, 99.5)
 STATS_FILE = "intensity_stats.json"
@@ -26,9 +37,53 @@ def _files_key(items: list[dict]) -> str:
     digest = hashlib.sha256()
     for item in sorted(items, key=lambda it: it["case"]):
         for key in ("image", "label"):
-            st = os.stat(item[key])
+            try:
+                st = os.stat(item[key])
+            except FileNotFoundError as err:
+                raise DataError(f"{item[key]}: file not found") from err
             digest.update(f"{item['case']}|{key}|{st.st_size}|{int(st.st_mtime)}\n".encode())
     return digest.hexdigest()
+
+
+def _cpu_count() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _foreground(item: dict, num_channels: int, num_classes: int) -> np.ndarray:
+    """The intensities of one case's labelled voxels, (N, channels) float32 in C order."""
+    image_vol = read_nifti(item["image"])
+    image = check_image(image_vol, num_channels, keep_integer=True)
+    label = check_label(read_nifti(item["label"]), image_vol, num_classes)
+    return np.asarray(image[label > 0], np.float32)
+
+
+def _in_order(
+    function: Callable[[Any], Any], values: Iterable[Any], num_workers: int
+) -> Iterator[Any]:
+    """``map(function, values)`` on a thread pool, in order, with a bounded number in flight.
+
+    At most ``2 * num_workers`` results are held, so the foreground of a large training set is
+    never all in memory at once. A worker's exception is raised here.
+    """
+    values = iter(values)
+    with futures.ThreadPoolExecutor(num_workers, thread_name_prefix="intensity-stats") as pool:
+        pending = collections.deque()
+        try:
+            for value in values:
+                pending.append(pool.submit(function, value))
+                if len(pending) == 2 * num_workers:
+                    break
+            while pending:
+                result = pending.popleft().result()
+                for value in values:  # one more in, if any are left
+                    pending.append(pool.submit(function, value))
+                    break
+                yield result
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 def compute_intensity_stats(
@@ -38,6 +93,7 @@ def compute_intensity_stats(
     max_voxels_per_case: int = 200_000,
     seed: int = 0,
     progress: bool = True,
+    num_workers: int | None = None,
 ) -> dict:
     """Percentiles, mean and standard deviation of the foreground intensities, per channel.
 
@@ -49,6 +105,8 @@ def compute_intensity_stats(
             that large CT volumes do not dominate memory.
         seed: Seed of the subsampling.
         progress: Show a progress bar.
+        num_workers: Threads reading the cases (default: the CPUs this process may use). The
+            result does not depend on it: cases are subsampled in their order, from one seed.
 
     Returns:
         ``{"percentiles": {"0.5": [c0, ...], ...}, "mean": [...], "std": [...],
@@ -56,13 +114,19 @@ def compute_intensity_stats(
     """
     from tqdm import tqdm
 
+    num_workers = max(1, num_workers or _cpu_count())
     rng = np.random.default_rng(seed)
     samples = []
-    for item in tqdm(items, desc="intensity statistics", disable=not progress, leave=False):
-        image_vol = read_nifti(item["image"])
-        image = check_image(image_vol, num_channels)
-        label = check_label(read_nifti(item["label"]), image_vol, num_classes)
-        fg = image[label > 0]
+    foregrounds = _in_order(
+        lambda item: _foreground(item, num_channels, num_classes), items, num_workers
+    )
+    for fg in tqdm(
+        foregrounds,
+        total=len(items),
+        desc="intensity statistics",
+        disable=not progress,
+        leave=False,
+    ):
         if fg.shape[0] > max_voxels_per_case:
             fg = fg[rng.choice(fg.shape[0], max_voxels_per_case, replace=False)]
         samples.append(fg)
@@ -79,47 +143,121 @@ def compute_intensity_stats(
     }
 
 
+def _read_stored(folder: str | None, key: str) -> dict | None:
+    """The statistics stored in ``folder`` under ``key``, or None (absent, stale or unreadable)."""
+    path = os.path.join(folder, STATS_FILE) if folder else None
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            stored = json.load(f)
+        if stored.get("key") == key:
+            return stored["stats"]
+    except (OSError, json.JSONDecodeError, KeyError, AttributeError):
+        logging.warning("%s: unreadable statistics cache, recomputing", path)
+    return None
+
+
+def _store(folder: str, key: str, stats: dict) -> None:
+    """Writes the statistics atomically into ``folder`` (created); raises OSError on failure."""
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"key": key, "stats": stats}, f, indent=1)
+        os.replace(tmp, os.path.join(folder, STATS_FILE))
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _stats_here(
+    items: list[dict],
+    num_channels: int,
+    num_classes: int,
+    folders: list[str],
+    progress: bool,
+    num_workers: int | None,
+) -> dict:
+    """Reads the statistics from the first folder that has them, or computes and stores them
+    in the first folder that can be written."""
+    key = _files_key(items)
+    for folder in folders:
+        stats = _read_stored(folder, key)
+        if stats is not None:
+            return stats
+    stats = compute_intensity_stats(
+        items, num_channels, num_classes, progress=progress, num_workers=num_workers
+    )
+    for folder in folders:
+        try:
+            _store(folder, key, stats)
+            return stats
+        except OSError as err:
+            logging.warning("could not store intensity statistics in %s: %s", folder, err)
+    return stats
+
+
 def intensity_stats(
     items: list[dict],
     num_channels: int,
     num_classes: int,
     cache_dir: str | None,
     progress: bool = True,
+    fallback_dir: str | None = None,
+    dist: Any = None,
+    num_workers: int | None = None,
 ) -> dict:
-    """The training foreground statistics, read from ``cache_dir`` or computed and stored there.
+    """The training foreground statistics: stored ones if the training files are the same,
+    else computed and stored.
 
     The stored JSON carries a key of the cases' file names, sizes and modification times; a
-    different set of training files recomputes. A cache folder that cannot be written is
+    different set of training files recomputes. ``cache_dir`` is tried first, then
+    ``fallback_dir``, for reading and for writing: a data folder that cannot be written (a
+    read-only mount) leaves the statistics in the fallback. A folder that cannot be written is
     skipped with a warning (the statistics are still returned).
+
+    Under Horovod (``dist`` with more than one worker) rank 0 alone reads or computes and
+    stores them and broadcasts them; every rank must call this at the same point. An error on
+    rank 0 (a bad file) is raised on every rank, so none waits for a broadcast that never comes.
 
     Args:
         items: The training items (use the training split only, not validation).
         num_channels: The task's channels.
         num_classes: The task's classes.
-        cache_dir: Where the JSON lives, or None to always compute.
+        cache_dir: The task's cache area, or None.
         progress: Show a progress bar when computing.
+        fallback_dir: A folder for the JSON when ``cache_dir`` cannot be written (the run's
+            workdir), or None.
+        dist: A :class:`tf_medseg.distributed.Distributed`, or None for a single process.
+        num_workers: Threads reading the cases when computing (default: the CPUs).
 
     Returns:
         The statistics dict of :func:`compute_intensity_stats`.
     """
-    key = _files_key(items)
-    path = os.path.join(cache_dir, STATS_FILE) if cache_dir else None
-    if path and os.path.isfile(path):
+    folders = [f for f in (cache_dir, fallback_dir) if f]
+    if dist is None or dist.size == 1:
+        return _stats_here(items, num_channels, num_classes, folders, progress, num_workers)
+    result: Any = None
+    error = None
+    if dist.rank == 0:
         try:
-            with open(path) as f:
-                stored = json.load(f)
-            if stored.get("key") == key:
-                return stored["stats"]
-        except (OSError, json.JSONDecodeError, KeyError):
-            logging.warning("%s: unreadable statistics cache, recomputing", path)
-    stats = compute_intensity_stats(items, num_channels, num_classes, progress=progress)
-    if path:
-        try:
-            os.makedirs(cache_dir, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump({"key": key, "stats": stats}, f, indent=1)
-            os.replace(tmp, path)
-        except OSError as err:
-            logging.warning("could not store intensity statistics in %s: %s", cache_dir, err)
-    return stats
+            result = _stats_here(items, num_channels, num_classes, folders, progress, num_workers)
+        except Exception as err:  # raised below, on every rank
+            error = err
+            result = _portable(err)
+    result = dist.broadcast_object(result, name="intensity_stats")
+    if error is not None:
+        raise error
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def _portable(err: Exception) -> Exception:
+    """The exception itself if it can be sent to the other ranks, else its text in one."""
+    try:
+        pickle.loads(pickle.dumps(err))
+        return err
+    except Exception:
+        return RuntimeError(f"rank 0: {type(err).__name__}: {err}")

@@ -70,6 +70,10 @@ def build_preprocessing(
     train_items: list[dict],
     config: PreprocessingConfig | None = None,
     progress: bool = True,
+    *,
+    dist: Any = None,
+    fallback_dir: str | None = None,
+    num_workers: int | None = None,
 ) -> Compose:
     """The task's deterministic chain.
 
@@ -78,6 +82,13 @@ def build_preprocessing(
         train_items: The training split; CT statistics come from these only, never validation.
         config: Chain settings (defaults: the paper's).
         progress: Show a progress bar while statistics are computed.
+        dist: The workers (a :class:`tf_medseg.distributed.Distributed`): under Horovod rank 0
+            alone computes the CT statistics and shares them, so every rank must call this at
+            the same point. None: a single process.
+        fallback_dir: Where the CT statistics are stored when the task's cache area cannot be
+            written (a read-only data folder): the run's workdir.
+        num_workers: Threads reading the training cases for the CT statistics (the cache's
+            workers; default: the CPUs).
 
     Returns:
         A Compose whose every member is deterministic (its own deterministic prefix).
@@ -85,7 +96,14 @@ def build_preprocessing(
     config = config or PreprocessingConfig()
     if task.is_ct:
         stats = intensity_stats(
-            train_items, task.num_channels, task.num_classes, task.cache_dir, progress=progress
+            train_items,
+            task.num_channels,
+            task.num_classes,
+            task.cache_dir,
+            progress=progress,
+            fallback_dir=fallback_dir,
+            dist=dist,
+            num_workers=num_workers,
         )
         normalise = NormalizeCT.from_stats(stats, config.ct_percentiles)
         threshold = BODY_THRESHOLD["ct"]
