@@ -57,6 +57,12 @@ bench: venv
 	$(PY) -m tf_medseg.bench.models --models=segresnet,unet3d --policies=mixed_bfloat16 \
 		--repeats=2 --json=runs/bench/models_bfloat16.json
 	$(PY) -m tf_medseg.bench.inference --json=runs/bench/inference.json
+	for task in spleen liver; do \
+		test -f data/msd_$$task/dataset.json || $(PY) -m tf_medseg.cli.synth --task=$$task \
+			--geometry=msd --out=data/msd_$$task --num_train=4 --num_test=0 --seed=0; \
+		$(PY) -m tf_medseg.bench.prefix --data_dir=data/msd_$$task \
+			--json=runs/bench/prefix_$$task.json || exit 1; \
+	done
 	$(TTD) --task=spleen --configs=baseline,proposed --seeds=$(BENCH_SEEDS) \
 		--json=runs/bench/time_to_dice_spleen.json
 	$(TTD) --task=spleen --configs=$(REMOVED),$(ADDED),proposed+bf16 \
