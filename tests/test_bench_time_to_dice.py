@@ -71,9 +71,14 @@ def test_aggregate_takes_medians_and_counts_capped_runs():
 
 def test_a_real_run_reaches_a_low_target_and_is_plotted(spleen_task_dir, tmp_path):
     flagfile = tmp_path / "tiny.flags"
-    # The tiny run's flags, with epochs bounded and a validation every epoch.
+    # The tiny run's flags, with epochs bounded and a validation every epoch. Fixed 1:1
+    # sampling: this tests the benchmark's plumbing, and after an untrained model's first
+    # validation equation 4 sends the positive fraction to its floor, so that 3 epochs of the
+    # adaptive sampler now and then never reached a Dice above zero.
     flags = [f for f in TINY_FLAGS if not f.startswith(("--epochs", "--progress"))]
-    flagfile.write_text("\n".join([*flags, "--epochs=3", "--val_every=1"]))
+    flagfile.write_text(
+        "\n".join([*flags, "--epochs=6", "--val_every=2", "--adaptive_sampling=false"])
+    )
     run = ttd.run_config(
         "tiny",
         {"optimizer": "adam", "learning_rate": "1e-3"},

@@ -198,3 +198,15 @@ def test_the_step_is_traced_once_before_the_loop(spleen_task_dir, tmp_path):
         assert int(trainer.step.numpy()) == 4
     finally:
         trainer.close()
+
+
+def test_disk_cache_falls_back_to_the_workdir_when_the_data_folder_cannot_be_written(tmp_path):
+    from tf_medseg.training.loop import _disk_cache_dir
+
+    blocked = tmp_path / "data" / ".tf_medseg_cache"
+    blocked.parent.mkdir()
+    blocked.write_text("a file where the cache folder would go: unwritable, even for root")
+    folder = _disk_cache_dir(str(blocked), str(tmp_path / "run"))
+    assert folder == str(tmp_path / "run" / "prefix_cache") and os.path.isdir(folder)
+    writable = tmp_path / "data2" / ".tf_medseg_cache"
+    assert _disk_cache_dir(str(writable), str(tmp_path / "run")) == str(writable / "prefix")

@@ -20,6 +20,7 @@ import inspect
 import json
 import math
 import os
+import tempfile
 import time
 
 import numpy as np
@@ -106,6 +107,9 @@ class Trainer:
                 seed=config.seed,
             ),
             progress=config.progress and self.chief,
+            dist=self.dist,
+            fallback_dir=config.workdir,
+            num_workers=config.cache_workers or None,
         )
         if self.chief:
             config.save(config.workdir)
@@ -114,7 +118,7 @@ class Trainer:
                 os.path.join(config.workdir, "task.json"),
                 {"modalities": self.task.modalities, "labels": self.task.labels},
             )
-        disk = os.path.join(self.task.cache_dir, "prefix") if config.disk_cache else None
+        disk = _disk_cache_dir(self.task.cache_dir, config.workdir) if config.disk_cache else None
         budget = int(config.memory_budget_gb * 2**30) or None
         self.train_source = make_source(
             config.cache,
@@ -543,6 +547,20 @@ class Trainer:
         for source in (self.train_source, self.val_source):
             if source is not None:
                 source.close(wait=wait)
+
+
+def _disk_cache_dir(task_cache_dir: str, workdir: str) -> str | None:
+    """The on-disk prefix cache's folder: the task's cache area, or the workdir's when the data
+    folder cannot be written (a read-only mount); None, with a warning, if neither can."""
+    for folder in (os.path.join(task_cache_dir, "prefix"), os.path.join(workdir, "prefix_cache")):
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder):
+                return folder
+        except OSError as err:
+            logging.warning("cannot write the prefix cache in %s (%s)", folder, err)
+    logging.warning("--disk_cache is off: no folder for it can be written")
+    return None
 
 
 def peak_rss_bytes() -> int:
