@@ -249,6 +249,42 @@ def test_memory_budget_sizes_the_cache_and_refuses_what_does_not_fit():
         SmartCache(items, index_prefix, memory_budget_bytes=one // 2)
 
 
+def test_memory_budget_is_sized_on_the_largest_measured_item_and_agreed_by_the_workers():
+    one = item_nbytes(index_prefix(make_items(1)[0]))
+
+    def uneven(item):  # the third item in schedule order (index 2) is the largest
+        out = index_prefix(item)
+        if index_of(item) == 2:
+            out["image"] = np.concatenate([out["image"]] * 4, axis=0)
+        return out
+
+    items = make_items(10)
+    kwargs = dict(progress=False, shuffle=False, replace_rate=0.0)
+    big = item_nbytes(uneven(items[2]))
+    assert big > 1.5 * one
+    with SmartCache(items, uneven, memory_budget_bytes=4 * big, **kwargs) as c:
+        assert c.item_bytes == big and c.cache_num == 4  # not 4 * big // one
+    with SmartCache(items, uneven, memory_budget_bytes=4 * big, budget_items=1, **kwargs) as c:
+        assert c.item_bytes == one and c.cache_num == min(10, 4 * big // one)
+    # Every worker uses the smallest size any worker can hold.
+    seen = []
+
+    def agree(mine):
+        seen.append(mine)
+        return min(mine, 2)
+
+    with SmartCache(items, uneven, memory_budget_bytes=4 * big, agree=agree, **kwargs) as c:
+        assert seen == [4] and c.cache_num == 2
+        assert len(c.epoch_items()) == 2
+    # A worker whose budget fails makes every worker fail, with a message that says so.
+    with pytest.raises(CacheBudgetError, match="on another worker"):
+        SmartCache(items, uneven, memory_budget_bytes=4 * big, agree=lambda n: 0, **kwargs)
+    with pytest.raises(CacheBudgetError, match=r"another worker\)"):
+        SmartCache(
+            items, uneven, cache_num=3, memory_budget_bytes=4 * big, agree=lambda n: -1, **kwargs
+        )
+
+
 def failing_prefix(bad_index):
     def prefix(item):
         if index_of(item) == bad_index:

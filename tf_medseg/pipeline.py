@@ -200,6 +200,7 @@ def make_source(
     wait_for_replacements: bool = False,
     cache_dir: str | None = None,
     progress: bool = True,
+    agree=None,
 ) -> SmartCache | UncachedSource:
     """Builds the source of a cache mode.
 
@@ -221,6 +222,8 @@ def make_source(
         wait_for_replacements: ``smart`` only: keep the strict schedule.
         cache_dir: Optional on-disk prefix cache.
         progress: Progress bar during the fill.
+        agree: ``smart``/``full`` with a memory budget: the workers' collective that makes
+            the cache size the same on every worker (see :class:`SmartCache`).
 
     Returns:
         The source.
@@ -251,6 +254,7 @@ def make_source(
         wait_for_replacements=wait_for_replacements,
         cache_dir=cache_dir,
         progress=progress,
+        agree=agree,
     )
 
 

@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 Item = Mapping[str, Any]
 CachedItem = dict[str, Any]
 Prefix = Callable[[Item], CachedItem]
+#: A collective over the workers: this worker's cache size in, the agreed one (the minimum) out.
+Agree = Callable[[int], int]
 
 # TensorFlow hands a NumPy buffer to a tensor without copying it only when the buffer is aligned
 # to Eigen's maximum alignment (64 bytes covers every build).
@@ -167,8 +169,8 @@ class SmartCache:
         seed: Run seed; the schedule is a function of it.
         rank: This process's rank.
         world_size: Number of ranks sharing the item list.
-        memory_budget_bytes: Bytes the cache may hold, counting the replacements in flight; the
-            size of one item is measured on the first prefix output.
+        memory_budget_bytes: Bytes the cache may hold, counting the replacements in flight;
+            an item's size is the largest of the first ``budget_items`` prefix outputs.
         wait_for_replacements: Wait at the epoch boundary for every replacement (the strict
             schedule) instead of swapping in only those that are ready.
         cache_dir: Optional folder for an on-disk cache of prefix outputs
@@ -179,6 +181,10 @@ class SmartCache:
             needs the CPU (CPU training, or a CPU-bound random tail) then runs at full speed
             while replacements use the time it leaves idle; replacements that are late at an
             epoch boundary are counted in ``stats()["late_swaps"]``.
+        budget_items: Items measured to size the cache from ``memory_budget_bytes``.
+        agree: With several workers, a collective that takes this worker's cache size (0: the
+            budget holds none; -1: the requested ``cache_num`` does not fit) and returns the one
+            every worker uses, the minimum (see ``tf_medseg.distributed``).
 
     Raises:
         ValueError: On an empty item list or an out-of-range argument.
@@ -204,6 +210,8 @@ class SmartCache:
         cache_dir: str | None = None,
         progress: bool = True,
         replace_nice: int = 10,
+        budget_items: int = 3,
+        agree: Agree | None = None,
     ):
         if not items:
             raise ValueError("SmartCache needs at least one item")
@@ -230,6 +238,7 @@ class SmartCache:
         self._num_init_workers = num_init_workers or max(1, _cpu_count())
         self._num_replace_workers = num_replace_workers
         self.replace_nice = int(replace_nice)
+        self.budget_items = max(1, int(budget_items))
 
         self._shards: dict[int, np.ndarray] = {}
         self._cursor = 0
@@ -250,7 +259,7 @@ class SmartCache:
         wanted = cache_num if cache_num is not None else max(1, int(self.shard_size * cache_rate))
         wanted = min(wanted, self.shard_size)
         if memory_budget_bytes is not None:
-            wanted = self._fit_budget(wanted, explicit=cache_num is not None)
+            wanted = self._fit_budget(wanted, explicit=cache_num is not None, agree=agree)
         self.cache_num = wanted
         self.replace_num = _replace_count(self.cache_num, self.replace_rate, self.shard_size)
 
@@ -298,31 +307,50 @@ class SmartCache:
             ) from exc
         return {k: _aligned(v) if isinstance(v, np.ndarray) else v for k, v in out.items()}
 
-    def _fit_budget(self, wanted: int, explicit: bool) -> int:
-        first = self._stream(0)
-        self._precomputed[first] = self._compute(first)
-        self.item_bytes = max(1, item_nbytes(self._precomputed[first]))
+    def _measure_items(self) -> list[int]:
+        """Applies the prefix to the first ``budget_items`` items of the schedule (in parallel;
+        the fill reuses them) and sets ``item_bytes`` to the largest."""
+        sample = [self._stream(p) for p in range(min(self.budget_items, self.shard_size))]
+        todo = [i for i in sample if i not in self._precomputed]
+        workers = max(1, min(self._num_init_workers, len(todo)))
+        with futures.ThreadPoolExecutor(workers, thread_name_prefix="smart-cache-measure") as pool:
+            for index, item in zip(todo, pool.map(self._compute, todo), strict=True):
+                self._precomputed[index] = item
+        self.item_bytes = max(1, max(item_nbytes(self._precomputed[i]) for i in sample))
+        return sample
+
+    def _fit_budget(self, wanted: int, explicit: bool, agree: Agree | None) -> int:
+        """The number of items the memory budget holds (with the replacements in flight),
+        sized on the largest of a few measured items and, with ``agree``, the same on every
+        worker (each worker's items differ in size; a worker whose budget fails makes all fail,
+        instead of leaving the others waiting for it)."""
+        largest = max(self._measure_items(), key=lambda i: item_nbytes(self._precomputed[i]))
         budget = int(self.memory_budget_bytes)
         fits = budget // self.item_bytes
 
         def need(n: int) -> int:
             return n + _replace_count(n, self.replace_rate, self.shard_size)
 
+        best = max((n for n in range(1, wanted + 1) if need(n) <= fits), default=0)
+        mine = -1 if explicit and best < wanted else best
+        agreed = agree(mine) if agree is not None else mine
         mb = 2**20
-        if explicit and need(wanted) > fits:
+        if agreed < 0:
             raise CacheBudgetError(
                 f"a smart cache of {wanted} items (+{need(wanted) - wanted} replacements in "
-                f"flight) of about {self.item_bytes / mb:.1f} MB each needs "
+                f"flight) of up to {self.item_bytes / mb:.1f} MB each needs "
                 f"{need(wanted) * self.item_bytes / mb:.1f} MB, above the memory budget of "
-                f"{budget / mb:.1f} MB: lower cache_num or raise memory_budget_bytes"
+                f"{budget / mb:.1f} MB"
+                + (" (on another worker)" if mine >= 0 else "")
+                + ": lower cache_num or raise memory_budget_bytes"
             )
-        best = max((n for n in range(1, wanted + 1) if need(n) <= fits), default=0)
-        if best == 0:
+        if agreed == 0:
             raise CacheBudgetError(
                 f"the memory budget of {budget / mb:.1f} MB cannot hold one cached item of "
-                f"about {self.item_bytes / mb:.1f} MB ({item_path(self._items[first])})"
+                f"about {self.item_bytes / mb:.1f} MB ({item_path(self._items[largest])})"
+                + (" on another worker" if mine > 0 else "")
             )
-        return best
+        return agreed
 
     def _result(self, index: int, future: futures.Future) -> CachedItem:
         """The worker's output, with its exception re-raised here in the calling thread."""

@@ -135,6 +135,8 @@ class Trainer:
             wait_for_replacements=config.cache_strict or config.deterministic,
             cache_dir=disk,
             progress=config.progress and self.chief,
+            # A budget sizes each worker's cache on its own items: all take the smallest.
+            agree=lambda n: min(self.dist.allgather_object(n, "cache_num")),
         )
         # Validation volumes are dealt round-robin to the workers, never padded (no case twice);
         # a worker beyond the number of cases has none and contributes zero sums.
