@@ -2,7 +2,8 @@
 with the smart cache, the cache fill time, peak memory, and the smart cache's input stall.
 
 On a synthetic spleen task (generated unless ``--data_dir`` is given; by default 12 volumes of
-about 160 x 160 x 96 voxels at 0.8 x 0.8 x 2.5-5 mm, resampled to 1 mm by the prefix) it runs
+about 160 x 160 x 96 voxels at 0.8 x 0.8 x 2.5-5 mm, resampled to 1 mm by the prefix; with
+``--geometry=msd`` volumes of the real task's size, 512 x 512 x 31-168 voxels) it runs
 the training pipeline with 96^3 patches, 4 patches per volume and batches of 2:
 
 * ``none``: the prefix (load, reorient, resample, crop, normalise, indices) on every item every
@@ -53,6 +54,7 @@ class BenchConfig:
     data_dir: str | None = None
     work_dir: str | None = None
     num_volumes: int = 12
+    geometry: str = "size"
     size: int = 160
     patch: int = 96
     num_samples: int = 4
@@ -79,10 +81,18 @@ def _task_items(config: BenchConfig, scratch: str) -> tuple[list[dict], Callable
 
     root = config.data_dir
     if root is None:
-        root = os.path.join(config.work_dir or scratch, "synthetic_spleen")
+        name = "synthetic_spleen" + ("_msd" if config.geometry == "msd" else "")
+        root = os.path.join(config.work_dir or scratch, name)
         if not os.path.isfile(os.path.join(root, "dataset.json")):
             generate_task(
-                "spleen", root, config.num_volumes, 0, config.size, config.seed, progress=True
+                "spleen",
+                root,
+                config.num_volumes,
+                0,
+                config.size,
+                config.seed,
+                progress=True,
+                geometry=config.geometry,
             )
     task = load_task(root)
     items = sorted(task.training, key=lambda item: item["case"])[: config.num_volumes]
@@ -222,6 +232,13 @@ def define_flags() -> None:
         "work_dir", None, "Where to generate the task (default: a temporary folder)."
     )
     flags.DEFINE_integer("num_volumes", 12, "Training volumes used.", lower_bound=2)
+    flags.DEFINE_enum(
+        "geometry",
+        "size",
+        ["size", "msd"],
+        "Generated volumes: size (--size in-plane) or msd (the real spleen task's shapes and "
+        "spacings, 512 x 512 x 31-168).",
+    )
     flags.DEFINE_integer("size", 160, "In-plane size of the generated volumes.", lower_bound=8)
     flags.DEFINE_integer("patch", 96, "Cubic patch size.", lower_bound=1)
     flags.DEFINE_integer("num_samples", 4, "Patches per volume per epoch.", lower_bound=1)
