@@ -61,8 +61,10 @@ def _checkpoint_steps(workdir):
 
 def test_sigkill_at_a_random_moment_then_resume_finishes_the_same_steps(spleen_task_dir, tmp_path):
     workdir = str(tmp_path / "run")
-    command = _train_command(spleen_task_dir, workdir, "--max_steps=16")
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # A run that cannot end by itself before the kill (a tiny run makes 16 steps in under a
+    # second: bounded at 16, it had now and then finished before the kill landed).
+    first = _train_command(spleen_task_dir, workdir, "--max_steps=100000")
+    proc = subprocess.Popen(first, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert _wait_for(lambda: _checkpoint_steps(workdir), 120, proc), "no checkpoint written"
         time.sleep(random.uniform(0.0, 1.5))
@@ -71,17 +73,24 @@ def test_sigkill_at_a_random_moment_then_resume_finishes_the_same_steps(spleen_t
     finally:
         if proc.poll() is None:
             proc.kill()
+    assert proc.returncode == -signal.SIGKILL
     saved = _checkpoint_steps(workdir)
-    assert saved and max(saved) < 16, "the first run was killed before finishing"
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert saved, "a checkpoint before the kill"
+    end = max(saved) + 6
+    result = subprocess.run(
+        _train_command(spleen_task_dir, workdir, f"--max_steps={end}"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resumed from" in result.stderr
     summary = json.load(open(os.path.join(workdir, "summary.json")))
-    assert summary["steps"] == 16
+    assert summary["steps"] == end
     steps_logged = [
         json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))
     ]
-    assert steps_logged[-1] == 16
+    assert steps_logged[-1] == end
 
 
 def _signal_at(command, signum, delay, timeout=20.0):

@@ -97,51 +97,47 @@ def test_policies_run_with_finite_loss(spleen_task_dir, tmp_path, policy):
     assert trainer.model.layers[-1].dtype_policy.compute_dtype == "float32"
 
 
-def test_deterministic_runs_give_identical_losses(spleen_task_dir, tmp_path):
+def _two_deterministic_runs(data_dir, tmp_path, **overrides):
+    """Two runs of the same deterministic configuration: (trainer, workdir) of each."""
     runs = []
     for name in ("a", "b"):
-        config = tiny_config(
-            spleen_task_dir,
-            tmp_path / name,
-            deterministic=True,
-            seed=7,
-            max_steps=20,
-            epochs=100,
-            val_every=100,
-            cache="full",
-        )
-        trainer, _ = _run(config)
-        runs.append(trainer.losses)
-    assert len(runs[0]) == 20
-    assert runs[0] == runs[1]
+        config = tiny_config(data_dir, tmp_path / name, deterministic=True, **overrides)
+        runs.append((_run(config)[0], tmp_path / name))
+    return runs
+
+
+def test_deterministic_runs_give_identical_losses(spleen_task_dir, tmp_path):
+    runs = _two_deterministic_runs(
+        spleen_task_dir, tmp_path, seed=7, max_steps=20, epochs=100, val_every=100, cache="full"
+    )
+    assert len(runs[0][0].losses) == 20
+    assert runs[0][0].losses == runs[1][0].losses
 
 
 def test_deterministic_runs_with_a_replacing_smart_cache_are_identical(spleen_task_dir, tmp_path):
     """--deterministic implies --cache_strict: every replacement is swapped in at its boundary,
     so two runs train on the same items in the same epochs, and summary.json says so."""
-    runs = []
-    for name in ("a", "b"):
-        config = tiny_config(
-            spleen_task_dir,
-            tmp_path / name,
-            deterministic=True,
-            seed=3,
-            cache_num=0,
-            cache_rate=0.5,
-            replace_rate=0.5,
-            epochs=6,
-            val_every=2,
-        )
-        trainer, _ = _run(config)
-        metrics = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
-        runs.append((trainer.losses, [m["dice"] for m in metrics]))
-        cache = json.load(open(tmp_path / name / "summary.json"))["cache"]
+    runs = _two_deterministic_runs(
+        spleen_task_dir,
+        tmp_path,
+        seed=3,
+        cache_num=0,
+        cache_rate=0.5,
+        replace_rate=0.5,
+        epochs=6,
+        val_every=2,
+    )
+    outcomes = []
+    for trainer, workdir in runs:
+        metrics = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+        outcomes.append((trainer.losses, [m["dice"] for m in metrics]))
+        cache = json.load(open(workdir / "summary.json"))["cache"]
         assert cache["mode"] == "smart" and cache["strict"]
         assert cache["cache_num"] == 2 and cache["items_in_shard"] == 4
         assert cache["items_replaced"] == 6 and cache["late_swaps"] == 0  # one per boundary
         assert cache["peak_rss_bytes"] > 50 * 2**20
-    assert len(runs[0][0]) == 12
-    assert runs[0] == runs[1]
+    assert len(outcomes[0][0]) == 12
+    assert outcomes[0] == outcomes[1]
 
 
 def test_contradictory_flags_are_rejected_one_line_each(spleen_task_dir, tmp_path):
