@@ -97,3 +97,24 @@ def test_a_real_run_reaches_a_low_target_and_is_plotted(spleen_task_dir, tmp_pat
     results = {"tiny": ttd.aggregate({1: run})}
     ttd.plot_curves(results, str(tmp_path / "curves.png"), "tiny")
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_cache_column_says_what_the_cache_really_did():
+    block = {"mode": "smart", "cache_num": 12, "items_in_shard": 24, "late_swaps": 0}
+    assert ttd.cache_label({**block, "items_replaced": 150}) == (
+        "smart: 12 of 24 items held, 150 replaced"
+    )
+    assert ttd.cache_label({**block, "items_replaced": 90, "late_swaps": 7}).endswith(", 7 late")
+    full = {**block, "cache_num": 24, "items_replaced": 0}
+    assert ttd.cache_label(full) == "smart: 24 of 24 items held, nothing to replace"
+    assert ttd.cache_label({**block, "mode": "none"}) == "none (prefix every epoch)"
+    assert ttd.cache_label(None) == "-"
+    row = {**_run(20, True, 0.95), "cache": {**block, "items_replaced": 5}}
+    table = ttd.markdown_table({"proposed": ttd.aggregate({0: row})}, "baseline", 0.9)
+    assert table.splitlines()[-1].endswith("| smart: 12 of 24 items held, 5 replaced |")
+
+
+def test_the_msd_preset_holds_part_of_the_training_set_and_replaces_items():
+    preset = ttd.read_flagfile("experiments/synthetic_spleen_msd.flags")
+    assert preset["cache"] == "smart" and float(preset["memory_budget_gb"]) > 0
+    assert 0 < float(preset["replace_rate"]) < 1 and preset["num_val"] == "6"
