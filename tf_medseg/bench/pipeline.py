@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import platform
-import resource
 import tempfile
 import time
 from collections.abc import Callable
@@ -42,6 +40,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from tf_medseg.bench import write_json
+from tf_medseg.cache.smart_cache import peak_rss_bytes
 from tf_medseg.data.msd import load_task
 from tf_medseg.data.synthetic import generate_task
 from tf_medseg.pipeline import TrainStream, make_source
@@ -67,12 +66,6 @@ class BenchConfig:
     smart_cache_rate: float = 0.5
     replace_rate: float = 0.5
     seed: int = 0
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (Linux reports kilobytes)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if platform.system() == "Darwin" else rss * 1024)
 
 
 def _task_items(config: BenchConfig, scratch: str) -> tuple[list[dict], Callable]:

@@ -75,6 +75,14 @@ def item_nbytes(item: Mapping[str, Any]) -> int:
     return int(sum(v.nbytes for v in item.values() if isinstance(v, np.ndarray)))
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory in bytes (Linux reports kilobytes, macOS bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
 def item_path(item: Item) -> str:
     """The file that names an item in error messages (its image path, else its case)."""
     image = item.get("image")

@@ -28,6 +28,7 @@ import tensorflow as tf
 from absl import logging
 
 from tf_medseg import distributed
+from tf_medseg.cache.smart_cache import peak_rss_bytes
 from tf_medseg.data.msd import load_task, task_split
 from tf_medseg.inference import overlap_from_flag
 from tf_medseg.losses import get_loss
@@ -563,15 +564,6 @@ def _disk_cache_dir(task_cache_dir: str, workdir: str) -> str | None:
             logging.warning("cannot write the prefix cache in %s (%s)", folder, err)
     logging.warning("--disk_cache is off: no folder for it can be written")
     return None
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory (Linux reports kilobytes, macOS bytes)."""
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def _model_options(config: TrainConfig) -> dict:
