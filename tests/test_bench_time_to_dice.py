@@ -71,13 +71,15 @@ def test_aggregate_takes_medians_and_counts_capped_runs():
 
 def test_a_real_run_reaches_a_low_target_and_is_plotted(spleen_task_dir, tmp_path):
     flagfile = tmp_path / "tiny.flags"
-    # The tiny run's flags, with epochs bounded and a validation every epoch. Fixed 1:1
-    # sampling: this tests the benchmark's plumbing, and after an untrained model's first
-    # validation equation 4 sends the positive fraction to its floor, so that 3 epochs of the
-    # adaptive sampler now and then never reached a Dice above zero.
+    # The tiny run's flags, with a validation every second epoch, stopped by --target_dice as
+    # soon as the model predicts any foreground. Fixed 1:1 sampling: this tests the benchmark's
+    # plumbing, and after an untrained model's first validation equation 4 sends the positive
+    # fraction to its floor. The cap of 60 epochs is far above need: most runs stop at step 4,
+    # but a run whose smart cache happened to swap differently was still predicting background
+    # only (falling loss, Dice 0) at step 12, the old cap of 6 epochs.
     flags = [f for f in TINY_FLAGS if not f.startswith(("--epochs", "--progress"))]
     flagfile.write_text(
-        "\n".join([*flags, "--epochs=6", "--val_every=2", "--adaptive_sampling=false"])
+        "\n".join([*flags, "--epochs=60", "--val_every=2", "--adaptive_sampling=false"])
     )
     run = ttd.run_config(
         "tiny",
@@ -94,6 +96,7 @@ def test_a_real_run_reaches_a_low_target_and_is_plotted(spleen_task_dir, tmp_pat
     assert len(run["curve"]) >= 1 and run["best_dice"] > 0.001
     assert run["reached_target"] and 0 < run["time_to_target_s"] <= run["wall_s"]
     assert run["steps_to_target"] >= 1
+    assert run["steps"] == run["steps_to_target"]  # --target_dice stopped the run there
     results = {"tiny": ttd.aggregate({1: run})}
     ttd.plot_curves(results, str(tmp_path / "curves.png"), "tiny")
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
