@@ -210,7 +210,7 @@ def define_flags(flag_values=None) -> None:
     """Declares one absl flag per :class:`TrainConfig` field, defaulting to the field's default."""
     from absl import flags
 
-    flag_values = flag_values or flags.FLAGS
+    flag_values = flags.FLAGS if flag_values is None else flag_values
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         kind, help_text = hints[f.name], f.metadata["help"]
@@ -233,7 +233,7 @@ def config_from_flags(flag_values=None) -> TrainConfig:
     """Builds the configuration from parsed flags (a list flag of one value means isotropic)."""
     from absl import flags
 
-    flag_values = flag_values or flags.FLAGS
+    flag_values = flags.FLAGS if flag_values is None else flag_values
     values = {}
     for f in dataclasses.fields(TrainConfig):
         raw = flag_values[f.name].value
