@@ -8,7 +8,7 @@ HOROVOD_VERSION := 0.28.1
 DEMO_DATA ?= data/synthetic_spleen
 DEMO_WORKDIR ?= runs/demo
 
-.PHONY: venv test demo bench lint format clean
+.PHONY: venv test demo bench bench-msd-ablations lint format clean
 
 venv: $(VENV)/.installed $(VENV)/.horovod
 
@@ -42,11 +42,15 @@ demo: venv
 		--data_dir=$(DEMO_DATA) --workdir=$(DEMO_WORKDIR)
 
 # Benchmarks print tables and write JSON (and plots) to runs/bench/. Run on a quiet machine
-# (about 50 minutes on 2 cores). Each time-to-Dice run is capped at BENCH_MINUTES (a run that
+# (about 85 minutes on 2 cores). Each time-to-Dice run is capped at BENCH_MINUTES (a run that
 # never reaches the target counts with its cap); baseline and proposed run with three seeds
 # (medians), the ablations (one ingredient added to the baseline or removed from the proposed
-# preset) with one, their speed-up taken against the median baseline.
+# preset) with one, their speed-up taken against the median baseline. At MSD size (30 generated
+# spleen volumes of 512 x 512 x 31-168 voxels) baseline, proposed and baseline+cache run once,
+# capped at BENCH_MSD_MINUTES; `make bench-msd-ablations` runs the other MSD-size ablations
+# (about another 45 minutes).
 BENCH_MINUTES ?= 4
+BENCH_MSD_MINUTES ?= 12
 BENCH_SEEDS ?= 0,1,2
 REMOVED := proposed-cache,proposed-novograd,proposed-instance_norm,proposed-adaptive
 ADDED := baseline+cache,baseline+novograd,baseline+instance_norm,baseline+adaptive
@@ -70,6 +74,17 @@ bench: venv
 		--json=runs/bench/time_to_dice_spleen_ablations.json
 	$(TTD) --task=heart --configs=baseline,proposed --seeds=$(BENCH_SEEDS) \
 		--json=runs/bench/time_to_dice_heart.json
+	$(TTD_MSD) --configs=baseline,proposed,baseline+cache \
+		--json=runs/bench/time_to_dice_spleen_msd.json
+	$(PY) -m tf_medseg.bench.pipeline --data_dir=runs/bench/time_to_dice/data_spleen_msd \
+		--json=runs/bench/pipeline_msd.json
+
+TTD_MSD := $(PY) -m tf_medseg.bench.time_to_dice --geometry=msd --task=spleen --seeds=0 \
+	--max_minutes_per_run=$(BENCH_MSD_MINUTES)
+bench-msd-ablations: venv
+	$(TTD_MSD) --configs=proposed-cache,proposed-novograd,proposed-adaptive,proposed+instance_norm \
+		--baseline_json=runs/bench/time_to_dice_spleen_msd.json \
+		--json=runs/bench/time_to_dice_spleen_msd_ablations.json
 
 lint: venv
 	$(VENV)/bin/ruff check .
