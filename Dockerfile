@@ -2,7 +2,7 @@
 # built with NCCL for the GPU all-reduce and Gloo for the launcher (no MPI), and the package.
 #
 #   docker build -t tf-medseg .
-#   docker run --gpus all -v /data:/data tf-medseg --flagfile=... --data_dir=... --workdir=...
+#   docker run --gpus all -v /data:/data tf-medseg --preset=msd_spleen --data_dir=... --workdir=...
 #
 # The README's "Multi-GPU and multi-node training" section has the horovodrun commands.
 FROM tensorflow/tensorflow:2.15.0-gpu
@@ -35,7 +35,6 @@ RUN python3 -m pip install --no-cache-dir "setuptools<70" wheel \
 # The package, on the image's TensorFlow (TF_MEDSEG_TENSORFLOW=none: see setup.py).
 COPY setup.py README.md /opt/tf_medseg/
 COPY tf_medseg /opt/tf_medseg/tf_medseg
-COPY experiments /opt/tf_medseg/experiments
 RUN TF_MEDSEG_TENSORFLOW=none python3 -m pip install --no-cache-dir /opt/tf_medseg \
     && python3 -c "import tensorflow as tf, tf_medseg; assert tf.__version__.startswith('2.15')"
 

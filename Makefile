@@ -38,7 +38,7 @@ demo: venv
 	test -f $(DEMO_DATA)/dataset.json || $(PY) -m tf_medseg.cli.synth --task=spleen \
 		--out=$(DEMO_DATA) --num_train=16 --num_test=2 --size=96 --seed=0
 	rm -rf $(DEMO_WORKDIR)
-	$(PY) -m tf_medseg.cli.train --flagfile=experiments/synthetic_spleen.flags \
+	$(PY) -m tf_medseg.cli.train --preset=synthetic_spleen \
 		--data_dir=$(DEMO_DATA) --workdir=$(DEMO_WORKDIR)
 
 # Benchmarks print tables and write JSON (and plots) to runs/bench/. Run on a quiet machine

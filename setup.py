@@ -21,6 +21,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9,<3.12",
     packages=find_packages(include=["tf_medseg", "tf_medseg.*"]),
+    # The experiment presets (tf-medseg-train --preset=NAME) ship inside the package.
+    package_data={"tf_medseg.presets": ["*.flags"]},
     install_requires=_tf_requirement
     + [
         "tensorflow-addons==0.23.0",

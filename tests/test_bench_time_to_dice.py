@@ -7,11 +7,12 @@ import json
 import pytest
 from tiny_config import TINY_FLAGS
 
+from tf_medseg import presets
 from tf_medseg.bench import time_to_dice as ttd
 
 
 def test_configurations_add_and_remove_one_ingredient_at_a_time():
-    proposed = ttd.read_flagfile("experiments/synthetic_spleen.flags")
+    proposed = ttd.read_flagfile(presets.path("synthetic_spleen"))
     configs = ttd.configurations(proposed)
     assert configs["proposed"] == {}
     assert configs["baseline"] == ttd.BASELINE
@@ -118,6 +119,6 @@ def test_the_cache_column_says_what_the_cache_really_did():
 
 
 def test_the_msd_preset_holds_part_of_the_training_set_and_replaces_items():
-    preset = ttd.read_flagfile("experiments/synthetic_spleen_msd.flags")
+    preset = ttd.read_flagfile(presets.path("synthetic_spleen_msd"))
     assert preset["cache"] == "smart" and float(preset["memory_budget_gb"]) > 0
     assert 0 < float(preset["replace_rate"]) < 1 and preset["num_val"] == "6"

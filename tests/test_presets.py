@@ -1,41 +1,149 @@
-"""Every preset in experiments/ parses with the training CLI's flags and is a valid config."""
+"""The presets shipped in the package: every one parses and validates, resolves from any folder
+(nested flagfiles beside their file), dry-runs, and is in the wheel."""
 
 from __future__ import annotations
 
-import glob
+import json
 import os
+import shutil
+import subprocess
+import sys
+import zipfile
 
 import pytest
 from absl import flags
 
+from tf_medseg import presets
 from tf_medseg.training.config import config_from_flags, define_flags
 
-PRESETS = sorted(glob.glob(os.path.join("experiments", "*.flags")))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAMES = presets.names()
 
 
-def _parse(preset: str):
+def _config(*args: str):
     values = flags.FlagValues()
     define_flags(values)
-    values(["tf-medseg-train", f"--flagfile={preset}", "--data_dir=/data/task", "--workdir=w"])
+    flags.DEFINE_string("preset", None, "", flag_values=values)
+    argv = presets.expand_flagfiles(["tf-medseg-train", *args])
+    values([*argv, "--data_dir=/data/task", "--workdir=w"])
     return config_from_flags(values)
 
 
-def test_there_are_presets():
-    assert len(PRESETS) >= 10, PRESETS
+def test_the_named_presets_ship():
+    expected = {"msd_spleen", "msd_heart", "msd_liver", "msd_generic", "msd_spleen_baseline"}
+    expected |= {"msd_heart_baseline", "msd_liver_baseline", "synthetic_spleen"}
+    expected |= {"synthetic_heart", "synthetic_spleen_msd"}
+    assert expected <= set(NAMES)
+    assert presets.path("msd_spleen") == presets.path("msd_spleen.flags")
+    with pytest.raises(presets.PresetError, match="unknown preset 'spleen'; the presets are: "):
+        presets.path("spleen")
 
 
-@pytest.mark.parametrize("preset", PRESETS, ids=os.path.basename)
-def test_preset_parses_and_validates(preset):
-    config = _parse(preset)
-    assert config.validate() == [], f"{preset}: {config.validate()}"
+@pytest.mark.parametrize("name", NAMES)
+def test_preset_parses_and_validates(name):
+    config = _config(f"--preset={name}")
+    assert config.validate() == [], f"{name}: {config.validate()}"
+
+
+def test_nested_flagfiles_resolve_beside_their_file_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the repository: absl would look for msd_spleen.flags here
+    liver = _config("--preset=msd_liver_baseline")
+    # msd_liver_baseline -> msd_liver -> msd_spleen, each overriding what it includes.
+    assert liver.patch_size == (112, 112, 112) and liver.target_dice == 0.73
+    assert liver.cache == "none" and liver.optimizer == "adam"
+    # A user's file in another folder including a preset's file by path, and a flag after it.
+    mine = tmp_path / "mine" / "exp.flags"
+    mine.parent.mkdir()
+    mine.write_text(f"# mine\n--flagfile={presets.path('msd_heart')}\n--batch_size=3\n")
+    config = _config(f"--flagfile={mine}", "--batch_size=4")
+    assert config.batch_size == 4 and config.target_dice == 0.912
+    assert _config(f"--flagfile={mine}").batch_size == 3
+    # A flag before the preset is overridden by it, as with absl's --flagfile.
+    assert _config("--batch_size=1", "--preset=msd_spleen").batch_size == 6
+    # A relative nested path that only exists from the current folder is read from there.
+    (tmp_path / "base.flags").write_text("--batch_size=5\n")
+    (mine.parent / "top.flags").write_text("--flagfile=base.flags\n")
+    assert _config(f"--flagfile={mine.parent / 'top.flags'}").batch_size == 5
+
+
+def test_flagfiles_that_include_each_other_are_an_error(tmp_path):
+    (tmp_path / "a.flags").write_text("--flagfile=b.flags\n")
+    (tmp_path / "b.flags").write_text("--flagfile=a.flags\n")
+    with pytest.raises(presets.PresetError, match="include each other"):
+        presets.expand_flagfiles(["x", f"--flagfile={tmp_path / 'a.flags'}"])
+    with pytest.raises(presets.PresetError, match="cannot read flagfile"):
+        presets.expand_flagfiles(["x", "--flagfile", str(tmp_path / "missing.flags")])
 
 
 def test_msd_presets_size_the_cache_by_a_memory_budget():
     # The paper's gradual replacement: the cache holds what the budget allows, not a fixed
-    # fraction (a fixed 0.5 of the liver would be too much for some machines, needlessly little
-    # for others).
+    # fraction of the training set.
     for name in ("msd_spleen", "msd_heart", "msd_liver", "msd_generic"):
-        config = _parse(os.path.join("experiments", f"{name}.flags"))
+        config = _config(f"--preset={name}")
         assert config.cache == "smart" and config.memory_budget_gb > 0, name
         assert config.cache_rate == 1.0 and 0 < config.replace_rate < 1, name
-    assert _parse("experiments/msd_spleen_baseline.flags").cache == "none"
+    assert _config("--preset=msd_spleen_baseline").cache == "none"
+
+
+def test_dry_run_of_every_preset_from_outside_the_repository(spleen_task_dir, tmp_path):
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for name in NAMES:
+        workdir = tmp_path / name
+        result = subprocess.run(
+            [sys.executable, "-m", "tf_medseg.cli.train", f"--preset={name}", "--dry_run"]
+            + [f"--data_dir={spleen_task_dir}", f"--workdir={workdir}", "--num_val=2"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, f"{name}: {result.stderr[-2000:]}"
+        assert f"preset: {name}" in result.stdout and "nothing trained" in result.stdout
+        split = json.loads((workdir / "split.json").read_text())
+        assert len(split["validation"]) == 2 and len(split["train"]) == 4
+        assert not set(split["train"]) & set(split["validation"])
+        config = json.loads((workdir / "config.json").read_text())
+        assert config["patch_size"] == list(_config(f"--preset={name}").patch_size)
+        assert not (workdir / "checkpoints").exists()
+
+
+def test_dry_run_reports_a_bad_data_folder_in_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "tf_medseg.cli.train", "--preset=synthetic_spleen", "--dry_run"]
+        + [f"--data_dir={tmp_path}", f"--workdir={tmp_path / 'w'}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "dataset.json: not found" in result.stderr and "Traceback" not in result.stderr
+    unknown = subprocess.run(
+        [sys.executable, "-m", "tf_medseg.cli.train", "--preset=nope", "--dry_run"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert unknown.returncode == 2 and "unknown preset 'nope'" in unknown.stderr
+
+
+def test_the_wheel_carries_the_presets(tmp_path):
+    source = tmp_path / "source"  # a copy: building in place would leave build/ in the clone
+    source.mkdir()
+    for name in ("setup.py", "README.md"):
+        shutil.copy(os.path.join(REPO, name), source)
+    shutil.copytree(
+        os.path.join(REPO, "tf_medseg"),
+        source / "tf_medseg",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+        + ["-w", str(tmp_path), str(source)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = tmp_path.glob("tf_medseg-*.whl")
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"tf_medseg/presets/{name}.flags" for name in NAMES} <= shipped

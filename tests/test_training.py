@@ -206,3 +206,36 @@ def test_disk_cache_falls_back_to_the_workdir_when_the_data_folder_cannot_be_wri
     assert folder == str(tmp_path / "run" / "prefix_cache") and os.path.isdir(folder)
     writable = tmp_path / "data2" / ".tf_medseg_cache"
     assert _disk_cache_dir(str(writable), str(tmp_path / "run")) == str(writable / "prefix")
+
+
+def test_steps_to_the_next_validation():
+    from tf_medseg.training.hooks import steps_to_validation
+
+    # 10 steps per epoch, validation after epochs 4, 8, ...
+    assert steps_to_validation(1, 0, 10, 4) == 40
+    assert steps_to_validation(1, 3, 10, 4) == 37
+    assert steps_to_validation(4, 9, 10, 4) == 1
+    assert steps_to_validation(5, 1, 10, 4) == 39
+    assert steps_to_validation(3, 10, 10, 1) == 0
+
+
+def test_the_cli_shows_graph_building_step_and_validation_progress(spleen_task_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from tiny_config import TINY_FLAGS
+
+    flags = [f for f in TINY_FLAGS if not f.startswith(("--epochs", "--progress"))]
+    result = subprocess.run(
+        [sys.executable, "-m", "tf_medseg.cli.train", *flags, "--epochs=2", "--val_every=2"]
+        + [f"--data_dir={spleen_task_dir}", f"--workdir={tmp_path / 'run'}", "--progress"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    err = result.stderr
+    assert "building the training graph..." in err and "built the training graph in" in err
+    assert err.index("building the training graph") < err.index("epoch 1:")
+    assert "to_val=" in err and "loss=" in err  # the step bar's postfix
+    assert "validation:" in err and "volume" in err  # the bar over validation volumes

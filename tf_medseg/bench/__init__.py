@@ -1,8 +1,8 @@
 """Benchmarks: each prints a table and writes JSON (``make bench``); never part of the tests."""
 
-import json
-import os
 import platform
+
+from tf_medseg import jsonio
 
 
 def cpu_name() -> str:
@@ -19,7 +19,5 @@ def cpu_name() -> str:
 
 def write_json(path: str, value) -> None:
     """Writes a benchmark's results as JSON (creating the folder) and says where."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as file:
-        json.dump(value, file, indent=2)
+    jsonio.write_json(path, value)
     print(f"wrote {path}")

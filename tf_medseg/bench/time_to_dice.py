@@ -1,9 +1,10 @@
 """Time to a target Dice: the paper's Table 1 and its ablations, on this machine.
 
-Each configuration is the task's synthetic flagfile (``experiments/synthetic_<task>.flags``, the
-proposed preset) with a few flags overridden, trained in its own process (so the global
-mixed-precision policy and determinism settings cannot leak between runs) on the same data, with
-the same seeds, model size and patch size, until it reaches ``--target_dice`` or its time cap.
+Each configuration is the task's synthetic preset (``synthetic_<task>`` in
+``tf_medseg/presets``, the proposed configuration) with a few flags overridden, trained in its own
+process (so the global mixed-precision policy and determinism settings cannot leak between runs)
+on the same data, with the same seeds, model size and patch size, until it reaches
+``--target_dice`` or its time cap.
 With several ``--seeds`` every configuration runs once per seed and the table gives medians
 (validation Dice of these small runs swings by several points between validations, so one seed
 can move a time to target by 2x).
@@ -31,6 +32,7 @@ import time
 
 from absl import app, flags, logging
 
+from tf_medseg import presets
 from tf_medseg.bench import write_json
 
 #: The paper's baseline: each ingredient of the proposed preset turned off.
@@ -75,14 +77,13 @@ def configurations(proposed_flags: dict[str, str]) -> dict[str, dict[str, str]]:
 
 
 def read_flagfile(path: str) -> dict[str, str]:
-    """``--name=value`` lines of a flagfile (comments and nested flagfiles ignored)."""
+    """The ``--name=value`` flags a flagfile sets (nested flagfiles read in place, later
+    lines overriding earlier ones)."""
     values = {}
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line.startswith("--") and "=" in line and not line.startswith("--flagfile"):
-                key, value = line[2:].split("=", 1)
-                values[key] = value
+    for arg in presets.expand_flagfiles(["", f"--flagfile={path}"])[1:]:
+        if arg.startswith("--") and "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            values[key] = value
     return values
 
 
@@ -246,9 +247,9 @@ def _define_flags() -> None:
         "geometry",
         "size",
         ["size", "msd"],
-        "size: 16 phantoms of 96 voxels in-plane with experiments/synthetic_<task>.flags; msd: "
+        "size: 16 phantoms of 96 voxels in-plane with the synthetic_<task> preset; msd: "
         "30 volumes at the real task's geometry (512 x 512 x 31-168 for the spleen) with "
-        "experiments/synthetic_<task>_msd.flags.",
+        "the synthetic_<task>_msd preset.",
     )
     flags.DEFINE_list("configs", ["baseline", "proposed"], "Configurations to run, in order.")
     flags.DEFINE_string("json", "runs/bench/time_to_dice.json", "Output JSON (PNG, .md beside).")
@@ -270,7 +271,7 @@ def main(argv: list[str]) -> None:
     del argv
     msd = FLAGS.geometry == "msd"
     suffix = "_msd" if msd else ""
-    flagfile = os.path.join("experiments", f"synthetic_{FLAGS.task}{suffix}.flags")
+    flagfile = presets.path(f"synthetic_{FLAGS.task}{suffix}")
     proposed = read_flagfile(flagfile)
     target = FLAGS.target_dice or float(proposed.get("target_dice", 0.9))
     data_dir = FLAGS.data_dir

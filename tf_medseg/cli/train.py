@@ -1,10 +1,13 @@
 """``tf-medseg-train``: trains a segmentation model on an MSD-layout task.
 
-Every setting is an absl flag (see ``--helpfull``); an experiment is a flagfile, and flags given
-after it override it::
+Every setting is an absl flag (see ``--helpfull``); an experiment is a preset shipped with the
+package (``--preset=NAME``, see ``tf_medseg.presets``) or a flagfile of one's own
+(``--flagfile=PATH``), and flags given after it override it::
 
-    tf-medseg-train --flagfile=experiments/msd_spleen.flags \
-        --data_dir=/data/Task09_Spleen --workdir=runs/spleen
+    tf-medseg-train --preset=msd_spleen --data_dir=/data/Task09_Spleen --workdir=runs/spleen
+
+``--dry_run`` checks the data folder, resolves the configuration and the split, writes
+``config.json`` and ``split.json`` to the workdir, prints the configuration and exits.
 
 Writes to ``--workdir``: ``config.json`` (the resolved configuration), ``checkpoints/``,
 ``tensorboard/``, ``metrics.jsonl``, ``summary.json`` and ``best_model.keras``. Started again with
@@ -14,6 +17,7 @@ workers.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -35,6 +39,7 @@ if __name__ == "__main__":  # python -m tf_medseg.cli.train: from before the imp
 
 from absl import app, flags, logging  # noqa: E402
 
+from tf_medseg import presets  # noqa: E402
 from tf_medseg.training.config import config_from_flags, define_flags  # noqa: E402
 from tf_medseg.training.interrupts import (  # noqa: E402
     EXIT_INTERRUPTED,
@@ -43,6 +48,18 @@ from tf_medseg.training.interrupts import (  # noqa: E402
 )
 
 define_flags()
+flags.DEFINE_string(
+    "preset",
+    None,
+    "A preset shipped with tf_medseg, by name (" + ", ".join(presets.names()) + "); its flags "
+    "are read in place, like --flagfile, so that later flags override them.",
+)
+flags.DEFINE_bool(
+    "dry_run",
+    False,
+    "Check the data folder, resolve the configuration and the split, write config.json and "
+    "split.json to --workdir, print the configuration, and exit without training.",
+)
 FLAGS = flags.FLAGS
 
 
@@ -55,6 +72,8 @@ def main(argv: list[str]) -> int:
         for line in errors:
             print(f"tf-medseg-train: {line}", file=sys.stderr)
         return 2
+    if FLAGS.dry_run:
+        return dry_run(config)
     # Installed before TensorFlow is imported (seconds), so that Ctrl-C is handled everywhere.
     with Interrupts(grace_s=config.interrupt_grace_s) as interrupts:
         try:
@@ -103,6 +122,44 @@ def _train(config, interrupts: Interrupts) -> int:
     return 0
 
 
+def dry_run(config) -> int:
+    """Everything before training that can fail on the user's input, without TensorFlow: the
+    task folder and its files, the split; writes ``config.json`` and ``split.json``."""
+    from tf_medseg.data.io import DataError
+    from tf_medseg.data.msd import load_task, task_split
+    from tf_medseg.jsonio import write_json
+
+    try:
+        task = load_task(config.data_dir)
+        train, val = task_split(
+            task,
+            split_file=config.split_file or None,
+            num_val=config.num_val or None,
+            val_fraction=config.val_fraction,
+            seed=config.seed,
+        )
+    except (DataError, ValueError) as err:
+        print(f"tf-medseg-train: {err}", file=sys.stderr)
+        return 2
+    os.makedirs(config.workdir, exist_ok=True)
+    config.save(config.workdir)
+    split = {"train": [i["case"] for i in train], "validation": [i["case"] for i in val]}
+    write_json(os.path.join(config.workdir, "split.json"), split)
+    rows = [(f.name, getattr(config, f.name)) for f in dataclasses.fields(config)]
+    width = max(len(name) for name, _ in rows)
+    print(f"preset: {FLAGS.preset or '-'}")
+    for name, value in rows:
+        if isinstance(value, tuple):
+            value = ",".join(str(v) for v in value)
+        print(f"  {name.ljust(width)}  {value}")
+    print(
+        f"task {task.name}: {len(task.training)} labelled cases ({len(train)} training, "
+        f"{len(val)} validation), modalities {list(task.modalities)}, labels {list(task.labels)}"
+    )
+    print(f"dry run: wrote config.json and split.json to {config.workdir}; nothing trained")
+    return 0
+
+
 def result_table(summary: dict, config) -> str:
     """A short, human-readable table of a run's summary.json."""
 
@@ -139,7 +196,12 @@ def result_table(summary: dict, config) -> str:
 def run() -> None:
     """Console entry point."""
     _handle_signals_from_the_start()
-    app.run(main)
+    try:
+        argv = presets.expand_flagfiles(sys.argv)
+    except presets.PresetError as err:
+        print(f"tf-medseg-train: {err}", file=sys.stderr)
+        sys.exit(2)
+    app.run(main, argv=argv)
 
 
 if __name__ == "__main__":

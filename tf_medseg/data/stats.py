@@ -28,6 +28,7 @@ import numpy as np
 from absl import logging
 
 from tf_medseg.data.io import DataError, check_image, check_label, read_nifti
+from tf_medseg.jsonio import write_json
 
 PERCENTILES = (0.5, 5.0, 50.0, 95.0, 99.5)
 STATS_FILE = "intensity_stats.json"
@@ -160,15 +161,7 @@ def _read_stored(folder: str | None, key: str) -> dict | None:
 
 def _store(folder: str, key: str, stats: dict) -> None:
     """Writes the statistics atomically into ``folder`` (created); raises OSError on failure."""
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"key": key, "stats": stats}, f, indent=1)
-        os.replace(tmp, os.path.join(folder, STATS_FILE))
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_json(os.path.join(folder, STATS_FILE), {"key": key, "stats": stats}, indent=1)
 
 
 def _stats_here(

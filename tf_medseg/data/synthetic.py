@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tf_medseg.data.io import write_nifti
+from tf_medseg.jsonio import write_json
 
 TASKS = ("spleen", "heart", "liver")
 GEOMETRIES = ("size", "msd")
@@ -443,6 +444,5 @@ def generate_task(
         "training": training,
         "test": test,
     }
-    with open(os.path.join(out_dir, "dataset.json"), "w") as f:
-        json.dump(meta, f, indent=2)
+    write_json(os.path.join(out_dir, "dataset.json"), meta)
     return out_dir

@@ -2,8 +2,9 @@
 
 One frozen dataclass holds every setting; each field's ``metadata["help"]`` is its flag's help,
 so :func:`define_flags` declares one absl flag per field and :func:`config_from_flags` builds the
-dataclass back. Experiments are flagfiles in ``experiments/``; the resolved configuration is
-written beside the checkpoints (``workdir/config.json``).
+dataclass back. Experiments are flagfiles: the presets in ``tf_medseg/presets`` (``--preset``)
+or a user's own; the resolved configuration is written beside the checkpoints
+(``workdir/config.json``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import math
 import os
 import typing
 from dataclasses import dataclass, field
+
+from tf_medseg.jsonio import write_text
 
 POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
 
@@ -184,13 +187,7 @@ class TrainConfig:
 
     def save(self, workdir: str) -> str:
         """Writes ``workdir/config.json`` atomically; returns its path."""
-        os.makedirs(workdir, exist_ok=True)
-        path = os.path.join(workdir, "config.json")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(self.to_json())
-        os.replace(tmp, path)
-        return path
+        return write_text(os.path.join(workdir, "config.json"), self.to_json())
 
 
 def _coerce(cls, name, value):

@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from tf_medseg.jsonio import write_json
 from tf_medseg.optim import current_learning_rate
 
 
@@ -36,16 +37,28 @@ class Hook:
         pass
 
 
+def steps_to_validation(epoch: int, step_in_epoch: int, steps_per_epoch: int, every: int) -> int:
+    """Training steps left before the next validation, from inside 1-based ``epoch`` after
+    ``step_in_epoch`` of its steps (validation runs after epochs that are multiples of
+    ``every``)."""
+    next_validation = -(-epoch // every) * every
+    return (next_validation - epoch) * steps_per_epoch + max(0, steps_per_epoch - step_in_epoch)
+
+
 class ProgressHook(Hook):
-    """A progress bar per epoch with the step, loss and patches/s, and a log line per epoch.
+    """A progress bar per epoch with the step, loss, patches/s and the time left to the next
+    validation, and a log line per epoch.
 
     Args:
         bar: Show the bar (the log line is written either way).
+        val_every: Epochs between validations (for the time to the next one).
     """
 
-    def __init__(self, bar: bool = True):
+    def __init__(self, bar: bool = True, val_every: int = 1):
         self.show_bar = bar
+        self.val_every = max(1, int(val_every))
         self.bar = None
+        self.epoch_start = None
 
     def on_step_end(self, trainer, logs):
         if not self.show_bar:
@@ -59,11 +72,17 @@ class ProgressHook(Hook):
                 leave=False,
                 dynamic_ncols=True,
             )
+            self.epoch_start = time.time()
         self.bar.update(1)
+        left = steps_to_validation(
+            int(trainer.epoch.numpy()) + 1, self.bar.n, trainer.steps_per_epoch, self.val_every
+        )
+        per_step = (time.time() - self.epoch_start) / self.bar.n
         self.bar.set_postfix(
             step=int(trainer.step.numpy()),
             loss=f"{logs['loss']:.4f}",
             patches_s=f"{logs['patches_per_s']:.1f}",
+            to_val=_duration(left * per_step),
         )
 
     def on_epoch_end(self, trainer, logs):
@@ -78,6 +97,11 @@ class ProgressHook(Hook):
             v = logs["validation"]
             message += f" | val dice {v.mean_dice:.4f} (best {trainer.best_dice.numpy():.4f})"
         logging.info(message)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}" if seconds < 3600 else f"{seconds / 3600:.1f} h"
 
 
 class ValidationHook(Hook):
@@ -287,10 +311,7 @@ class MetricsLogHook(Hook):
             "workers": trainer.dist.size,
             "cache": trainer.cache_summary(),
         }
-        tmp = self.summary_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(summary, f, indent=2)
-        os.replace(tmp, self.summary_path)
+        write_json(self.summary_path, summary)
 
 
 def _num(value):

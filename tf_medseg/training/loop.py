@@ -27,10 +27,11 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_medseg import distributed
+from tf_medseg import distributed, jsonio
 from tf_medseg.cache.smart_cache import peak_rss_bytes
 from tf_medseg.data.msd import load_task, task_split
 from tf_medseg.inference import overlap_from_flag
+from tf_medseg.jsonio import write_json
 from tf_medseg.losses import get_loss
 from tf_medseg.models import MODELS, build_model
 from tf_medseg.optim import build_optimizer
@@ -114,8 +115,8 @@ class Trainer:
         )
         if self.chief:
             config.save(config.workdir)
-            _write_json(os.path.join(config.workdir, "preprocessing.json"), self.prefix.config())
-            _write_json(
+            write_json(os.path.join(config.workdir, "preprocessing.json"), self.prefix.config())
+            write_json(
                 os.path.join(config.workdir, "task.json"),
                 {"modalities": self.task.modalities, "labels": self.task.labels},
             )
@@ -247,7 +248,7 @@ class Trainer:
         ]
         if self.chief:
             hooks += [
-                hooks_lib.ProgressHook(bar=c.progress),
+                hooks_lib.ProgressHook(bar=c.progress, val_every=c.val_every),
                 hooks_lib.TensorBoardHook(
                     os.path.join(c.workdir, "tensorboard"), images=c.image_summaries
                 ),
@@ -321,7 +322,12 @@ class Trainer:
         c = self.config
         images = tf.TensorSpec([c.batch_size, *c.patch_size, self.task.num_channels], tf.float32)
         labels = tf.TensorSpec([c.batch_size, *c.patch_size], tf.int32)
+        if self.chief:
+            logging.info("building the training graph...")
+        start = time.time()
         self.train_step.get_concrete_function(images, labels)
+        if self.chief:
+            logging.info("built the training graph in %.1f s", time.time() - start)
 
     def fit(self, interrupts: Interrupts | None = None) -> dict:
         """Trains until a stop condition; returns the summary (also in ``summary.json``).
@@ -480,6 +486,7 @@ class Trainer:
             num_cases=self.num_val_cases,
             # One worker stops between cases; several only at the loop's collective check.
             check_interrupt=self.interrupts.check if self.dist.size == 1 else None,
+            progress=c.progress and self.chief,
         )
 
     def validation_items(self):
@@ -583,7 +590,7 @@ def _state_json(source, dist: distributed.Distributed) -> str:
     state = source.state() if hasattr(source, "state") else {}
     if dist.size > 1:
         state = {"ranks": dist.allgather_object(state, "cache_state")}
-    return json.dumps(state, default=_jsonable)
+    return jsonio.dumps(state, indent=None)
 
 
 def _rank_state(text: str, dist: distributed.Distributed) -> dict | None:
@@ -601,18 +608,3 @@ def _rank_state(text: str, dist: distributed.Distributed) -> dict | None:
         )
         return None
     return ranks[dist.rank]
-
-
-def _jsonable(value):
-    if isinstance(value, np.integer | np.floating):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint")
-
-
-def _write_json(path: str, value) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=2, default=_jsonable)
-    os.replace(tmp, path)

@@ -79,6 +79,7 @@ def validate(
     case_offset: int = 0,
     num_cases: int | None = None,
     check_interrupt=None,
+    progress: bool = False,
 ) -> ValidationResult:
     """Scores this worker's validation volumes and combines the result over all workers.
 
@@ -97,6 +98,7 @@ def validate(
         num_cases: Cases in the whole validation set (default: ``len(items)``).
         check_interrupt: Called before each case; raises to abandon the validation (the
             trainer's Ctrl-C check, single worker only).
+        progress: Show a progress bar over this worker's volumes.
 
     Returns:
         The combined :class:`ValidationResult` (identical on every worker).
@@ -105,6 +107,10 @@ def validate(
     num_cases = len(items) if num_cases is None else num_cases
     per_case = np.zeros((num_cases, 3, num_classes - 1), np.float64)
     example = None
+    if progress and items:
+        from tqdm import tqdm
+
+        items = tqdm(items, desc="validation", unit="volume", leave=False, dynamic_ncols=True)
     for j, item in enumerate(items):
         if check_interrupt is not None:
             check_interrupt()
