@@ -46,6 +46,7 @@ setup(
             "tf-medseg-predict=tf_medseg.cli.predict:run",
             "tf-medseg-evaluate=tf_medseg.cli.evaluate:run",
             "tf-medseg-synth=tf_medseg.cli.synth:run",
+            "tf-medseg-plan=tf_medseg.cli.plan:run",
         ]
     },
 )

@@ -44,4 +44,5 @@ TINY_FLAGS = [
     "--cache_workers=1",
     "--epochs=1000",
     "--progress=false",
+    "--noplan",  # these exact settings, not tf_medseg.plan's for the data (the default here)
 ]

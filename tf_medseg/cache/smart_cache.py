@@ -40,6 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tf_medseg.cache.persistent import PersistentPrefixCache
+from tf_medseg.system import cpu_count
 
 logger = logging.getLogger(__name__)
 
@@ -243,7 +244,7 @@ class SmartCache:
         self.wait_for_replacements = wait_for_replacements
         self.progress = progress
         self.shard_size = math.ceil(len(self._items) / world_size)
-        self._num_init_workers = num_init_workers or max(1, _cpu_count())
+        self._num_init_workers = num_init_workers or max(1, cpu_count())
         self._num_replace_workers = num_replace_workers
         self.replace_nice = int(replace_nice)
         self.budget_items = max(1, int(budget_items))
@@ -611,9 +612,3 @@ class SmartCache:
 
     def __len__(self) -> int:
         return self.cache_num
-
-
-def _cpu_count() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1

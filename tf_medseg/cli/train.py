@@ -60,20 +60,76 @@ flags.DEFINE_bool(
     "Check the data folder, resolve the configuration and the split, write config.json and "
     "split.json to --workdir, print the configuration, and exit without training.",
 )
+flags.DEFINE_bool(
+    "plan",
+    None,
+    "Plan the settings that no flag or flagfile gives for this data and this machine "
+    "(tf-medseg-plan's rules; the plan is written to the workdir). Default: on when neither "
+    "--preset nor --flagfile is given.",
+)
+flags.DEFINE_bool(
+    "allow_cpu_float16",
+    False,
+    "Train under mixed_float16 although no GPU is visible (for testing: on a CPU it is slow and "
+    "gains nothing; use float32, or mixed_bfloat16 where the CPU has native bfloat16).",
+)
 FLAGS = flags.FLAGS
+_FROM_FILE = False  # whether the command line had a --preset or --flagfile (set by run())
+
+
+def apply_plan(data_dir: str, workdir: str):
+    """Plans for ``data_dir`` on this machine and sets every planned flag that was not given;
+    returns the plan."""
+    from tf_medseg import plan as planning
+    from tf_medseg.data.msd import load_task
+
+    task = load_task(data_dir)
+    result = planning.plan_for(task, fallback_dir=workdir)
+    for name, value in result.flags.items():
+        if not FLAGS[name].present:
+            FLAGS[name].parse(value)
+    return result
 
 
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    planned = None
+    if FLAGS.plan or (FLAGS.plan is None and not _FROM_FILE):
+        if not FLAGS.data_dir:
+            print("tf-medseg-train: --data_dir is required", file=sys.stderr)
+            return 2
+        from tf_medseg.data.io import DataError
+
+        try:
+            planned = apply_plan(FLAGS.data_dir, FLAGS.workdir or None)
+        except DataError as err:
+            print(f"tf-medseg-train: {err}", file=sys.stderr)
+            return 2
     config = config_from_flags()
     errors = config.validate()
     if errors:
         for line in errors:
             print(f"tf-medseg-train: {line}", file=sys.stderr)
         return 2
+    if planned is not None:
+        from tf_medseg import plan as planning
+
+        planning.write_plan(planned, os.path.join(config.workdir, "plan.json"))
+        print(planned.table())
     if FLAGS.dry_run:
         return dry_run(config)
+    if config.precision == "mixed_float16" and not FLAGS.allow_cpu_float16:
+        from tf_medseg import system
+
+        if not system.gpus():
+            print(
+                "tf-medseg-train: --precision=mixed_float16 needs a GPU and none is visible: on "
+                "a CPU it is slow and gains nothing. Use --precision=float32 (or mixed_bfloat16 "
+                "on a CPU with native bfloat16), or --allow_cpu_float16 to train so anyway.",
+                file=sys.stderr,
+            )
+            return 2
     # Installed before TensorFlow is imported (seconds), so that Ctrl-C is handled everywhere.
     with Interrupts(grace_s=config.interrupt_grace_s) as interrupts:
         try:
@@ -156,8 +212,30 @@ def dry_run(config) -> int:
         f"task {task.name}: {len(task.training)} labelled cases ({len(train)} training, "
         f"{len(val)} validation), modalities {list(task.modalities)}, labels {list(task.labels)}"
     )
+    print(f"estimated memory of a training step: {memory_estimate(config, task)}")
+    if config.precision == "mixed_float16":
+        print("note: mixed_float16 trains only where a GPU is visible (or --allow_cpu_float16)")
     print(f"dry run: wrote config.json and split.json to {config.workdir}; nothing trained")
     return 0
+
+
+def memory_estimate(config, task) -> str:
+    """The training step's estimated peak memory (the U-Net's; tf_medseg.plan)."""
+    from tf_medseg.plan import estimate_memory_gb
+
+    if config.model != "unet3d":
+        return f"not estimated for --model={config.model}"
+    patch = round(float(sum(config.patch_size)) / len(config.patch_size))
+    gb = estimate_memory_gb(
+        patch,
+        config.batch_size,
+        config.depth,
+        config.base_filters,
+        task.num_channels,
+        task.num_classes,
+        config.precision,
+    )
+    return f"{gb:.2f} GB ({'per GPU' if config.precision == 'mixed_float16' else 'host'})"
 
 
 def result_table(summary: dict, config) -> str:
@@ -196,6 +274,8 @@ def result_table(summary: dict, config) -> str:
 def run() -> None:
     """Console entry point."""
     _handle_signals_from_the_start()
+    global _FROM_FILE
+    _FROM_FILE = any(a.startswith(("--preset", "--flagfile")) for a in sys.argv[1:] if a != "--")
     try:
         argv = presets.expand_flagfiles(sys.argv)
     except presets.PresetError as err:

@@ -29,12 +29,13 @@ from absl import logging
 
 from tf_medseg.data.io import DataError, check_image, check_label, read_nifti
 from tf_medseg.jsonio import write_json
+from tf_medseg.system import cpu_count
 
 PERCENTILES = (0.5, 5.0, 50.0, 95.0, 99.5)
 STATS_FILE = "intensity_stats.json"
 
 
-def _files_key(items: list[dict]) -> str:
+def files_key(items: list[dict]) -> str:
     digest = hashlib.sha256()
     for item in sorted(items, key=lambda it: it["case"]):
         for key in ("image", "label"):
@@ -46,12 +47,6 @@ def _files_key(items: list[dict]) -> str:
     return digest.hexdigest()
 
 
-def _cpu_count() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def _foreground(item: dict, num_channels: int, num_classes: int) -> np.ndarray:
     """The intensities of one case's labelled voxels, (N, channels) float32 in C order."""
     image_vol = read_nifti(item["image"])
@@ -60,7 +55,7 @@ def _foreground(item: dict, num_channels: int, num_classes: int) -> np.ndarray:
     return np.asarray(image[label > 0], np.float32)
 
 
-def _in_order(
+def in_order(
     function: Callable[[Any], Any], values: Iterable[Any], num_workers: int
 ) -> Iterator[Any]:
     """``map(function, values)`` on a thread pool, in order, with a bounded number in flight.
@@ -115,10 +110,10 @@ def compute_intensity_stats(
     """
     from tqdm import tqdm
 
-    num_workers = max(1, num_workers or _cpu_count())
+    num_workers = max(1, num_workers or cpu_count())
     rng = np.random.default_rng(seed)
     samples = []
-    foregrounds = _in_order(
+    foregrounds = in_order(
         lambda item: _foreground(item, num_channels, num_classes), items, num_workers
     )
     for fg in tqdm(
@@ -144,9 +139,10 @@ def compute_intensity_stats(
     }
 
 
-def _read_stored(folder: str | None, key: str) -> dict | None:
-    """The statistics stored in ``folder`` under ``key``, or None (absent, stale or unreadable)."""
-    path = os.path.join(folder, STATS_FILE) if folder else None
+def read_keyed(folder: str | None, key: str, name: str = STATS_FILE) -> dict | None:
+    """The value stored as ``folder/name`` under ``key``, or None (absent, stale or
+    unreadable)."""
+    path = os.path.join(folder, name) if folder else None
     if not path or not os.path.isfile(path):
         return None
     try:
@@ -155,13 +151,14 @@ def _read_stored(folder: str | None, key: str) -> dict | None:
         if stored.get("key") == key:
             return stored["stats"]
     except (OSError, json.JSONDecodeError, KeyError, AttributeError):
-        logging.warning("%s: unreadable statistics cache, recomputing", path)
+        logging.warning("%s: unreadable, recomputing", path)
     return None
 
 
-def _store(folder: str, key: str, stats: dict) -> None:
-    """Writes the statistics atomically into ``folder`` (created); raises OSError on failure."""
-    write_json(os.path.join(folder, STATS_FILE), {"key": key, "stats": stats}, indent=1)
+def store_keyed(folder: str, key: str, stats: dict, name: str = STATS_FILE) -> None:
+    """Writes ``stats`` under ``key`` atomically as ``folder/name`` (folder created); raises
+    OSError on failure."""
+    write_json(os.path.join(folder, name), {"key": key, "stats": stats}, indent=1)
 
 
 def _stats_here(
@@ -174,9 +171,9 @@ def _stats_here(
 ) -> dict:
     """Reads the statistics from the first folder that has them, or computes and stores them
     in the first folder that can be written."""
-    key = _files_key(items)
+    key = files_key(items)
     for folder in folders:
-        stats = _read_stored(folder, key)
+        stats = read_keyed(folder, key)
         if stats is not None:
             return stats
     stats = compute_intensity_stats(
@@ -184,7 +181,7 @@ def _stats_here(
     )
     for folder in folders:
         try:
-            _store(folder, key, stats)
+            store_keyed(folder, key, stats)
             return stats
         except OSError as err:
             logging.warning("could not store intensity statistics in %s: %s", folder, err)

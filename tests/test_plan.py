@@ -1,0 +1,213 @@
+"""tf_medseg.plan: the fingerprint, the rules, the memory estimate against a measured peak, and
+training without a preset."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from tf_medseg import plan
+from tf_medseg.data.io import read_nifti, spacing_from_affine
+from tf_medseg.data.msd import load_task
+
+CPU = {"kind": "cpu", "cpu_cores": 2, "cpu_bf16_native": False, "ram_gb": 24.0}
+CPU = {**CPU, "ram_available_gb": 20.0, "gpus": []}
+
+
+def _gpu(cc, memory):
+    return {**CPU, "kind": "gpu", "gpus": [{"name": "GPU", "compute_capability": cc,
+                                             "memory_gb": memory}]}  # fmt: skip
+
+
+def _fingerprint(spacing, shape, extent, classes=2, components=1, cases=20, modality="CT"):
+    case = {"spacing": spacing, "shape": shape, "foreground_extent_mm": extent}
+    case |= {"components": components, "class_voxels": [1000] + [10] * (classes - 1)}
+    return plan.summarise(
+        {
+            "task": "t",
+            "modalities": [modality],
+            "labels": ["background"] + [f"c{i}" for i in range(1, classes)],
+            "num_cases": cases,
+            "cases": [dict(case, case=f"c{i}") for i in range(cases)],
+        }
+    )
+
+
+def test_fingerprint_reads_every_case_and_is_stored(spleen_task_dir, tmp_path):
+    task = load_task(spleen_task_dir)
+    fp = plan.fingerprint(task, folders=[str(tmp_path)], num_workers=2)
+    assert fp["num_cases"] == len(task.training) == len(fp["cases"])
+    for item, case in zip(task.training, fp["cases"], strict=True):
+        label = read_nifti(item["label"])
+        assert case["shape"] == list(label.data.shape[:3])
+        assert np.allclose(case["spacing"], spacing_from_affine(label.affine))
+        assert case["class_voxels"][1] == int(np.sum(label.data == 1)) > 0
+        assert case["components"] == 1 and all(e > 0 for e in case["foreground_extent_mm"])
+    assert os.path.isfile(tmp_path / plan.FINGERPRINT_FILE)
+    assert plan.fingerprint(task, folders=[str(tmp_path)]) == json.loads(json.dumps(fp))
+
+
+def test_precision_follows_the_device():
+    fp = _fingerprint([0.8, 0.8, 3.0], [96, 96, 40], [20, 20, 30])
+    assert plan.make_plan(fp, CPU).flags["precision"] == "float32"
+    assert plan.make_plan(fp, {**CPU, "cpu_bf16_native": True}).flags["precision"] == (
+        "mixed_bfloat16"
+    )
+    assert plan.make_plan(fp, _gpu([7, 0], 16)).flags["precision"] == "mixed_float16"
+    assert plan.make_plan(fp, _gpu([8, 0], 40)).flags["precision"] == "mixed_bfloat16"
+
+
+def test_cpu_spacing_gives_the_patch_context_but_keeps_the_object_resolved():
+    small = plan.make_plan(_fingerprint([0.8, 0.8, 3.0], [96, 96, 40], [20, 22, 30]), CPU)
+    spacing = float(small.flags["spacing"])
+    assert 32 * spacing >= plan.CONTEXT_FACTOR * (20 * 22 * 30) ** (1 / 3)
+    assert small.flags["norm"] == "instance" and small.flags["patch_size"] == "32"
+    # A large organ: the context rule would need more than 8 mm voxels; the resolution rule
+    # stops at 4 mm, and without the context the plan takes batch norm.
+    large = plan.make_plan(_fingerprint([0.8, 0.8, 5.0], [512, 512, 60], [70, 85, 110]), CPU)
+    assert float(large.flags["spacing"]) == 4.0 and large.flags["norm"] == "batch"
+    # A tiny structure is never resampled to fewer than MIN_OBJECT_VOXELS across.
+    tiny = plan.make_plan(_fingerprint([0.8, 0.8, 1.0], [256, 256, 200], [12, 14, 16]), CPU)
+    assert 12 / float(tiny.flags["spacing"]) >= plan.MIN_OBJECT_VOXELS
+
+
+def test_gpu_plan_fits_the_memory_and_keeps_the_papers_spacing():
+    fp = _fingerprint([0.8, 0.8, 2.5], [512, 512, 100], [70, 85, 110])
+    for memory in (16, 32, 80):
+        p = plan.make_plan(fp, _gpu([7, 0], memory))
+        assert p.estimated_memory_gb <= 0.85 * memory
+        assert p.flags["spacing"] == "1" and p.flags["norm"] == "instance"
+    v100 = plan.make_plan(fp, _gpu([7, 0], 16))
+    a100 = plan.make_plan(fp, _gpu([8, 0], 80))
+    assert (
+        int(a100.flags["batch_size"]) * int(a100.flags["patch_size"]) ** 3
+        >= int(v100.flags["batch_size"]) * int(v100.flags["patch_size"]) ** 3
+    )
+
+
+def test_largest_component_only_for_one_single_component_class():
+    one = _fingerprint([1, 1, 1], [100, 100, 100], [30, 30, 30])
+    assert plan.make_plan(one, CPU).flags["val_keep_largest"] == "true"
+    lesions = _fingerprint([1, 1, 1], [100, 100, 100], [30, 30, 30], classes=3)
+    assert plan.make_plan(lesions, CPU).flags["val_keep_largest"] == "false"
+    many = _fingerprint([1, 1, 1], [100, 100, 100], [30, 30, 30], components=4)
+    assert plan.make_plan(many, CPU).flags["val_keep_largest"] == "false"
+    mri = _fingerprint([1, 1, 1], [100, 100, 100], [30, 30, 30], modality="MRI")
+    assert "ct_percentiles" not in plan.make_plan(mri, CPU).flags
+
+
+_PEAK = textwrap.dedent(
+    """
+    import resource, sys
+    import numpy as np, tensorflow as tf
+    from tf_medseg.models import build_model
+    from tf_medseg.losses import get_loss
+    patch, batch = int(sys.argv[1]), 2
+    model = build_model("unet3d", num_classes=2, in_channels=1, depth=3, base_filters=8)
+    opt = tf.keras.optimizers.Adam(1e-4)
+    loss_fn = get_loss("dice")
+    x = tf.random.normal([batch, patch, patch, patch, 1])
+    y = tf.cast(tf.random.uniform([batch, patch, patch, patch]) > 0.5, tf.int32)
+    @tf.function
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+    for _ in range(3):
+        step(x, y)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    """
+)
+
+
+def test_memory_estimate_against_the_measured_peak_on_this_cpu(tmp_path):
+    script = tmp_path / "peak.py"
+    script.write_text(_PEAK)
+    env = {**os.environ, "TF_NUM_INTRAOP_THREADS": "2"}
+
+    def peak(patch):
+        out = subprocess.run(
+            [sys.executable, str(script), str(patch)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        return int(out.stdout.split()[-1]) / 2**30
+
+    # The difference of two peaks is the step's activations; TensorFlow's runtime cancels.
+    measured = peak(96) - peak(16)
+    estimated = plan.estimate_memory_gb(96, 2, 3, 8) - plan.estimate_memory_gb(16, 2, 3, 8)
+    assert 0.5 * estimated <= measured <= 2.0 * estimated, (measured, estimated)
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", *args], capture_output=True, text=True, timeout=300, cwd=cwd
+    )
+
+
+def test_plan_cli_prints_and_writes_a_plan_that_trains_with_the_flagfile(heart_task_dir, tmp_path):
+    result = _cli(
+        "tf_medseg.cli.plan",
+        f"--data_dir={heart_task_dir}",
+        "--target=cpu",
+        f"--json={tmp_path / 'plan.json'}",
+        f"--out={tmp_path / 'plan.flags'}",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "MRI" in result.stdout and "estimated memory of a training step" in result.stdout
+    written = json.loads((tmp_path / "plan.json").read_text())
+    for key in ("spacing", "patch_size", "batch_size", "precision", "estimated_memory_gb"):
+        assert key in written and key in written["reasons"] or key == "estimated_memory_gb"
+    assert written["precision"] in ("float32", "mixed_bfloat16")
+    dry = _cli(
+        "tf_medseg.cli.train",
+        f"--flagfile={tmp_path / 'plan.flags'}",
+        f"--data_dir={heart_task_dir}",
+        f"--workdir={tmp_path / 'w'}",
+        "--dry_run",
+    )
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    config = json.loads((tmp_path / "w" / "config.json").read_text())
+    assert config["spacing"] == [written["spacing"]] * 3 and config["norm"] == written["norm"]
+
+
+def test_train_without_a_preset_plans_and_user_flags_override(spleen_task_dir, tmp_path):
+    dry = _cli(
+        "tf_medseg.cli.train",
+        f"--data_dir={spleen_task_dir}",
+        f"--workdir={tmp_path / 'w'}",
+        "--batch_size=3",
+        "--dry_run",
+    )
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    planned = json.loads((tmp_path / "w" / "plan.json").read_text())
+    config = json.loads((tmp_path / "w" / "config.json").read_text())
+    assert config["batch_size"] == 3 != planned["batch_size"]
+    assert config["spacing"] == [planned["spacing"]] * 3 and config["cache"] == "smart"
+    assert "reason" in dry.stdout and "estimated memory" in dry.stdout
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU may be visible here")
+def test_mixed_float16_without_a_gpu_is_refused_in_one_line(spleen_task_dir, tmp_path):
+    result = _cli(
+        "tf_medseg.cli.train",
+        "--preset=synthetic_spleen",
+        "--precision=mixed_float16",
+        f"--data_dir={spleen_task_dir}",
+        f"--workdir={tmp_path / 'w'}",
+    )
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert "mixed_float16 needs a GPU" in last and "--precision=float32" in last
+    assert not (tmp_path / "w" / "checkpoints").exists()
