@@ -36,7 +36,8 @@ RUN python3 -m pip install --no-cache-dir "setuptools<70" wheel \
 COPY setup.py README.md /opt/tf_medseg/
 COPY tf_medseg /opt/tf_medseg/tf_medseg
 RUN TF_MEDSEG_TENSORFLOW=none python3 -m pip install --no-cache-dir /opt/tf_medseg \
-    && python3 -c "import tensorflow as tf, tf_medseg; assert tf.__version__.startswith('2.15')"
+    && python3 -c "import tensorflow as tf, tf_medseg; assert tf.__version__.startswith('2.15')" \
+    && python3 -c "from tf_medseg import presets; print('presets:', presets.path('msd_spleen'))"
 
 WORKDIR /workspace
 ENTRYPOINT ["tf-medseg-train"]

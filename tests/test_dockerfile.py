@@ -113,6 +113,9 @@ def test_horovod_version_matches_the_makefile_and_builds_with_nccl(instructions)
 def test_installs_the_package_on_the_images_tensorflow_with_the_train_entry_point(instructions):
     runs = _args(instructions, "RUN")
     assert any("TF_MEDSEG_TENSORFLOW=none" in r and "pip install" in r for r in runs)
+    # The installed package must carry its presets (the image's examples use --preset).
+    assert any("pip install" in r and "presets.path('msd_spleen')" in r for r in runs)
+    assert not any("experiments" in a for k in ("COPY", "ADD") for a in _args(instructions, k))
     (entrypoint,) = _args(instructions, "ENTRYPOINT")
     assert json.loads(entrypoint) == ["tf-medseg-train"]
     assert "tf-medseg-train=" in (ROOT / "setup.py").read_text()
