@@ -56,17 +56,38 @@ def test_per_case_per_class_dice_and_means(tmp_path):
     assert result.cases == tuple(names)
     np.testing.assert_allclose(result.dice, table, rtol=1e-12, equal_nan=True)
     assert np.isnan(result.dice[1, 1])  # case_b has no class 2: excluded, not zero
-    # Per class over the cases that contain it; overall per case first, then over cases.
-    np.testing.assert_allclose(
-        result.class_means,
-        [table[:, 0].mean(), (table[0, 1] + table[2, 1]) / 2],
-        rtol=1e-12,
-    )
+    # Per class over the cases that contain it; overall the mean of the class means.
+    class_means = [table[:, 0].mean(), (table[0, 1] + table[2, 1]) / 2]
+    np.testing.assert_allclose(result.class_means, class_means, rtol=1e-12)
     case_means = [table[0].mean(), table[1, 0], table[2].mean()]
     np.testing.assert_allclose(result.case_means, case_means, rtol=1e-12)
-    assert result.overall == pytest.approx(np.mean(case_means), rel=1e-12)
-    # "Per case then over cases" differs from the mean of the class means here.
-    assert result.overall != pytest.approx(np.mean(result.class_means), rel=1e-6)
+    assert result.overall == pytest.approx(np.mean(class_means), rel=1e-12)
+    # Here "per case, then over cases" would give another number.
+    assert result.overall != pytest.approx(np.mean(case_means), rel=1e-6)
+
+
+def test_training_validation_and_evaluate_give_the_same_means(tmp_path):
+    import tensorflow as tf
+
+    from tf_medseg.training.validation import validate
+
+    cases = make_cases(tmp_path)
+    evaluated = evaluate.evaluate_dirs(tmp_path / "preds", tmp_path / "labels")
+    shape = next(iter(cases.values()))[0].shape
+    # The "model" reads the prediction from the image channel, so validation scores exactly
+    # the predicted files.
+    items = [
+        {"image": cases[n][0][..., None].astype(np.float32), "label": cases[n][1]}
+        for n in sorted(cases)
+    ]
+
+    def predictor(windows):
+        return tf.one_hot(tf.cast(tf.round(windows[..., 0]), tf.int32), 3)
+
+    result = validate(predictor, items, 3, shape, overlap=0.0)
+    np.testing.assert_allclose(result.case_dice, evaluated.dice, rtol=1e-12, equal_nan=True)
+    np.testing.assert_allclose(result.dice, evaluated.class_means, rtol=1e-12)
+    assert result.mean_dice == pytest.approx(evaluated.overall, rel=1e-12)
 
 
 def run_cli(*args):

@@ -123,12 +123,12 @@ def test_fp_fn_matches_equations_5_and_6():
     assert r_fn == pytest.approx(np.mean(fn), abs=1e-12)
 
 
-def test_mean_dice_per_case_then_over_cases():
+def test_mean_dice_per_class_over_cases_then_over_classes():
     per_case = np.array([[0.5, np.nan], [np.nan, np.nan], [1.0, 0.0]])
-    # Case means 0.5, undefined, 0.5 -> 0.5 (a per-voxel pooled mean would differ).
+    # Class means 0.75 and 0.0 -> 0.375 (per case first: 0.5 and 0.5 -> 0.5).
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert mean_dice(per_case) == pytest.approx(0.5)
+        assert mean_dice(per_case) == pytest.approx(0.375)
         np.testing.assert_allclose(mean_dice_per_class(per_case), [0.75, 0.0])
         assert np.isnan(mean_dice(np.full((2, 2), np.nan)))
         np.testing.assert_array_equal(mean_dice_per_class(np.full((2, 2), np.nan)), [np.nan] * 2)

@@ -187,10 +187,13 @@ def _nanmean(values: np.ndarray, axis: int | None = None) -> np.ndarray | float:
 
 
 def mean_dice(per_case: np.ndarray) -> float:
-    """Mean Dice "per case, then over cases", NaNs excluded.
+    """The overall mean Dice: per class over the cases that contain it, then over classes.
 
-    Each case (row) is averaged over its defined classes; the case means are averaged over the
-    cases with at least one defined class.
+    This is the one definition tf_medseg uses, in training (``best_dice``, ``--target_dice``)
+    and in ``tf-medseg-evaluate``: the Decathlon's and the paper's per-class means
+    (:func:`mean_dice_per_class`), averaged over the classes that occur. (Averaging each case
+    over its classes first weighs a case without the rare class, such as a liver without
+    lesions, by its easy class alone, and gives a different number.)
 
     Args:
         per_case: ``(num_cases, num_classes - 1)`` Dice values (rows from ``dice_per_class``),
@@ -199,8 +202,7 @@ def mean_dice(per_case: np.ndarray) -> float:
     Returns:
         The mean, or NaN when no case has a defined class.
     """
-    per_case = np.atleast_2d(np.asarray(per_case, dtype=np.float64))
-    return float(_nanmean(_nanmean(per_case, axis=1)))
+    return float(_nanmean(mean_dice_per_class(per_case)))
 
 
 def mean_dice_per_class(per_case: np.ndarray) -> np.ndarray:

@@ -9,8 +9,9 @@ Predictions and labels are NIfTI files matched by case name (the file name witho
 ``.nii.gz``); every prediction needs a label, labels without a prediction are ignored (so a
 folder of validation predictions can be scored against a whole ``labelsTr``). Dice comes from
 :mod:`tf_medseg.metrics`, NaN for a class absent from the ground truth of a case. Means are
-taken per case first and then over cases, NaN excluded: the mean of a class is over the cases
-that contain it, and the overall mean is the mean over cases of each case's mean over classes.
+per class over the cases that contain the class, and the overall mean is the mean of the class
+means (:func:`tf_medseg.metrics.mean_dice`, the same definition as validation during training);
+each case's mean over its classes is in the table's last column.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class Evaluation:
         dice: float64 array (num_cases, num_classes - 1), NaN where a class is absent.
         class_means: Mean Dice per foreground class over the cases that contain it.
         case_means: Mean Dice per case over the classes it contains.
-        overall: Mean of ``case_means`` over cases (NaN excluded).
+        overall: Mean of ``class_means`` over classes (NaN excluded), as in training.
     """
 
     cases: tuple[str, ...]

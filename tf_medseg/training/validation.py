@@ -3,14 +3,14 @@
 Each worker predicts its share of the validation volumes (case ``i`` goes to worker
 ``i % size``), turns the prediction into confusion sums per case (intersection, predicted and
 true volumes per foreground class), and the per-case sums are all-reduced. Every worker then
-holds the same numbers as a single process would: per-class Dice per case (averaged "per case,
-then over cases", NaN cases excluded), the FP/FN indices of equations 5 and 6 over the whole
-set, and the pooled sums that feed the adaptive sampler.
+holds the same numbers as a single process would: per-class Dice per case, their means per
+class over the cases that contain the class and the overall mean over classes
+(:func:`tf_medseg.metrics.mean_dice`, as ``tf-medseg-evaluate``), the FP/FN indices of
+equations 5 and 6 over the whole set, and the pooled sums that feed the adaptive sampler.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -27,8 +27,8 @@ class ValidationResult:
     """The outcome of one validation.
 
     Attributes:
-        dice: Per foreground class, mean over cases of the per-case Dice (NaN excluded).
-        mean_dice: Mean of ``dice`` over classes (NaN excluded).
+        dice: Per foreground class, mean over the cases that contain it of the per-case Dice.
+        mean_dice: Mean of ``dice`` over classes (NaN excluded): the overall mean.
         case_dice: (num_cases, num_classes - 1) per-case Dice, NaN where a label is empty.
         sums: Confusion sums pooled over all cases.
         r_fp: False positive index (equation 5) of the pooled sums.
@@ -137,10 +137,8 @@ def validate(
     )
     pooled = metrics.ConfusionSums.from_array(per_case.sum(axis=0))
     r_fp, r_fn = metrics.fp_fn_from_sums(pooled)
-    with warnings.catch_warnings():  # a class empty in every case is NaN, not a warning
-        warnings.simplefilter("ignore", RuntimeWarning)
-        dice = np.nanmean(case_dice, axis=0)
-        mean_dice = float(np.nanmean(dice)) if np.any(np.isfinite(dice)) else float("nan")
+    dice = metrics.mean_dice_per_class(case_dice)  # a class empty in every case: NaN
+    mean_dice = metrics.mean_dice(case_dice)
     return ValidationResult(
         dice=dice,
         mean_dice=mean_dice,
