@@ -15,6 +15,7 @@ from tf_medseg.cache import (
     SmartCache,
     item_nbytes,
     rank_shard,
+    smallest_shard,
 )
 
 SIDE = 4
@@ -196,21 +197,78 @@ def test_strict_schedule_waits_and_records_the_wait():
     assert 0.1 < stats["wait_s_max"] <= stats["wait_s_total"] < 5
 
 
-@pytest.mark.parametrize("num_items,world_size", [(10, 3), (12, 3), (2, 4)])
-def test_rank_shards_are_even_disjoint_and_cover_every_item(num_items, world_size):
-    for pass_index in range(3):
-        shards = [
-            rank_shard(num_items, 9, pass_index, r, world_size, shuffle=True)
-            for r in range(world_size)
-        ]
-        size = -(-num_items // world_size)
-        assert all(len(s) == size and len(set(s)) == size for s in shards)
-        union = np.concatenate(shards)
-        assert set(union) == set(range(num_items))
-        # Only the padding repeats items: size * world_size - num_items extra entries.
-        assert len(union) - len(set(union)) == size * world_size - num_items
-    deals = {tuple(rank_shard(num_items, 9, p, 0, world_size, True)) for p in range(6)}
-    assert len(deals) > 1
+@pytest.mark.parametrize("num_items,world_size", [(10, 3), (12, 3), (4, 4), (7, 2)])
+def test_rank_parts_are_disjoint_cover_every_item_and_are_walked_in_new_orders(
+    num_items, world_size
+):
+    parts = [set(rank_shard(num_items, 9, 0, r, world_size, True)) for r in range(world_size)]
+    assert set().union(*parts) == set(range(num_items))
+    assert sum(len(p) for p in parts) == num_items  # disjoint
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert min(map(len, parts)) == smallest_shard(num_items, world_size)
+    for r in range(world_size):  # the same part on every pass, in a new order
+        passes = [tuple(rank_shard(num_items, 9, p, r, world_size, True)) for p in range(6)]
+        assert all(set(p) == parts[r] for p in passes)
+        assert len(parts[r]) < 3 or len(set(passes)) > 1
+    with pytest.raises(ValueError, match="cannot give 4 workers one item each"):
+        rank_shard(2, 9, 0, 0, 4, True)
+
+
+@pytest.mark.parametrize(
+    "num_items,world_size,cache_num,replace_rate",
+    [(12, 3, 2, 0.5), (12, 3, 3, 1.0), (13, 3, 2, 0.5), (10, 4, 1, 1.0), (9, 2, 3, 0.34)],
+)
+def test_no_two_ranks_ever_hold_the_same_item(num_items, world_size, cache_num, replace_rate):
+    items = make_items(num_items)
+    caches = [
+        SmartCache(
+            items,
+            index_prefix,
+            cache_num=cache_num,
+            replace_rate=replace_rate,
+            world_size=world_size,
+            rank=r,
+            seed=5,
+            wait_for_replacements=True,
+            progress=False,
+        )
+        for r in range(world_size)
+    ]
+    try:
+        seen = set()
+        for _ in range(12):  # several passes over every part
+            held = [set(c.cached_indices()) if c.epoch else set(i for i, _ in c.epoch_items())
+                    for c in caches]  # fmt: skip
+            assert [len(h) for h in held] == [cache_num] * world_size
+            assert sum(len(h) for h in held) == len(set().union(*held)), held
+            seen |= set().union(*held)
+            for c in caches:
+                c.end_epoch()
+        assert seen == set(range(num_items))  # every item is trained on
+    finally:
+        for c in caches:
+            c.close()
+
+
+def test_uncached_ranks_read_disjoint_items_in_epochs_of_equal_length():
+    from tf_medseg.pipeline import UncachedSource
+
+    items = make_items(11)
+    sources = [
+        UncachedSource(items, index_prefix, seed=3, rank=r, world_size=3, num_workers=1)
+        for r in range(3)
+    ]
+    try:
+        for _ in range(5):
+            epochs = [[i for i, _ in s.epoch_items()] for s in sources]
+            assert [len(e) for e in epochs] == [11 // 3] * 3
+            flat = [i for e in epochs for i in e]
+            assert len(flat) == len(set(flat))
+            for s in sources:
+                s.end_epoch()
+    finally:
+        for s in sources:
+            s.close()
 
 
 def test_each_rank_caches_its_own_shard():

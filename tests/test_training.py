@@ -86,6 +86,33 @@ def test_resume_continues_from_saved_step_and_optimizer_state(spleen_task_dir, t
     assert summary["steps"] == 4 and len(second.losses) == 2
 
 
+@pytest.mark.parametrize(
+    "change,said",
+    [
+        ({"cache_num": 3}, "cache_num 2 -> 3"),
+        ({"seed": 7}, "seed 0 -> 7"),
+        ({"num_val": 3}, "num_items 4 -> 3"),
+        ({"cache": "none"}, None),
+    ],
+)
+def test_resume_into_a_changed_run_says_what_changed_and_refills(
+    spleen_task_dir, tmp_path, caplog, change, said
+):
+    first, _ = _run(tiny_config(spleen_task_dir, tmp_path / "run", epochs=1, seed=0))
+    del first
+    caplog.set_level("WARNING")
+    second = Trainer(tiny_config(spleen_task_dir, tmp_path / "run", epochs=2, **change))
+    try:
+        assert second.restored_from is not None and int(second.step.numpy()) == 2
+        summary = second.fit()
+    finally:
+        second.close()
+    assert summary["epochs"] == 2
+    if said:
+        (line,) = [r.getMessage() for r in caplog.records if "another run" in r.getMessage()]
+        assert said in line and line.endswith("the cache starts afresh")
+
+
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16", "mixed_float16"])
 def test_policies_run_with_finite_loss(spleen_task_dir, tmp_path, policy):
     trainer, summary = _run(

@@ -8,6 +8,7 @@ from tf_medseg.cache.smart_cache import (
     item_nbytes,
     item_path,
     rank_shard,
+    smallest_shard,
 )
 
 __all__ = [
@@ -19,4 +20,5 @@ __all__ = [
     "item_nbytes",
     "item_path",
     "rank_shard",
+    "smallest_shard",
 ]

@@ -11,8 +11,11 @@ Beyond the paper's description (and MONAI's ``SmartCacheDataset``):
 
 * the training thread never waits for late replacements unless ``wait_for_replacements=True``:
   the ready ones are swapped in, the late ones at a later boundary, and ``stats()`` counts them;
-* with ``world_size > 1`` each rank caches a disjoint, even-sized shard of the items (padded by
-  repetition), re-dealt by seed on every full pass so that every item is seen;
+* with ``world_size > 1`` each rank caches its own part of the items, dealt once by seed: the
+  ranks never hold the same item, in any epoch (a re-deal per pass would let two ranks hold one
+  item while their caches straddle the change of pass). The parts differ in size by at most
+  one item; every rank holds the same ``cache_num`` (sized on the smallest part), so every rank
+  takes the same number of steps per epoch;
 * ``memory_budget_bytes`` sizes the cache from the measured size of a prefix output, and a cache
   that would not fit is refused before the first epoch;
 * an exception in a worker thread is re-raised in the training thread as ``CachePrefixError``
@@ -26,6 +29,7 @@ timing) when ``wait_for_replacements=True`` or when every replacement is ready i
 from __future__ import annotations
 
 import collections
+import hashlib
 import logging
 import math
 import os
@@ -53,7 +57,7 @@ Agree = Callable[[int], int]
 # TensorFlow hands a NumPy buffer to a tensor without copying it only when the buffer is aligned
 # to Eigen's maximum alignment (64 bytes covers every build).
 _ALIGN_BYTES = 64
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: fixed per-rank parts (1 re-dealt the items on every pass)
 
 
 class CachePrefixError(RuntimeError):
@@ -97,30 +101,42 @@ def item_path(item: Item) -> str:
 def rank_shard(
     num_items: int, seed: int, pass_index: int, rank: int, world_size: int, shuffle: bool
 ) -> np.ndarray:
-    """The item indices one rank handles during one full pass over the items.
+    """The item indices one rank handles during one full pass over its part of the items.
 
-    The items are permuted by ``(seed, pass_index)`` (identity when ``shuffle`` is False),
-    padded by repetition to a multiple of ``world_size`` and dealt round-robin, so the shards of
-    one pass are even-sized, disjoint apart from the padding, and cover every item.
+    The items are permuted by ``seed`` (identity when ``shuffle`` is False) and dealt
+    round-robin once for the whole run, so the ranks' parts are disjoint, differ in size by at
+    most one, and together cover every item. Each pass visits the rank's part in a new order,
+    permuted by ``(seed, pass_index, rank)``.
 
     Args:
         num_items: Number of items in the whole list.
         seed: Run seed.
-        pass_index: Index of the full pass (a new deal on every pass when shuffling).
+        pass_index: Index of the full pass over the rank's part.
         rank: This rank, in ``[0, world_size)``.
         world_size: Number of ranks.
-        shuffle: Whether to permute the items before dealing.
+        shuffle: Whether to permute the items (the deal and each pass).
 
     Returns:
-        int64 array of ``ceil(num_items / world_size)`` distinct item indices.
+        int64 array of this rank's ``len(range(rank, num_items, world_size))`` distinct item
+        indices.
+
+    Raises:
+        ValueError: With fewer items than ranks (a rank would have none).
     """
-    if shuffle:
-        order = np.random.default_rng([seed, 0x5EED, pass_index]).permutation(num_items)
-    else:
-        order = np.arange(num_items)
-    shard_size = math.ceil(num_items / world_size)
-    padded = np.resize(order, shard_size * world_size)
-    return padded[rank::world_size].astype(np.int64)
+    if num_items < world_size:
+        raise ValueError(
+            f"{num_items} training items cannot give {world_size} workers one item each"
+        )
+    if not shuffle:
+        return np.arange(rank, num_items, world_size, dtype=np.int64)
+    deal = np.random.default_rng([seed, 0x5EED]).permutation(num_items)
+    part = deal[rank::world_size].astype(np.int64)
+    return np.random.default_rng([seed, 0x5EED, pass_index, rank]).permutation(part)
+
+
+def smallest_shard(num_items: int, world_size: int) -> int:
+    """The size of the smallest rank's part (what sizes ``cache_num`` on every rank)."""
+    return num_items // world_size
 
 
 def _aligned(array: np.ndarray) -> np.ndarray:
@@ -243,7 +259,9 @@ class SmartCache:
         self.world_size = world_size
         self.wait_for_replacements = wait_for_replacements
         self.progress = progress
-        self.shard_size = math.ceil(len(self._items) / world_size)
+        # This rank's part, and the smallest part, which sizes the cache the same on every rank.
+        self.shard_size = len(range(rank, len(self._items), world_size))
+        smallest = smallest_shard(len(self._items), world_size)
         self._num_init_workers = num_init_workers or max(1, cpu_count())
         self._num_replace_workers = num_replace_workers
         self.replace_nice = int(replace_nice)
@@ -265,8 +283,10 @@ class SmartCache:
         self.item_bytes: int | None = None
         self.memory_budget_bytes = memory_budget_bytes
 
-        wanted = cache_num if cache_num is not None else max(1, int(self.shard_size * cache_rate))
-        wanted = min(wanted, self.shard_size)
+        if smallest == 0:
+            rank_shard(len(self._items), self.seed, 0, rank, world_size, shuffle)  # the error
+        wanted = cache_num if cache_num is not None else max(1, int(smallest * cache_rate))
+        wanted = min(wanted, smallest)
         if memory_budget_bytes is not None:
             wanted = self._fit_budget(wanted, explicit=cache_num is not None, agree=agree)
         self.cache_num = wanted
@@ -519,6 +539,11 @@ class SmartCache:
             "item_bytes": self.item_bytes,
         }
 
+    def _items_digest(self) -> str:
+        """A short digest of the items' case names, in order (a changed split changes it)."""
+        names = "\n".join(str(item.get("case", i)) for i, item in enumerate(self._items))
+        return hashlib.sha256(names.encode()).hexdigest()[:16]
+
     def cached_indices(self) -> list[int]:
         """Item indices now in the cache, oldest first."""
         return [i for i, _ in self._cached]
@@ -545,6 +570,7 @@ class SmartCache:
             "cached": cached,
             "pending": pending,
             "num_items": len(self._items),
+            "items": self._items_digest(),
             "seed": self.seed,
             "rank": self.rank,
             "world_size": self.world_size,
@@ -566,17 +592,23 @@ class SmartCache:
         expected = {
             "version": _STATE_VERSION,
             "num_items": len(self._items),
+            "items": self._items_digest(),
             "seed": self.seed,
             "rank": self.rank,
             "world_size": self.world_size,
             "cache_num": self.cache_num,
         }
-        for key, mine in expected.items():
-            if state.get(key) != mine:
-                raise ValueError(
-                    f"cannot restore the smart cache: saved {key}={state.get(key)!r}, "
-                    f"this cache has {mine!r}"
-                )
+        changed = [
+            f"{key} {state.get(key)!r} -> {mine!r}"
+            for key, mine in expected.items()
+            if state.get(key) != mine
+        ]
+        if changed:
+            raise ValueError(
+                "the checkpoint's smart cache position is for another run ("
+                + ", ".join(changed)
+                + ")"
+            )
         for _, future in self._pending:
             future.cancel()
         keep = {i: item for i, item in self._cached}

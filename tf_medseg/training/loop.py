@@ -278,7 +278,10 @@ class Trainer:
                 continue
             state = _rank_state(self.cache_state.numpy().decode(), self.dist)
             if state and hasattr(self.train_source, "restore"):
-                self.train_source.restore(state)
+                try:
+                    self.train_source.restore(state)
+                except ValueError as err:  # a changed cache size, seed, split or cache mode
+                    logging.warning("%s: the cache starts afresh", err)
             logging.info(
                 "resumed from %s at step %d, epoch %d",
                 path,
