@@ -237,6 +237,22 @@ def test_corrupt_training_file_stops_before_training(spleen_task_dir, tmp_path):
     assert not glob.glob(os.path.join(str(tmp_path / "run"), "checkpoints", "*"))
 
 
+def test_corrupt_mri_training_file_is_one_line_before_training(heart_task_dir, tmp_path):
+    # MRI reads no file for intensity statistics: the cache's first fill, before the first
+    # epoch and outside tf.data, is where the broken file is found.
+    data, victim = _copy_with_truncated(heart_task_dir, tmp_path, lambda t, v: t[0])
+    with pytest.raises(CachePrefixError, match="not a readable NIfTI") as err:
+        Trainer(tiny_config(data, tmp_path / "run"))
+    assert victim in str(err.value)
+    result = subprocess.run(
+        _train_command(data, str(tmp_path / "cli")), capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("tf-medseg-train:") and victim in last
+    assert not glob.glob(os.path.join(str(tmp_path / "cli"), "checkpoints", "*"))
+
+
 def test_worker_exception_ends_training_with_the_path(spleen_task_dir, tmp_path):
     # A validation volume is first read by the cache's worker threads at the first validation.
     data, victim = _copy_with_truncated(spleen_task_dir, tmp_path, lambda t, v: v[0])
