@@ -169,3 +169,28 @@ def test_checkpoint_round_trip_of_the_fraction(tmp_path):
     assert float(restored.positive_fraction.numpy()) == pytest.approx(0.73)
     tf.train.Checkpoint(sampler=sampler).restore(path).assert_consumed()
     assert float(sampler.positive_fraction.numpy()) == pytest.approx(0.73)
+
+
+def test_the_fraction_lives_on_the_host_whatever_the_default_device():
+    # The input pipeline reads it per patch on the CPU; created under a GPU's default device it
+    # would cost a round trip per patch. Stood in for here by a second logical CPU device.
+    import subprocess
+    import sys
+
+    script = (
+        "import tensorflow as tf\n"
+        "cpu = tf.config.list_physical_devices('CPU')[0]\n"
+        "two = [tf.config.LogicalDeviceConfiguration()] * 2\n"
+        "tf.config.set_logical_device_configuration(cpu, two)\n"
+        "from tf_medseg.sampling import AdaptiveSampler\n"
+        "with tf.device('/CPU:1'):\n"
+        "    other = tf.Variable(1.0)\n"
+        "    sampler = AdaptiveSampler()\n"
+        "print(other.device)\n"
+        "print(sampler.positive_fraction.device)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    ).stdout.split()
+    assert out[-2].endswith("device:CPU:1")  # the default device does move a plain variable
+    assert out[-1].endswith("device:CPU:0")

@@ -126,7 +126,9 @@ class AdaptiveSampler(tf.Module):
         self.gamma = float(gamma)
         self.bounds = (low, high)
         self.adaptive = bool(adaptive)
-        with self.name_scope:
+        # On the host: the input pipeline reads it per patch, on the CPU; on a GPU machine a
+        # variable placed by default on the GPU would cost a device round trip per patch.
+        with self.name_scope, tf.device("/CPU:0"):
             self.positive_fraction = tf.Variable(
                 float(initial_fraction),
                 dtype=tf.float32,
