@@ -8,7 +8,6 @@ from tf_medseg.cache import SmartCache
 from tf_medseg.pipeline import (
     TrainStream,
     UncachedSource,
-    build_eval_dataset,
     build_train_dataset,
     choose_centre,
     crop_with_padding,
@@ -300,16 +299,6 @@ def test_empty_index_lists_fall_back():
     assert all(np.all(lb == 0) for lb in labels)
 
 
-def test_eval_dataset_yields_whole_volumes_in_item_order():
-    with cache_of(VOLUMES) as cache:
-        elements = list(build_eval_dataset(cache))
-    assert [e["case"].numpy().decode() for e in elements] == ["a", "b", "c"]
-    for element, volume in zip(elements, VOLUMES, strict=True):
-        np.testing.assert_array_equal(element["image"].numpy(), volume["image"])
-        np.testing.assert_array_equal(element["label"].numpy(), volume["label"])
-        assert element["label"].dtype == tf.int32
-
-
 def test_sources_of_each_mode():
     by_case = {v["case"]: v for v in VOLUMES}
     calls = []
@@ -395,16 +384,14 @@ def test_real_prefix_on_a_synthetic_task(tmp_path):
 
     second = CountingPrefix(chain)
     with SmartCache(items, second, **kwargs) as cache:
-        volumes = list(build_eval_dataset(cache))
         cached = dict(cache.epoch_items())
     assert second.calls == 0
     for index, item in cached.items():
         for key in ("image", "label", "fg_indices", "bg_indices"):
             np.testing.assert_array_equal(item[key], reference[index][key])
         assert item["geometry"] == reference[index]["geometry"]
-    for element, index in zip(volumes, sorted(cached), strict=True):
-        assert element["case"].numpy().decode() == items[index]["case"]
-        np.testing.assert_array_equal(element["label"].numpy(), reference[index]["label"])
+    for index, item in cached.items():
+        assert item["case"] == items[index]["case"]
 
 
 def test_pipeline_benchmark_runs_at_a_tiny_size(tmp_path):

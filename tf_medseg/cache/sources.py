@@ -1,0 +1,259 @@
+"""Sources of the deterministic prefix's outputs for the training pipeline, one epoch at a time.
+
+A *source* hands :func:`tf_medseg.pipeline.build_train_dataset` the cached items of an epoch
+(:class:`Source`): the :class:`~tf_medseg.cache.SmartCache` (``cache="smart"``, or ``"full"``
+with no replacement) or :class:`UncachedSource` (``"none"``: the prefix runs on every item every
+epoch, the paper's baseline). :func:`make_source` builds one from a mode name. Under Horovod each
+rank's source reads only its own part of the items (:func:`~tf_medseg.cache.rank_shard`).
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent import futures
+from typing import Any, Protocol
+
+import numpy as np
+
+from tf_medseg.cache.persistent import PersistentPrefixCache
+from tf_medseg.cache.smart_cache import (
+    CachePrefixError,
+    SmartCache,
+    item_path,
+    rank_shard,
+    smallest_shard,
+)
+
+CachedItem = dict[str, Any]
+Prefix = Callable[[Mapping[str, Any]], CachedItem]
+
+CACHE_MODES = ("smart", "full", "none")
+
+
+class Source(Protocol):
+    """What the pipeline needs from a source of cached items."""
+
+    rank: int
+
+    @property
+    def epoch(self) -> int: ...
+
+    def epoch_items(self) -> Sequence[tuple[int, CachedItem]] | Iterator[tuple[int, CachedItem]]:
+        """``(item_index, cached_item)`` pairs of the current epoch."""
+
+    def peek(self) -> CachedItem:
+        """One cached item (to read the number of channels)."""
+
+    def end_epoch(self) -> None: ...
+
+    def close(self, wait: bool = True) -> None: ...
+
+
+class UncachedSource:
+    """Applies the prefix to every item of this rank's shard every epoch (the baseline).
+
+    A small thread pool prepares the next items ahead of the consumer, in order, as a plain
+    (non-caching) data loader with workers would.
+
+    Args:
+        items: Item dicts.
+        prefix: The deterministic prefix.
+        shuffle: Shuffle (and re-deal across ranks) every epoch by seed.
+        seed: Run seed.
+        rank: This process's rank.
+        world_size: Number of ranks.
+        num_workers: Threads applying the prefix.
+        cache_dir: Optional on-disk prefix cache (then it is a disk cache, not the baseline).
+    """
+
+    def __init__(
+        self,
+        items: Sequence[Mapping[str, Any]],
+        prefix: Prefix,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 2,
+        cache_dir: str | None = None,
+    ):
+        if not items:
+            raise ValueError("UncachedSource needs at least one item")
+        self._items = list(items)
+        self._prefix = PersistentPrefixCache(cache_dir, prefix) if cache_dir else prefix
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self.rank = rank
+        self.world_size = world_size
+        # Items per epoch, the same on every rank (the smallest rank's part; see ``rank_shard``):
+        # each rank walks its own part in passes, so no two ranks ever read the same item.
+        self.shard_size = smallest_shard(len(self._items), world_size)
+        self._part_size = len(range(rank, len(self._items), world_size))
+        if self.shard_size == 0:
+            rank_shard(len(self._items), self.seed, 0, rank, world_size, shuffle)  # the error
+        self._passes: dict[int, np.ndarray] = {}
+        self._epoch = 0
+        self._pool = futures.ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="uncached")
+        self._num_workers = max(1, num_workers)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch now being trained."""
+        return self._epoch
+
+    def _at(self, position: int) -> int:
+        """The item at ``position`` of this rank's endless walk through passes of its part."""
+        pass_index, offset = divmod(position, self._part_size)
+        if pass_index not in self._passes:
+            self._passes = {
+                pass_index: rank_shard(
+                    len(self._items),
+                    self.seed,
+                    pass_index,
+                    self.rank,
+                    self.world_size,
+                    self.shuffle,
+                ),
+                **{k: v for k, v in self._passes.items() if k == pass_index - 1},
+            }
+        return int(self._passes[pass_index][offset])
+
+    def _compute(self, index: int) -> CachedItem:
+        item = self._items[index]
+        try:
+            return self._prefix(item)
+        except Exception as exc:
+            raise CachePrefixError(
+                f"the deterministic prefix failed on {item_path(item)}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+
+    def epoch_items(self) -> Iterator[tuple[int, CachedItem]]:
+        """Computes this epoch's items lazily, a few ahead of the consumer, in order."""
+        indices = [
+            self._at(p)
+            for p in range(self._epoch * self.shard_size, (self._epoch + 1) * self.shard_size)
+        ]
+        ahead: collections.deque = collections.deque()
+        position = 0
+        try:
+            while position < len(indices) or ahead:
+                while position < len(indices) and len(ahead) <= self._num_workers:
+                    index = int(indices[position])
+                    ahead.append((index, self._pool.submit(self._compute, index)))
+                    position += 1
+                index, job = ahead.popleft()
+                yield index, job.result()
+        finally:
+            for _, job in ahead:
+                job.cancel()
+
+    def peek(self) -> CachedItem:
+        """The prefix output of the first item."""
+        return self._compute(0)
+
+    def end_epoch(self) -> None:
+        """Moves to the next epoch."""
+        self._epoch += 1
+
+    def state(self) -> dict[str, int]:
+        """The epoch, for a checkpoint."""
+        return {"epoch": self._epoch}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Restores the epoch from ``state()``."""
+        self._epoch = int(state["epoch"])
+
+    def close(self, wait: bool = True) -> None:
+        """Stops the worker threads."""
+        self._pool.shutdown(wait=wait, cancel_futures=True)
+
+    def __enter__(self) -> UncachedSource:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(wait=exc_type is None)
+
+
+def make_source(
+    mode: str,
+    items: Sequence[Mapping[str, Any]],
+    prefix: Prefix,
+    *,
+    cache_num: int | None = None,
+    cache_rate: float = 1.0,
+    replace_rate: float = 0.1,
+    num_workers: int | None = None,
+    num_replace_workers: int = 1,
+    shuffle: bool = True,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    memory_budget_bytes: int | None = None,
+    wait_for_replacements: bool = False,
+    cache_dir: str | None = None,
+    progress: bool = True,
+    agree=None,
+) -> SmartCache | UncachedSource:
+    """Builds the source of a cache mode.
+
+    Args:
+        mode: ``"smart"`` (gradual replacement), ``"full"`` (every item of the shard cached, no
+            replacement) or ``"none"`` (prefix every epoch; the baseline).
+        items: Item dicts.
+        prefix: The deterministic prefix.
+        cache_num: ``smart`` only: items held.
+        cache_rate: ``smart`` only: fraction held when ``cache_num`` is not given.
+        replace_rate: ``smart`` only: fraction replaced per epoch.
+        num_workers: Threads of the initial fill (``none``: of the per-epoch loading).
+        num_replace_workers: ``smart`` only: threads preparing replacements.
+        shuffle: Shuffle by seed.
+        seed: Run seed.
+        rank: This process's rank.
+        world_size: Number of ranks.
+        memory_budget_bytes: ``smart``/``full``: memory the cache may use.
+        wait_for_replacements: ``smart`` only: keep the strict schedule.
+        cache_dir: Optional on-disk prefix cache.
+        progress: Progress bar during the fill.
+        agree: ``smart``/``full`` with a memory budget: the workers' collective that makes
+            the cache size the same on every worker (see :class:`SmartCache`).
+
+    Returns:
+        The source.
+
+    Raises:
+        ValueError: On an unknown mode.
+    """
+    if mode == "none":
+        return UncachedSource(
+            items, prefix, shuffle, seed, rank, world_size, num_workers or 2, cache_dir
+        )
+    if mode not in CACHE_MODES:
+        raise ValueError(f"unknown cache mode {mode!r}; choose from {CACHE_MODES}")
+    full = mode == "full"
+    return SmartCache(
+        items,
+        prefix,
+        cache_num=None if full else cache_num,
+        cache_rate=1.0 if full else cache_rate,
+        replace_rate=0.0 if full else replace_rate,
+        num_init_workers=num_workers,
+        num_replace_workers=num_replace_workers,
+        shuffle=shuffle,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        memory_budget_bytes=memory_budget_bytes,
+        wait_for_replacements=wait_for_replacements,
+        cache_dir=cache_dir,
+        progress=progress,
+        agree=agree,
+    )
+
+
+def patches_per_epoch(source: SmartCache | UncachedSource, num_samples: int) -> int:
+    """Patches one epoch yields: the cached (or shard's) items times ``num_samples``."""
+    if isinstance(source, SmartCache):
+        return source.cache_num * num_samples
+    return source.shard_size * num_samples
