@@ -268,8 +268,16 @@ def _spacing_grid(base: float) -> list[float]:
     return [round(base * f, 3) for f in (1, 1.25, 1.5, 2, 2.5, 3, 4)]
 
 
-def make_plan(fp: dict, machine: dict, workers: int = 1) -> Plan:
-    """The configuration for this data on this machine (the module's rules)."""
+def make_plan(fp: dict, machine: dict, workers: int = 1, local_workers: int | None = None) -> Plan:
+    """The configuration for this data on this machine (the module's rules).
+
+    Args:
+        fp: The fingerprint (:func:`fingerprint`).
+        machine: The machine (:func:`describe_machine`).
+        workers: Training workers in all (they share the training cases).
+        local_workers: Workers on this machine, which share its RAM (default: ``workers``).
+    """
+    local_workers = local_workers or workers
     reasons: dict[str, str] = {}
     flags: dict[str, str] = {}
     gpu = machine["kind"] == "gpu"
@@ -345,9 +353,9 @@ def make_plan(fp: dict, machine: dict, workers: int = 1) -> Plan:
     )
 
     # Cache.
-    budget = max(0.5, math.floor(machine["ram_available_gb"] / 2 / workers * 2) / 2)
+    budget = max(0.5, math.floor(machine["ram_available_gb"] / 2 / local_workers * 2) / 2)
     reasons["memory_budget_gb"] = (
-        f"half of {machine['ram_available_gb']:g} GB available RAM per worker"
+        f"half of {machine['ram_available_gb']:g} GB available RAM over {local_workers} worker(s)"
     )
     single = classes == 2 and fp["median_components"] <= 1
     reasons["val_keep_largest"] = (

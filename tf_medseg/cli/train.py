@@ -84,7 +84,14 @@ def apply_plan(data_dir: str, workdir: str):
     from tf_medseg.data.msd import load_task
 
     task = load_task(data_dir)
-    result = planning.plan_for(task, fallback_dir=workdir)
+    # Under horovodrun every worker plans (the same fingerprint, read from the task's cache once
+    # stored); the RAM is shared by the workers of a node.
+    result = planning.plan_for(
+        task,
+        fallback_dir=workdir,
+        workers=int(os.environ.get("HOROVOD_SIZE", "1")),
+        local_workers=int(os.environ.get("HOROVOD_LOCAL_SIZE", "1")),
+    )
     for name, value in result.flags.items():
         if not FLAGS[name].present:
             FLAGS[name].parse(value)
@@ -112,7 +119,7 @@ def main(argv: list[str]) -> int:
         for line in errors:
             print(f"tf-medseg-train: {line}", file=sys.stderr)
         return 2
-    if planned is not None:
+    if planned is not None and os.environ.get("HOROVOD_RANK", "0") == "0":
         from tf_medseg import plan as planning
 
         planning.write_plan(planned, os.path.join(config.workdir, "plan.json"))
