@@ -390,6 +390,27 @@ def make_plan(fp: dict, machine: dict, workers: int = 1, local_workers: int | No
         flags["ct_percentiles"] = "5,95"
         reasons["ct_percentiles"] = "the paper's CT normalisation"
     reasons["learning_rate"] = "NovoGrad at the paper's 5e-4" if gpu else "NovoGrad, CPU presets"
+    same = "with the patch size"
+    reasons.update(
+        {
+            "batch_size": reasons["patch_size"],
+            "num_samples": "two patches per cached item per epoch, as the presets",
+            "model": "the paper's U-Net",
+            "depth": same,
+            "base_filters": same,
+            "optimizer": "the paper's NovoGrad",
+            "loss": "the paper's soft Dice (equation 1)",
+            "cache": "the paper's smart cache",
+            "cache_rate": "as much as the memory budget holds",
+            "replace_rate": "a quarter of the cache per epoch (gradual replacement)",
+            "adaptive_sampling": "the paper's FP/FN-driven sampling (equations 4-6)",
+            "val_roi_size": "twice the patch (the paper: 224 for 112)"
+            if gpu
+            else "the patch (larger windows barely changed validation time on the CPU)",
+            "val_overlap": "a quarter of the window",
+            "val_sw_batch_size": "windows per forward pass",
+        }
+    )
     memory = estimate_memory_gb(patch, batch, depth, base_filters, channels, classes, precision)
     return Plan(flags, reasons, memory, machine, fp)
 
