@@ -42,7 +42,7 @@ demo: venv
 		--data_dir=$(DEMO_DATA) --workdir=$(DEMO_WORKDIR)
 
 # Benchmarks print tables and write JSON (and plots) to runs/bench/. Run on a quiet machine
-# (about 85 minutes on 2 cores). Each time-to-Dice run is capped at BENCH_MINUTES (a run that
+# (1 h 06 min on 2 cores, 2026-11-30). Each time-to-Dice run is capped at BENCH_MINUTES (a run that
 # never reaches the target counts with its cap); baseline and proposed run with three seeds
 # (medians), the ablations (one ingredient added to the baseline or removed from the proposed
 # preset) with one, their speed-up taken against the median baseline. At MSD size (30 generated

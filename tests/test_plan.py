@@ -114,7 +114,7 @@ _PEAK = textwrap.dedent(
     opt = tf.keras.optimizers.Adam(1e-4)
     loss_fn = get_loss("dice")
     x = tf.random.normal([batch, patch, patch, patch, 1])
-    y = tf.cast(tf.random.uniform([batch, patch, patch, patch]) > 0.5, tf.int32)
+    y = tf.one_hot(tf.cast(tf.random.uniform([batch, patch, patch, patch]) > 0.5, tf.int32), 2)
     @tf.function
     def step(x, y):
         with tf.GradientTape() as tape:
@@ -147,7 +147,8 @@ def test_memory_estimate_against_the_measured_peak_on_this_cpu(tmp_path):
     # The difference of two peaks is the step's activations; TensorFlow's runtime cancels.
     measured = peak(96) - peak(16)
     estimated = plan.estimate_memory_gb(96, 2, 3, 8) - plan.estimate_memory_gb(16, 2, 3, 8)
-    assert 0.5 * estimated <= measured <= 2.0 * estimated, (measured, estimated)
+    # Measured here when the constant was set: 1.52-1.56x the stored activations, i.e. 1.0x.
+    assert 0.75 * estimated <= measured <= 1.33 * estimated, (measured, estimated)
 
 
 def _cli(*args, cwd=None):
