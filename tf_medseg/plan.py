@@ -45,7 +45,7 @@ import numpy as np
 
 from tf_medseg import system
 from tf_medseg.data.io import read_nifti, spacing_from_affine
-from tf_medseg.data.stats import files_key, in_order, read_keyed, store_keyed
+from tf_medseg.data.stats import in_order, stored_or_computed
 
 FINGERPRINT_FILE = "fingerprint.json"
 #: A patch should span this multiple of the foreground's size (CPU plans).
@@ -106,29 +106,20 @@ def fingerprint(task, folders: list[str] | None = None, num_workers: int | None 
     """
     items = list(task.training)
     folders = folders if folders is not None else [task.cache_dir]
-    key = files_key(items)
-    for folder in folders:
-        stored = read_keyed(folder, key, FINGERPRINT_FILE)
-        if stored is not None:
-            return stored
-    workers = max(1, num_workers or system.cpu_count())
-    cases = list(in_order(_case_facts, items, workers))
-    result = summarise(
-        {
-            "task": task.name,
-            "modalities": list(task.modalities),
-            "labels": list(task.labels),
-            "num_cases": len(items),
-            "cases": cases,
-        }
-    )
-    for folder in folders:
-        try:
-            store_keyed(folder, key, result, FINGERPRINT_FILE)
-            break
-        except OSError:
-            continue
-    return result
+
+    def compute() -> dict:
+        workers = max(1, num_workers or system.cpu_count())
+        return summarise(
+            {
+                "task": task.name,
+                "modalities": list(task.modalities),
+                "labels": list(task.labels),
+                "num_cases": len(items),
+                "cases": list(in_order(_case_facts, items, workers)),
+            }
+        )
+
+    return stored_or_computed(items, folders, FINGERPRINT_FILE, compute)
 
 
 def summarise(fp: dict) -> dict:

@@ -139,6 +139,29 @@ def smallest_shard(num_items: int, world_size: int) -> int:
     return num_items // world_size
 
 
+class RankWalk:
+    """One rank's endless walk through passes over its part of the items (:func:`rank_shard`):
+    ``walk[position]`` is an item index. Only the current and the previous pass are kept.
+
+    Raises:
+        ValueError: With fewer items than ranks (a rank would have none).
+    """
+
+    def __init__(self, num_items: int, seed: int, rank: int, world_size: int, shuffle: bool):
+        self._args = (num_items, seed, rank, world_size, shuffle)
+        self.part_size = len(range(rank, num_items, world_size))
+        self._passes = {0: rank_shard(num_items, seed, 0, rank, world_size, shuffle)}
+
+    def __getitem__(self, position: int) -> int:
+        pass_index, offset = divmod(position, self.part_size)
+        if pass_index not in self._passes:
+            num_items, seed, rank, world_size, shuffle = self._args
+            shard = rank_shard(num_items, seed, pass_index, rank, world_size, shuffle)
+            self._passes = {k: v for k, v in self._passes.items() if k >= pass_index - 1}
+            self._passes[pass_index] = shard
+        return int(self._passes[pass_index][offset])
+
+
 def _aligned(array: np.ndarray) -> np.ndarray:
     """Returns ``array`` C-contiguous and 64-byte aligned, copying only when it is not."""
     if array.flags.c_contiguous and array.ctypes.data % _ALIGN_BYTES == 0:
@@ -260,14 +283,14 @@ class SmartCache:
         self.wait_for_replacements = wait_for_replacements
         self.progress = progress
         # This rank's part, and the smallest part, which sizes the cache the same on every rank.
-        self.shard_size = len(range(rank, len(self._items), world_size))
+        self._walk = RankWalk(len(self._items), self.seed, rank, world_size, shuffle)
+        self.shard_size = self._walk.part_size
         smallest = smallest_shard(len(self._items), world_size)
         self._num_init_workers = num_init_workers or max(1, cpu_count())
         self._num_replace_workers = num_replace_workers
         self.replace_nice = int(replace_nice)
         self.budget_items = max(1, int(budget_items))
 
-        self._shards: dict[int, np.ndarray] = {}
         self._cursor = 0
         self._epoch = 0
         self._cached: collections.deque[tuple[int, CachedItem]] = collections.deque()
@@ -283,8 +306,6 @@ class SmartCache:
         self.item_bytes: int | None = None
         self.memory_budget_bytes = memory_budget_bytes
 
-        if smallest == 0:
-            rank_shard(len(self._items), self.seed, 0, rank, world_size, shuffle)  # the error
         wanted = cache_num if cache_num is not None else max(1, int(smallest * cache_rate))
         wanted = min(wanted, smallest)
         if memory_budget_bytes is not None:
@@ -295,16 +316,7 @@ class SmartCache:
     # ----------------------------------------------------------------- schedule
     def _stream(self, position: int) -> int:
         """The item index at ``position`` of this rank's endless sequence of passes."""
-        pass_index, offset = divmod(position, self.shard_size)
-        shard = self._shards.get(pass_index)
-        if shard is None:
-            shard = rank_shard(
-                len(self._items), self.seed, pass_index, self.rank, self.world_size, self.shuffle
-            )
-            # Only the current and the next pass are ever looked up.
-            self._shards = {k: v for k, v in self._shards.items() if k >= pass_index - 1}
-            self._shards[pass_index] = shard
-        return int(shard[offset])
+        return self._walk[position]
 
     def _next_candidates(self, count: int) -> list[int]:
         """Advances the cursor past ``count`` items that are neither cached nor pending."""

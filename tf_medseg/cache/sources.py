@@ -14,14 +14,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from typing import Any, Protocol
 
-import numpy as np
-
 from tf_medseg.cache.persistent import PersistentPrefixCache
 from tf_medseg.cache.smart_cache import (
     CachePrefixError,
+    RankWalk,
     SmartCache,
     item_path,
-    rank_shard,
     smallest_shard,
 )
 
@@ -88,11 +86,8 @@ class UncachedSource:
         self.world_size = world_size
         # Items per epoch, the same on every rank (the smallest rank's part; see ``rank_shard``):
         # each rank walks its own part in passes, so no two ranks ever read the same item.
+        self._walk = RankWalk(len(self._items), self.seed, rank, world_size, shuffle)
         self.shard_size = smallest_shard(len(self._items), world_size)
-        self._part_size = len(range(rank, len(self._items), world_size))
-        if self.shard_size == 0:
-            rank_shard(len(self._items), self.seed, 0, rank, world_size, shuffle)  # the error
-        self._passes: dict[int, np.ndarray] = {}
         self._epoch = 0
         self._pool = futures.ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="uncached")
         self._num_workers = max(1, num_workers)
@@ -101,23 +96,6 @@ class UncachedSource:
     def epoch(self) -> int:
         """The epoch now being trained."""
         return self._epoch
-
-    def _at(self, position: int) -> int:
-        """The item at ``position`` of this rank's endless walk through passes of its part."""
-        pass_index, offset = divmod(position, self._part_size)
-        if pass_index not in self._passes:
-            self._passes = {
-                pass_index: rank_shard(
-                    len(self._items),
-                    self.seed,
-                    pass_index,
-                    self.rank,
-                    self.world_size,
-                    self.shuffle,
-                ),
-                **{k: v for k, v in self._passes.items() if k == pass_index - 1},
-            }
-        return int(self._passes[pass_index][offset])
 
     def _compute(self, index: int) -> CachedItem:
         item = self._items[index]
@@ -132,7 +110,7 @@ class UncachedSource:
     def epoch_items(self) -> Iterator[tuple[int, CachedItem]]:
         """Computes this epoch's items lazily, a few ahead of the consumer, in order."""
         indices = [
-            self._at(p)
+            self._walk[p]
             for p in range(self._epoch * self.shard_size, (self._epoch + 1) * self.shard_size)
         ]
         ahead: collections.deque = collections.deque()

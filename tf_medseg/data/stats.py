@@ -171,21 +171,33 @@ def _stats_here(
 ) -> dict:
     """Reads the statistics from the first folder that has them, or computes and stores them
     in the first folder that can be written."""
+    return stored_or_computed(
+        items,
+        folders,
+        STATS_FILE,
+        lambda: compute_intensity_stats(
+            items, num_channels, num_classes, progress=progress, num_workers=num_workers
+        ),
+    )
+
+
+def stored_or_computed(items: list[dict], folders: list[str], name: str, compute) -> Any:
+    """The value stored as ``name`` in the first of ``folders`` that has it for these files
+    (:func:`files_key`), or ``compute()``, then stored in the first folder that can be written
+    (a folder that cannot is skipped with a warning)."""
     key = files_key(items)
     for folder in folders:
-        stats = read_keyed(folder, key)
-        if stats is not None:
-            return stats
-    stats = compute_intensity_stats(
-        items, num_channels, num_classes, progress=progress, num_workers=num_workers
-    )
+        value = read_keyed(folder, key, name)
+        if value is not None:
+            return value
+    value = compute()
     for folder in folders:
         try:
-            store_keyed(folder, key, stats)
-            return stats
+            store_keyed(folder, key, value, name)
+            return value
         except OSError as err:
-            logging.warning("could not store intensity statistics in %s: %s", folder, err)
-    return stats
+            logging.warning("could not store %s in %s: %s", name, folder, err)
+    return value
 
 
 def intensity_stats(
