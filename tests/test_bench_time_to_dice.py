@@ -118,7 +118,8 @@ def test_the_cache_column_says_what_the_cache_really_did():
     assert table.splitlines()[-1].endswith("| smart: 12 of 24 items held, 5 replaced |")
 
 
-def test_the_msd_preset_holds_part_of_the_training_set_and_replaces_items():
-    preset = ttd.read_flagfile(presets.path("synthetic_spleen_msd"))
+@pytest.mark.parametrize("name", ["synthetic_spleen_msd", "synthetic_heart_msd"])
+def test_the_msd_preset_holds_part_of_the_training_set_and_replaces_items(name):
+    preset = ttd.read_flagfile(presets.path(name))
     assert preset["cache"] == "smart" and float(preset["memory_budget_gb"]) > 0
     assert 0 < float(preset["replace_rate"]) < 1 and preset["num_val"] == "6"

@@ -33,7 +33,7 @@ def _config(*args: str):
 def test_the_named_presets_ship():
     expected = {"msd_spleen", "msd_heart", "msd_liver", "msd_generic", "msd_spleen_baseline"}
     expected |= {"msd_heart_baseline", "msd_liver_baseline", "synthetic_spleen"}
-    expected |= {"synthetic_heart", "synthetic_spleen_msd"}
+    expected |= {"synthetic_heart", "synthetic_spleen_msd", "synthetic_heart_msd"}
     assert expected <= set(NAMES)
     assert presets.path("msd_spleen") == presets.path("msd_spleen.flags")
     with pytest.raises(presets.PresetError, match="unknown preset 'spleen'; the presets are: "):
