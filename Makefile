@@ -1,23 +1,45 @@
 # tf_medseg: set-up, tests, demo and benchmarks. Every target that runs code depends on the venv,
 # whose stamps make a second `make` a no-op for what is already installed.
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
-VENV := .venv
-PY := $(VENV)/bin/python
-PIP := $(PY) -m pip
+#
+# PROFILE=paper (the default): .venv on Python 3.11 with the paper's stack, TensorFlow 2.15.1,
+# tensorflow-addons 0.23.0 and Horovod 0.28.1 built with Gloo.
+# PROFILE=modern: .venv-modern on Python 3.12 with TensorFlow 2.21 and tf-keras 2.21 (Keras 2),
+# NumPy 2, no tensorflow-addons and no Horovod (tf.distribute instead).
+PROFILE ?= paper
 HOROVOD_VERSION := 0.28.1
 DEMO_DATA ?= data/synthetic_spleen
 DEMO_WORKDIR ?= runs/demo
 
+# A Python of the given minor version: on PATH, or pyenv's newest of that series.
+find_python = $(shell for p in python$(1) "$$(pyenv root 2>/dev/null)/versions/$$(pyenv latest $(1) 2>/dev/null)/bin/python$(1)"; do "$$p" -c "import sys; print(sys.executable)" 2>/dev/null && break; done)
+
+ifeq ($(PROFILE),paper)
+PYTHON ?= $(or $(call find_python,3.11),python3)
+VENV := .venv
+EXTRAS := paper,test,horovod,bench
+STAMPS := $(VENV)/.installed $(VENV)/.horovod
+else ifeq ($(PROFILE),modern)
+PYTHON ?= $(or $(call find_python,3.12),$(error PROFILE=modern needs Python 3.12 (python3.12 on PATH or in pyenv); or set PYTHON=))
+VENV := .venv-modern
+EXTRAS := modern,test,bench
+STAMPS := $(VENV)/.installed
+else
+$(error PROFILE must be paper or modern, not '$(PROFILE)')
+endif
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
 .PHONY: venv test demo bench bench-msd-ablations lint format clean
 
-venv: $(VENV)/.installed $(VENV)/.horovod
+venv: $(STAMPS)
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade "pip>=23.2" wheel "setuptools<70"
 
 $(VENV)/.installed: setup.py $(VENV)/bin/python
-	$(PIP) install -e ".[test,horovod,bench]"
+	$(PIP) install -e ".[$(EXTRAS)]"
+	$(PY) -m tf_medseg.stack
 	touch $@
 
 # Horovod is compiled against the TensorFlow in the venv, so it cannot use build isolation.

@@ -1,6 +1,8 @@
-"""One worker of the Horovod tests: ``horovodrun -np 2 --gloo python tests/distributed_worker.py``.
+"""One worker of the multi-worker tests, started by ``horovodrun -np 2 --gloo`` or by
+``tf-medseg-launch --num_workers=2`` (tf.distribute): ``... python tests/distributed_worker.py``.
 
-Trains with the real :class:`tf_medseg.training.loop.Trainer` (Horovod and Gloo underneath) and
+Trains with the real :class:`tf_medseg.training.loop.Trainer` (Horovod and Gloo, or
+MultiWorkerMirroredStrategy's ring all-reduce, underneath) and
 writes what ``tests/test_distributed.py`` compares into ``--out``:
 
 * ``pid.<rank>``: this process's id, written first (the kill test signals it);
@@ -38,7 +40,8 @@ def main() -> None:
         help="Fault injection: this rank's wall clock runs one hour ahead (the others' do not).",
     )
     args = parser.parse_args()
-    rank = int(os.environ.get("HOROVOD_RANK", "0"))
+    tf_config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    rank = int(os.environ.get("HOROVOD_RANK") or tf_config.get("task", {}).get("index", 0))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"pid.{rank}.tmp"), "w") as f:
         f.write(str(os.getpid()))
@@ -103,6 +106,7 @@ def main() -> None:
         {
             "rank": dist.rank,
             "size": dist.size,
+            "backend": dist.backend,
             "start_step": start_step,
             "step": int(trainer.step.numpy()),
             "losses": trainer.losses,

@@ -1,6 +1,8 @@
-"""Multi-worker training for real: ``horovodrun -np 2 -H localhost:2 --gloo`` on this CPU.
+"""Multi-worker training for real on this CPU, with each backend: ``horovodrun -np 2 -H
+localhost:2 --gloo`` (Horovod, paper profile) and ``tf-medseg-launch --num_workers=2``
+(tf.distribute's MultiWorkerMirroredStrategy, both profiles). The same checks hold for both.
 
-Three Horovod jobs share one workdir, each resuming the previous one's checkpoints:
+Three jobs share one workdir, each resuming the previous one's checkpoints:
 
 A. ``trained``: 3 epochs from scratch (2 steps each), recording every rank's batches;
 B. ``killed``: resumes A with no end in sight; the test SIGKILLs rank 1 after two more epochs;
@@ -35,17 +37,27 @@ from tf_medseg.training.validation import make_window_predictor, validate
 
 HOROVODRUN = Path(sys.executable).parent / "horovodrun"
 WORKER = Path(__file__).parent / "distributed_worker.py"
-JOB_TIMEOUT_S = 120
+JOB_TIMEOUT_S = 180
 STEPS_PER_EPOCH = 2  # cache_num 2 x num_samples 2 / batch_size 2, on each rank
 
-needs_horovod = pytest.mark.skipif(
-    not HOROVODRUN.exists(), reason="Horovod is not installed (make venv builds it)"
-)
+
+def launch_command(backend: str) -> list[str]:
+    """The launcher of two local workers for a backend."""
+    if backend == "horovod":
+        return [str(HOROVODRUN), "-np", "2", "-H", "localhost:2", "--gloo"]
+    return [sys.executable, "-m", "tf_medseg.cli.launch", "--num_workers=2", "--"]
+
+
+@pytest.fixture(scope="module", params=["horovod", "tf"])
+def backend(request) -> str:
+    if request.param == "horovod" and not HOROVODRUN.exists():
+        pytest.skip("Horovod is not installed (the paper profile's make venv builds it)")
+    return request.param
 
 
 # ---------------------------------------------------------------------------- single process
 def test_single_process_is_inert(monkeypatch):
-    for name in distributed._LAUNCHER_VARIABLES:
+    for name in (*distributed._LAUNCHER_VARIABLES, "TF_CONFIG"):
         monkeypatch.delenv(name, raising=False)
     dist = distributed.setup(fp16_allreduce=True)
     assert (dist.rank, dist.size, dist.is_chief, dist.hvd) == (0, 1, True, None)
@@ -90,15 +102,16 @@ def hvd_config(data_dir: str, workdir: Path, **overrides) -> TrainConfig:
 
 
 class Job:
-    """A ``horovodrun -np 2`` job of the test worker, in its own process group."""
+    """A two-worker job of the test worker, in its own process group."""
 
-    def __init__(self, config: TrainConfig, out: Path, *worker_args: str):
+    def __init__(self, backend: str, config: TrainConfig, out: Path, *worker_args: str):
         out.mkdir(parents=True)
         (out / "config.json").write_text(config.to_json())
         self.out = out
-        self.log = open(out / "horovodrun.log", "w+")
+        self.backend = backend
+        self.log = open(out / "launcher.log", "w+")
         command = [
-            str(HOROVODRUN), "-np", "2", "-H", "localhost:2", "--gloo",
+            *launch_command(backend),
             sys.executable, str(WORKER), "--config", str(out / "config.json"),
             "--out", str(out), *worker_args,
         ]  # fmt: skip
@@ -113,7 +126,7 @@ class Job:
 
     def output(self) -> str:
         self.log.flush()
-        return (self.out / "horovodrun.log").read_text()
+        return (self.out / "launcher.log").read_text()
 
     def wait(self, timeout: float = JOB_TIMEOUT_S) -> int:
         """The job's exit code; kills everything it started and fails the test on timeout."""
@@ -121,11 +134,13 @@ class Job:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            pytest.fail(f"horovodrun did not finish in {timeout} s:\n{self.output()[-3000:]}")
+            pytest.fail(
+                f"{self.backend} job did not finish in {timeout} s:\n{self.output()[-3000:]}"
+            )
 
     def kill(self) -> None:
         os.killpg(self.proc.pid, signal.SIGKILL)
-        # Horovod starts each worker in a session of its own: end those too.
+        # Both launchers start each worker in a session of its own: end those too.
         for rank in (0, 1):
             pid = self.worker_pid(rank)
             if pid is not None:
@@ -142,7 +157,7 @@ class Job:
 
 def _run(job: Job) -> Job:
     code = job.wait()
-    assert code == 0, f"horovodrun failed ({code}):\n{job.output()[-3000:]}"
+    assert code == 0, f"{job.backend} job failed ({code}):\n{job.output()[-3000:]}"
     return job
 
 
@@ -157,14 +172,14 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("hvd_run") / "workdir"
+def workdir(backend, tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp(f"{backend}_run") / "workdir"
 
 
 @pytest.fixture(scope="module")
-def trained(task_dir, workdir, tmp_path_factory) -> Job:
+def trained(backend, task_dir, workdir, tmp_path_factory) -> Job:
     config = hvd_config(task_dir, workdir)
-    job = _run(Job(config, tmp_path_factory.mktemp("job") / "trained", "--record"))
+    job = _run(Job(backend, config, tmp_path_factory.mktemp("job") / "trained", "--record"))
     # Jobs B and C append to the shared workdir: keep A's outputs.
     for name in ("metrics.jsonl", "summary.json"):
         (job.out / name).write_text((workdir / name).read_text())
@@ -172,10 +187,10 @@ def trained(task_dir, workdir, tmp_path_factory) -> Job:
 
 
 @pytest.fixture(scope="module")
-def killed(trained, task_dir, workdir, tmp_path_factory) -> dict:
+def killed(backend, trained, task_dir, workdir, tmp_path_factory) -> dict:
     """Job B: resumes A's checkpoint, trains until rank 1 is killed with SIGKILL."""
     config = hvd_config(task_dir, workdir, epochs=100000, val_every=100000)
-    job = Job(config, tmp_path_factory.mktemp("job") / "killed")
+    job = Job(backend, config, tmp_path_factory.mktemp("job") / "killed")
     checkpoints = workdir / "checkpoints"
     wanted = 3 * STEPS_PER_EPOCH + 2 * STEPS_PER_EPOCH  # A's 3 epochs, then 2 of B's own
     deadline = time.time() + JOB_TIMEOUT_S
@@ -192,7 +207,7 @@ def killed(trained, task_dir, workdir, tmp_path_factory) -> dict:
     killed_at = time.time()
     code = job.wait(timeout=60)
     seconds = time.time() - killed_at
-    for _ in range(50):  # Horovod sends SIGTERM to the survivor; give it a moment to exit
+    for _ in range(50):  # the launcher stops the survivor; give it a moment to exit
         if not _alive(survivor):
             break
         time.sleep(0.2)
@@ -206,9 +221,10 @@ def killed(trained, task_dir, workdir, tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def resumed(killed, task_dir, workdir, tmp_path_factory) -> Job:
+def resumed(backend, killed, task_dir, workdir, tmp_path_factory) -> Job:
     config = hvd_config(task_dir, workdir, epochs=100000, max_minutes=30.0, fp16_allreduce=True)
-    return _run(Job(config, tmp_path_factory.mktemp("job") / "resumed", "--skew_clock_rank", "1"))
+    out = tmp_path_factory.mktemp("job") / "resumed"
+    return _run(Job(backend, config, out, "--skew_clock_rank", "1"))
 
 
 @pytest.fixture(scope="module")
@@ -221,10 +237,10 @@ def single(task_dir, tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------- the assertions
-@needs_horovod
 def test_ranks_train_on_different_data_and_end_with_identical_weights(trained):
     (info0, arr0), (info1, arr1) = trained.rank(0), trained.rank(1)
     assert info0["size"] == info1["size"] == 2
+    assert info0["backend"] == info1["backend"] == trained.backend
     assert info0["step"] == info1["step"] == 3 * STEPS_PER_EPOCH
     # Each rank draws from its own shard, so the identical weights come from the all-reduce.
     assert arr0["images"].shape == (6, 2, 16, 16, 16, 1)
@@ -239,7 +255,6 @@ def test_ranks_train_on_different_data_and_end_with_identical_weights(trained):
     assert info0["losses"] == info1["losses"] and len(info0["losses"]) == 6
 
 
-@needs_horovod
 def test_loss_curve_matches_one_process_on_the_same_global_batch(trained, single):
     """The two ranks' batches of each step, concatenated, go through the one-process step.
 
@@ -263,7 +278,6 @@ def test_loss_curve_matches_one_process_on_the_same_global_batch(trained, single
         np.testing.assert_allclose(v.numpy(), arr0[f"w{i}"], rtol=0, atol=2e-4)
 
 
-@needs_horovod
 def test_distributed_validation_equals_single_process_validation(trained, single):
     (info0, arr0), (info1, arr1) = trained.rank(0), trained.rank(1)
     # Cases are dealt round-robin: 2 to rank 0, 1 to rank 1, none twice.
@@ -289,7 +303,6 @@ def test_distributed_validation_equals_single_process_validation(trained, single
     assert info0["mean_dice"] == pytest.approx(reference.mean_dice, abs=1e-12)
 
 
-@needs_horovod
 def test_only_rank_zero_writes_and_stop_votes_are_collective(trained, workdir):
     info0, _ = trained.rank(0)
     info1, _ = trained.rank(1)
@@ -303,18 +316,19 @@ def test_only_rank_zero_writes_and_stop_votes_are_collective(trained, workdir):
         assert info["votes"] == {"rank1_true": True, "none_true": False}
 
 
-@needs_horovod
 def test_killing_one_worker_fails_the_job_with_a_clear_error(killed):
     start = json.loads((killed["job"].out / "rank1.start.json").read_text())
     assert start["start_step"] == 3 * STEPS_PER_EPOCH  # B resumed A's last checkpoint
     assert killed["code"] != 0
     assert killed["seconds"] < 30
     output = killed["job"].output()
-    assert "exited with non-zero status" in output and "Exit code: 137" in output
+    if killed["job"].backend == "horovod":
+        assert "exited with non-zero status" in output and "Exit code: 137" in output
+    else:
+        assert "worker 1 failed: killed by SIGKILL" in output
     assert not killed["survivor_alive"], "rank 0 outlived the failed job"
 
 
-@needs_horovod
 def test_restart_resumes_the_last_checkpoint_and_stops_on_an_agreed_time_bound(
     killed, resumed, workdir
 ):
@@ -335,7 +349,6 @@ def test_restart_resumes_the_last_checkpoint_and_stops_on_an_agreed_time_bound(
         np.testing.assert_array_equal(arr0[name], arr1[name], err_msg=name)
 
 
-@needs_horovod
 def test_one_process_resumes_a_two_worker_checkpoint(resumed, task_dir, workdir, caplog):
     """The checkpoint holds each rank's cache position; one process keeps the model and the
     counters, and starts its cache afresh instead of failing on a foreign rank's position."""

@@ -1,11 +1,24 @@
-"""Horovod wrapper that degrades to a single process (the paper's multi-GPU, multi-node training).
+"""Multi-worker training behind one interface: Horovod, tf.distribute, or a single process.
 
-Under ``horovodrun -np N`` (Horovod sets ``HOROVOD_RANK`` and friends in each worker's
-environment) :func:`setup` initialises Horovod, pins one GPU per local rank where GPUs exist,
-and returns a :class:`Distributed` that averages gradients with ``hvd.DistributedGradientTape``,
-broadcasts the initial variables from rank 0, all-reduces validation sums and makes every
-decision that ends a loop collective. Started without ``horovodrun``, or with Horovod not
-installed, it is inert: rank 0 of 1, and every method is the identity.
+One process per device (GPU, or a CPU worker), each with its own input pipeline and cache shard,
+gradients averaged over the workers every step: the paper's data-parallel training. Two
+backends give the collectives (``--distribution``):
+
+* ``horovod`` (the paper's, in the paper profile): under ``horovodrun -np N`` (Horovod sets
+  ``HOROVOD_RANK`` and friends in each worker's environment) :func:`setup` initialises
+  Horovod, pins one GPU per local rank where GPUs exist, and averages gradients with
+  ``hvd.DistributedGradientTape`` (NCCL on GPUs, Gloo on CPUs).
+* ``tf`` (both profiles; the only one in the modern profile, which has no Horovod):
+  ``tf.distribute.MultiWorkerMirroredStrategy`` reads the cluster from ``TF_CONFIG`` (set per
+  worker by ``tf-medseg-launch`` or a cluster manager) or from SLURM, and its collectives
+  (NCCL on GPUs, gRPC ring all-reduce on CPUs) run inside ``strategy.run``. The model and the
+  optimiser stay ordinary variables, kept equal on every worker exactly as under Horovod: the
+  initial values are broadcast from rank 0 and every update applies the same averaged
+  gradients. So checkpoints, validation, the smart cache's shards and every rule below are the
+  same for both backends.
+
+``auto`` picks Horovod under ``horovodrun``, tf.distribute when ``TF_CONFIG`` is set, else one
+process. A single process is inert: rank 0 of 1, and every method is the identity.
 
 Rules the training loop follows so that N workers never wait for each other forever:
 
@@ -19,6 +32,8 @@ Rules the training loop follows so that N workers never wait for each other fore
 
 ``hvd.DistributedOptimizer`` is deliberately not used: with a separate ``tape.gradient`` and
 ``apply_gradients`` it does not average the gradients, and the replicas' weights drift apart.
+For the same reason the tf backend averages in :meth:`Distributed.gradient_tape`, not in the
+optimiser (a Keras optimiser under a strategy sums, and only for mirrored variables).
 
 Learning rate: with ``--scale_lr`` the peak rate is multiplied by the number of workers (the
 global batch grows by the same factor; Goyal et al. 2017, "linear scaling rule"). Large rates
@@ -29,15 +44,19 @@ epochs' worth of steps); :meth:`Distributed.scaled_learning_rate` warns when the
 from __future__ import annotations
 
 import os
+import pickle
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from tf_medseg.system import LOCAL_RANK_VARIABLE
+
 _LAUNCHER_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+BACKENDS = ("auto", "horovod", "tf", "none")
 
 
 class WorkerMismatchError(RuntimeError):
@@ -47,6 +66,45 @@ class WorkerMismatchError(RuntimeError):
 def launched_by_horovod() -> bool:
     """Whether this process was started by ``horovodrun`` (or mpirun) as one of several ranks."""
     return any(v in os.environ for v in _LAUNCHER_VARIABLES)
+
+
+def choose_backend(requested: str = "auto") -> str:
+    """The backend ``--distribution=requested`` means in this process's environment.
+
+    Raises:
+        ValueError: An unknown name.
+    """
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown distribution {requested!r}; choose from {BACKENDS}")
+    if requested != "auto":
+        return requested
+    if launched_by_horovod():
+        return "horovod"
+    return "tf" if os.environ.get("TF_CONFIG") else "none"
+
+
+class _AveragingTape:
+    """A gradient tape whose ``gradient`` returns the mean over the workers (the tf backend)."""
+
+    def __init__(self, tape: tf.GradientTape, dist: Distributed):
+        self._tape = tape
+        self._dist = dist
+
+    def gradient(self, target, sources, **kwargs):
+        grads = self._tape.gradient(target, sources, **kwargs)
+        present = [g for g in grads if g is not None]
+        if self._dist.fp16_allreduce:
+            wire = [tf.cast(g, tf.float16) if g.dtype == tf.float32 else g for g in present]
+        else:
+            wire = present
+        averaged = iter(self._dist._tf_all_reduce(wire, "MEAN"))
+        out = []
+        for g in grads:
+            if g is None:
+                out.append(None)
+                continue
+            out.append(tf.cast(next(averaged), g.dtype))
+        return out
 
 
 @dataclass
@@ -59,8 +117,9 @@ class Distributed:
         rank: This worker's index.
         size: Number of workers.
         local_rank: Index on this node (selects the GPU).
-        hvd: The ``horovod.tensorflow`` module, or None in a single process.
+        hvd: The ``horovod.tensorflow`` module under the Horovod backend, else None.
         fp16_allreduce: Compress gradient all-reduce to float16.
+        strategy: The ``MultiWorkerMirroredStrategy`` under the tf backend, else None.
     """
 
     rank: int = 0
@@ -68,6 +127,50 @@ class Distributed:
     local_rank: int = 0
     hvd: Any = None
     fp16_allreduce: bool = False
+    strategy: Any = None
+    _tf_functions: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def backend(self) -> str:
+        """``horovod``, ``tf`` or ``none``."""
+        return "horovod" if self.hvd is not None else "tf" if self.strategy is not None else "none"
+
+    def _tf_all_reduce(self, values: list, op: str) -> list:
+        """All-reduce (``SUM`` or ``MEAN``) of tensors through the strategy, in one collective.
+
+        Inside a ``tf.function`` (the train step) the collective joins that graph; called
+        eagerly it runs as a small ``tf.function`` of its own (traced once per shape), because
+        the strategy's eager collectives are slow.
+        """
+        if not values:
+            return []
+        if tf.inside_function():
+            return self._tf_all_reduce_graph(list(values), op)
+        if op not in self._tf_functions:
+            self._tf_functions[op] = tf.function(
+                lambda tensors: self._tf_all_reduce_graph(tensors, op), reduce_retracing=True
+            )
+        return self._tf_functions[op](list(values))
+
+    def _tf_all_reduce_graph(self, values: list, op: str) -> list:
+        reduce_op = getattr(tf.distribute.ReduceOp, op)
+        # The collective needs placed inputs (a function's tensors have no device of their own).
+        with tf.device(self.strategy.extended.worker_devices[0]):
+            values = [tf.identity(v) for v in values]
+
+        def replica_fn(*tensors):
+            # One collective per dtype: the strategy packs a list into one buffer.
+            context = tf.distribute.get_replica_context()
+            out = list(tensors)
+            for dtype in {t.dtype for t in tensors}:
+                where = [i for i, t in enumerate(tensors) if t.dtype == dtype]
+                reduced = context.all_reduce(reduce_op, [tensors[i] for i in where])
+                for i, value in zip(where, reduced, strict=True):
+                    out[i] = value
+            return out
+
+        result = self.strategy.run(replica_fn, args=tuple(values))
+        return [self.strategy.experimental_local_results(r)[0] for r in result]
 
     @property
     def is_chief(self) -> bool:
@@ -80,6 +183,8 @@ class Distributed:
         The all-reduce runs in float32 (the variables' dtype, also under mixed precision), or in
         float16 on the wire with ``fp16_allreduce`` (``hvd.Compression.fp16``).
         """
+        if self.strategy is not None:
+            return _AveragingTape(tape, self)
         if self.hvd is None:
             return tape
         compression = (
@@ -89,17 +194,30 @@ class Distributed:
 
     def mean_in_graph(self, value: tf.Tensor, name: str) -> tf.Tensor:
         """Mean of a tensor over the workers, as a TF op (usable inside ``tf.function``)."""
+        if self.strategy is not None:
+            return self._tf_all_reduce([value], "MEAN")[0]
         if self.hvd is None:
             return value
         return self.hvd.allreduce(value, op=self.hvd.Average, name=name)
 
     def broadcast_variables(self, variables: list[tf.Variable]) -> None:
         """Copies rank 0's values into every worker's variables."""
-        if self.hvd is not None and variables:
+        if self.strategy is not None and variables:
+            # A sum in which only rank 0 contributes (one collective for all the variables).
+            mine = [
+                v.read_value() if self.rank == 0 else tf.zeros_like(v.read_value())
+                for v in variables
+            ]
+            for variable, value in zip(variables, self._tf_all_reduce(mine, "SUM"), strict=True):
+                variable.assign(value)
+        elif self.hvd is not None and variables:
             self.hvd.broadcast_variables(variables, root_rank=0)
 
     def allreduce_sum(self, values: np.ndarray, name: str) -> np.ndarray:
         """Sum of ``values`` over the workers (float64 in, float64 out)."""
+        if self.strategy is not None:
+            total = self._tf_all_reduce([tf.constant(np.asarray(values, np.float64))], "SUM")[0]
+            return total.numpy()
         if self.hvd is None:
             return np.asarray(values, np.float64)
         total = self.hvd.allreduce(
@@ -122,15 +240,40 @@ class Distributed:
 
     def allgather_object(self, value: Any, name: str) -> list:
         """Every worker's ``value`` (picklable), in rank order, on every worker."""
+        if self.strategy is not None:
+            return self._tf_gather_objects(value, everyone=True)
         if self.hvd is None:
             return [value]
         return list(self.hvd.allgather_object(value, name=name))
 
     def broadcast_object(self, value: Any, name: str) -> Any:
         """Rank 0's ``value`` (picklable) on every worker; the others' ``value`` is ignored."""
+        if self.strategy is not None:
+            return self._tf_gather_objects(value, everyone=False)[0]
         if self.hvd is None:
             return value
         return self.hvd.broadcast_object(value, root_rank=0, name=name)
+
+    def _tf_gather_objects(self, value: Any, everyone: bool) -> list:
+        """Pickled objects through two integer all-reduces: first the lengths, then a
+        ``size x longest`` matrix in which each worker fills its own row (only rank 0 unless
+        ``everyone``)."""
+        contributes = everyone or self.rank == 0
+        data = (
+            np.frombuffer(pickle.dumps(value), np.uint8) if contributes else np.zeros(0, np.uint8)
+        )
+        lengths = np.zeros(self.size, np.float64)
+        lengths[self.rank] = data.size
+        lengths = self.allreduce_sum(lengths, "object_lengths").astype(np.int64)
+        # Widths rounded up to a power of two: few shapes, so few traces of the reduction.
+        width = 1 << max(6, int(lengths.max() - 1).bit_length())
+        rows = np.zeros((self.size, width), np.int32)
+        rows[self.rank, : data.size] = data
+        rows = self._tf_all_reduce([tf.constant(rows)], "SUM")[0].numpy()
+        return [
+            pickle.loads(rows[r, : lengths[r]].astype(np.uint8).tobytes()) if lengths[r] else None
+            for r in range(self.size)
+        ]
 
     def check_same(self, value: Any, what: str) -> None:
         """Raises on every worker if ``value`` is not the same on all of them.
@@ -170,7 +313,9 @@ class Distributed:
 
     def barrier(self) -> None:
         """Waits for every worker."""
-        if self.hvd is not None:
+        if self.strategy is not None:
+            self.allreduce_sum(np.zeros(1), "barrier")
+        elif self.hvd is not None:
             self.hvd.allreduce(tf.constant(0.0), name="barrier")
 
 
@@ -191,26 +336,43 @@ def _pin_gpu(local_rank: int) -> None:
         tf.config.set_visible_devices(gpu, "GPU")
 
 
-def setup(fp16_allreduce: bool = False) -> Distributed:
-    """Initialises Horovod when launched by ``horovodrun``; otherwise returns a single process.
+def setup(fp16_allreduce: bool = False, distribution: str = "auto") -> Distributed:
+    """This process's place among the workers, with the backend initialised.
+
+    Must run before TensorFlow executes its first operation (the tf backend configures the
+    collective runtime, which cannot change once TensorFlow has started).
 
     Args:
         fp16_allreduce: Compress gradient all-reduce to float16.
+        distribution: ``auto``, ``horovod``, ``tf`` or ``none`` (:func:`choose_backend`).
 
     Returns:
         The process's :class:`Distributed`.
 
     Raises:
-        RuntimeError: Launched by horovodrun, but Horovod is not installed.
+        RuntimeError: The chosen backend cannot start here (not installed, no cluster).
     """
+    backend = choose_backend(distribution)
+    if backend == "horovod":
+        return _setup_horovod(fp16_allreduce)
+    if backend == "tf":
+        return _setup_tf(fp16_allreduce)
+    return Distributed(fp16_allreduce=fp16_allreduce)
+
+
+def _setup_horovod(fp16_allreduce: bool) -> Distributed:
     if not launched_by_horovod():
-        return Distributed(fp16_allreduce=fp16_allreduce)
+        raise RuntimeError(
+            "--distribution=horovod needs workers started by horovodrun (e.g. horovodrun -np 2 "
+            "tf-medseg-train ...); for one process use --distribution=none"
+        )
     try:
         import horovod.tensorflow as hvd
     except ImportError as err:
         raise RuntimeError(
             "started by horovodrun but horovod.tensorflow cannot be imported: install Horovod "
-            "with TensorFlow support (make venv builds it)"
+            "with TensorFlow support (make venv builds it; the modern profile has no Horovod: "
+            "use tf-medseg-launch and --distribution=tf)"
         ) from err
     hvd.init()
     _pin_gpu(hvd.local_rank())
@@ -220,4 +382,58 @@ def setup(fp16_allreduce: bool = False) -> Distributed:
         local_rank=hvd.local_rank(),
         hvd=hvd,
         fp16_allreduce=fp16_allreduce,
+    )
+
+
+def _cluster_resolver():
+    """The cluster: from ``TF_CONFIG`` (None: the strategy's default reads it) or SLURM."""
+    if os.environ.get("TF_CONFIG"):
+        return None
+    if "SLURM_JOB_ID" in os.environ:
+        return tf.distribute.cluster_resolver.SlurmClusterResolver()
+    raise RuntimeError(
+        "--distribution=tf needs the cluster in TF_CONFIG (tf-medseg-launch --num_workers=N -- "
+        "tf-medseg-train ... sets it on one machine) or a SLURM job"
+    )
+
+
+def _tf_rank(resolver) -> int:
+    """The worker's index among all tasks (a ``chief`` task, if any, is rank 0)."""
+    spec = resolver.cluster_spec().as_dict()
+    offset = 1 if resolver.task_type == "worker" and "chief" in spec else 0
+    return int(resolver.task_id or 0) + offset
+
+
+def _setup_tf(fp16_allreduce: bool) -> Distributed:
+    resolver = _cluster_resolver()
+    local_rank = int(os.environ.get(LOCAL_RANK_VARIABLE, os.environ.get("SLURM_LOCALID", "0")))
+    if resolver is None:  # TF_CONFIG: one device per worker, like Horovod
+        _pin_gpu(local_rank)
+    gpus = tf.config.list_physical_devices("GPU")
+    implementation = (
+        tf.distribute.experimental.CommunicationImplementation.NCCL
+        if gpus
+        else tf.distribute.experimental.CommunicationImplementation.RING
+    )
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(
+        cluster_resolver=resolver,
+        communication_options=tf.distribute.experimental.CommunicationOptions(
+            implementation=implementation
+        ),
+    )
+    resolver = strategy.cluster_resolver
+    spec = resolver.cluster_spec().as_dict()
+    workers = sum(len(tasks) for kind, tasks in spec.items() if kind in ("chief", "worker"))
+    if strategy.num_replicas_in_sync != workers:
+        raise RuntimeError(
+            f"tf_medseg runs one device per worker, but the strategy has "
+            f"{strategy.num_replicas_in_sync} replicas for {workers} workers: start one worker "
+            "per GPU (tf-medseg-launch does)"
+        )
+    return Distributed(
+        rank=_tf_rank(resolver),
+        size=workers,
+        local_rank=local_rank,
+        fp16_allreduce=fp16_allreduce,
+        strategy=strategy,
     )

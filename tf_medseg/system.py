@@ -88,3 +88,8 @@ def gpus() -> list[dict]:
             }
         )
     return found
+
+
+# Set by tf-medseg-launch for each worker it starts: the worker's index on this node, which
+# selects its GPU (tf_medseg.distributed reads it; neither side needs TensorFlow to agree on it).
+LOCAL_RANK_VARIABLE = "TF_MEDSEG_LOCAL_RANK"

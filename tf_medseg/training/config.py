@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from tf_medseg.jsonio import write_text
 
 POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
+DISTRIBUTIONS = ("auto", "horovod", "tf", "none")  # tf_medseg.distributed.BACKENDS
 
 
 def _f(default, help_text: str, **kw):
@@ -88,8 +89,15 @@ class TrainConfig:
     )
     loss_include_background: bool = _f(False, "Include the background class in the Dice loss.")
     precision: str = _f("float32", "Policy: float32, mixed_bfloat16 (CPU/A100) or mixed_float16.")
-    scale_lr: bool = _f(False, "Multiply the learning rate by the number of Horovod workers.")
-    fp16_allreduce: bool = _f(False, "Compress Horovod all-reduce to float16.")
+    scale_lr: bool = _f(False, "Multiply the learning rate by the number of workers.")
+    fp16_allreduce: bool = _f(False, "Send the gradient all-reduce as float16 (either backend).")
+    distribution: str = _f(
+        "auto",
+        "Multi-worker backend: horovod (started by horovodrun), tf (tf.distribute "
+        "MultiWorkerMirroredStrategy; cluster from TF_CONFIG, e.g. from tf-medseg-launch, or "
+        "SLURM), none (one process), or auto: horovod under horovodrun, tf when TF_CONFIG is "
+        "set, else none.",
+    )
     # Schedule and stopping
     epochs: int = _f(1000, "Upper bound of epochs.")
     max_steps: int = _f(0, "Stop after this many training steps (0: no bound).")
@@ -164,6 +172,11 @@ class TrainConfig:
             errors.append("--batch_size, --num_samples and --val_every must be at least 1")
         if self.interrupt_grace_s < 0:
             errors.append(f"--interrupt_grace_s must be >= 0, got {self.interrupt_grace_s}")
+        if self.distribution not in DISTRIBUTIONS:
+            errors.append(
+                f"--distribution must be one of {', '.join(DISTRIBUTIONS)}, got "
+                f"{self.distribution!r}"
+            )
         if self.memory_budget_gb < 0:
             errors.append(f"--memory_budget_gb must be >= 0, got {self.memory_budget_gb}")
         if not 0.0 <= self.target_dice <= 1.0:

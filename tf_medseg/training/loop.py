@@ -72,7 +72,7 @@ class Trainer:
             raise ConfigError("\n".join(errors))
         self._start = time.time()
         self.config = config
-        self.dist = dist or distributed.setup(config.fp16_allreduce)
+        self.dist = dist or distributed.setup(config.fp16_allreduce, config.distribution)
         self.chief = self.dist.is_chief
         self._stop_reason = None
         self._train_seconds = 0.0
