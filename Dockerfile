@@ -1,5 +1,6 @@
-# tf_medseg for GPU nodes (V100 / A100): TensorFlow 2.15 from the official image, Horovod 0.28.1
-# built with NCCL for the GPU all-reduce and Gloo for the launcher (no MPI), and the package.
+# tf_medseg for GPU nodes (V100 / A100), paper profile: TensorFlow 2.15 from the official image,
+# Horovod 0.28.1 built with NCCL for the GPU all-reduce and Gloo for the launcher (no MPI), and
+# the package. Dockerfile.modern is the modern profile's image (TensorFlow 2.21, tf.distribute).
 #
 #   docker build -t tf-medseg .
 #   docker run --gpus all -v /data:/data tf-medseg --preset=msd_spleen --data_dir=... --workdir=...
@@ -32,10 +33,11 @@ RUN python3 -m pip install --no-cache-dir "setuptools<70" wheel \
     && ldconfig \
     && python3 -c "import horovod.tensorflow as hvd; assert hvd.nccl_built() and hvd.gloo_built()"
 
-# The package, on the image's TensorFlow (TF_MEDSEG_TENSORFLOW=none: see setup.py).
+# The package on the image's TensorFlow (no profile extra: setup.py) and NumPy 1 (TF 2.15's).
 COPY setup.py README.md /opt/tf_medseg/
 COPY tf_medseg /opt/tf_medseg/tf_medseg
-RUN TF_MEDSEG_TENSORFLOW=none python3 -m pip install --no-cache-dir /opt/tf_medseg \
+RUN python3 -m pip install --no-cache-dir /opt/tf_medseg "numpy<2" \
+    && python3 -m tf_medseg.stack \
     && python3 -c "import tensorflow as tf, tf_medseg; assert tf.__version__.startswith('2.15')" \
     && python3 -c "from tf_medseg import presets; print('presets:', presets.path('msd_spleen'))"
 

@@ -1,6 +1,7 @@
-"""The GPU Dockerfile, read as text (no Docker engine runs here): every file it copies exists and
-is not excluded by ``.dockerignore``, the base is a TensorFlow 2.15 GPU image, and Horovod is
-built at the Makefile's version with NCCL and TensorFlow support."""
+"""The GPU Dockerfiles, read as text (no Docker engine runs here): every file they copy exists
+and is not excluded by ``.dockerignore``; the paper image is TensorFlow 2.15's GPU image with
+Horovod built at the Makefile's version with NCCL and TensorFlow support; the modern image is
+the GPU image of setup.py's modern TensorFlow, with the matching tf-keras."""
 
 from __future__ import annotations
 
@@ -62,6 +63,16 @@ def instructions() -> list[tuple[str, str]]:
     return parse_dockerfile((ROOT / "Dockerfile").read_text())
 
 
+@pytest.fixture(scope="module")
+def modern() -> list[tuple[str, str]]:
+    return parse_dockerfile((ROOT / "Dockerfile.modern").read_text())
+
+
+def _setup_value(name: str) -> str:
+    (value,) = re.findall(rf'^{name} = "([^"]+)"', (ROOT / "setup.py").read_text(), re.M)
+    return value
+
+
 def _args(instructions, keyword: str) -> list[str]:
     return [args for k, args in instructions if k == keyword]
 
@@ -82,7 +93,9 @@ def test_base_image_is_tensorflow_215_gpu(instructions):
     assert re.fullmatch(r"tensorflow/tensorflow:2\.15\.\d+(\.post\d+)?-gpu", base), base
 
 
-def test_every_copied_file_exists_and_is_not_dockerignored(instructions):
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.modern"])
+def test_every_copied_file_exists_and_is_not_dockerignored(dockerfile):
+    instructions = parse_dockerfile((ROOT / dockerfile).read_text())
     patterns = [
         line.strip()
         for line in (ROOT / ".dockerignore").read_text().splitlines()
@@ -112,10 +125,28 @@ def test_horovod_version_matches_the_makefile_and_builds_with_nccl(instructions)
 
 def test_installs_the_package_on_the_images_tensorflow_with_the_train_entry_point(instructions):
     runs = _args(instructions, "RUN")
-    assert any("TF_MEDSEG_TENSORFLOW=none" in r and "pip install" in r for r in runs)
+    # No profile extra: the image's TensorFlow stays (an extra would install a second one).
+    assert any("pip install --no-cache-dir /opt/tf_medseg " in r for r in runs)
+    assert not any("/opt/tf_medseg[" in r for r in runs)
+    assert any("python3 -m tf_medseg.stack" in r for r in runs)
     # The installed package must carry its presets (the image's examples use --preset).
     assert any("pip install" in r and "presets.path('msd_spleen')" in r for r in runs)
     assert not any("experiments" in a for k in ("COPY", "ADD") for a in _args(instructions, k))
     (entrypoint,) = _args(instructions, "ENTRYPOINT")
     assert json.loads(entrypoint) == ["tf-medseg-train"]
     assert "tf-medseg-train=" in (ROOT / "setup.py").read_text()
+
+
+def test_modern_image_is_the_modern_tensorflow_with_its_tf_keras(modern):
+    wanted = _setup_value("MODERN_TF")
+    args = dict(a.split("=", 1) for a in _args(modern, "ARG") if "=" in a)
+    assert args["TF_VERSION"] == wanted
+    (base,) = _args(modern, "FROM")
+    assert base == "tensorflow/tensorflow:${TF_VERSION}-gpu"
+    assert "TF_USE_LEGACY_KERAS=1" in _args(modern, "ENV")
+    runs = " ".join(_args(modern, "RUN"))
+    assert '"tf-keras==${TF_VERSION}"' in runs and "python3 -m tf_medseg.stack" in runs
+    assert "horovod" not in runs.lower()
+    (entrypoint,) = _args(modern, "ENTRYPOINT")
+    assert json.loads(entrypoint) == ["tf-medseg-train"]
+    assert "tf-medseg-launch=" in (ROOT / "setup.py").read_text()

@@ -142,3 +142,20 @@ def test_build_optimizer_uses_the_packaged_novograd_and_loss_scaling():
     scaled = build_optimizer("novograd", 1e-3, total_steps=10, mixed_float16=True)
     assert isinstance(scaled, tf.keras.mixed_precision.LossScaleOptimizer)
     assert isinstance(scaled.inner_optimizer, NovoGrad)
+
+
+def test_dynamic_loss_scaling_skips_overflowing_steps_and_lowers_the_scale():
+    """The float16 policy's loss scaling (Keras 2's LossScaleOptimizer, in both profiles)."""
+    opt = build_optimizer("novograd", 1e-2, total_steps=10, mixed_float16=True)
+    var = tf.Variable([1.0, 2.0])
+    scale = float(opt.loss_scale)
+    assert scale > 1
+    assert float(opt.get_scaled_loss(tf.constant(2.0))) == 2.0 * scale
+    (unscaled,) = opt.get_unscaled_gradients([tf.constant([scale, 2 * scale])])
+    np.testing.assert_allclose(unscaled.numpy(), [1.0, 2.0])
+    opt.apply_gradients([(tf.constant([np.inf, 1.0]), var)])  # an overflow: no update
+    np.testing.assert_array_equal(var.numpy(), [1.0, 2.0])
+    assert float(opt.loss_scale) == scale / 2
+    opt.apply_gradients([(tf.constant([0.5, 1.0]), var)])
+    assert not np.array_equal(var.numpy(), [1.0, 2.0])
+    assert int(opt.iterations) == 2  # Keras 2 counts the skipped step too, in both profiles
