@@ -61,7 +61,7 @@ def test_batches_have_the_documented_shapes_and_types():
         images, labels = collect(ds)
     assert [x.shape for x in images] == [(4, 16, 16, 16, 2)] * 2 + [(1, 16, 16, 16, 2)]
     assert [x.shape for x in labels] == [(4, 16, 16, 16)] * 2 + [(1, 16, 16, 16)]
-    assert images[0].dtype == np.float32 and labels[0].dtype == np.int32
+    assert images[0].dtype == np.float32 and labels[0].dtype == np.uint8
     assert set(np.unique(np.concatenate([x.ravel() for x in labels]))) <= {0, 1}
 
 

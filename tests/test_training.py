@@ -266,3 +266,66 @@ def test_the_cli_shows_graph_building_step_and_validation_progress(spleen_task_d
     assert err.index("building the training graph") < err.index("epoch 1:")
     assert "to_val=" in err and "loss=" in err  # the step bar's postfix
     assert "validation:" in err and "volume" in err  # the bar over validation volumes
+
+
+def test_hot_path_reads_losses_back_every_log_every_steps_without_retracing(
+    spleen_task_dir, tmp_path
+):
+    """3 cached items x 1 sample / batch 2: each epoch ends on a short batch of 1, which must
+    reuse the graph; losses are read back (and written to TensorBoard) every 3 steps and at
+    each epoch's end, all of them, in order."""
+    config = tiny_config(
+        spleen_task_dir,
+        tmp_path / "run",
+        cache_num=3,
+        num_samples=1,
+        epochs=3,
+        log_every=3,
+        val_every=100,
+        deterministic=True,
+        seed=3,
+    )
+    trainer, summary = _run(config)
+    assert trainer.steps_per_epoch == 2 and summary["steps"] == 6
+    assert trainer.train_step.experimental_get_tracing_count() == 1
+    assert len(trainer.losses) == 6 and np.all(np.isfinite(trainer.losses))
+    (events,) = glob.glob(str(tmp_path / "run" / "tensorboard" / "events.out.tfevents.*"))
+    logged = {}
+    for event in tf.compat.v1.train.summary_iterator(events):
+        for value in event.summary.value:
+            if value.tag == "train/loss":
+                logged[event.step] = float(tf.make_ndarray(value.tensor))
+    assert sorted(logged) == [2, 3, 4, 6]  # epoch ends (2, 4, 6) and multiples of 3
+    for step, loss in logged.items():
+        assert loss == pytest.approx(trainer.losses[step - 1], abs=1e-6)
+
+
+def test_multi_worker_stop_votes_are_taken_only_at_sync_points(spleen_task_dir, tmp_path):
+    """A time bound under several workers costs an all-reduce per vote: votes happen every
+    --log_every steps and at epoch ends, at the same steps on every worker, not per step."""
+    from tf_medseg import distributed
+
+    votes = []
+
+    class TwoWorkers(distributed.Distributed):  # collectives of one process, counted
+        def any_rank(self, flag, name):
+            votes.append((name, trainer_ref[0].host_step))
+            return bool(flag)
+
+    trainer_ref = []
+    config = tiny_config(spleen_task_dir, tmp_path / "run", epochs=4, log_every=3, max_minutes=60.0)
+    trainer = Trainer(config, dist=TwoWorkers(size=2))
+    trainer_ref.append(trainer)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    steps_per_epoch = trainer.steps_per_epoch
+    assert trainer.host_step == 4 * steps_per_epoch
+    voted = sorted({step for name, step in votes if name == "stop_max_minutes"})
+    expected = sorted(
+        {s for s in range(1, trainer.host_step + 1) if s % 3 == 0 or s % steps_per_epoch == 0}
+    )
+    assert voted == expected
+    interrupts = [step for name, step in votes if name == "interrupt"]
+    assert set(interrupts) <= set(expected) and len(interrupts) < trainer.host_step + 4

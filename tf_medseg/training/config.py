@@ -110,6 +110,12 @@ class TrainConfig:
     val_sw_batch_size: int = _f(1, "Windows per forward pass in validation.")
     val_keep_largest: bool = _f(False, "Keep the largest connected component before scoring.")
     checkpoint_every: int = _f(1, "Checkpoint every N epochs (and at the end).")
+    log_every: int = _f(
+        10,
+        "Read the training loss back from the device, check it is finite, log it to "
+        "TensorBoard, and (with several workers) agree on time and interrupt stops every N "
+        "steps and at each epoch end; between those the loop does no per-step host work.",
+    )
     keep_checkpoints: int = _f(3, "Checkpoints kept.")
     interrupt_grace_s: float = _f(
         120.0,
@@ -170,6 +176,8 @@ class TrainConfig:
             errors.append("--val_overlap must be a fraction in [0, 1) or whole voxels >= 1")
         if self.batch_size < 1 or self.num_samples < 1 or self.val_every < 1:
             errors.append("--batch_size, --num_samples and --val_every must be at least 1")
+        if self.log_every < 1:
+            errors.append(f"--log_every must be at least 1, got {self.log_every}")
         if self.interrupt_grace_s < 0:
             errors.append(f"--interrupt_grace_s must be >= 0, got {self.interrupt_grace_s}")
         if self.distribution not in DISTRIBUTIONS:

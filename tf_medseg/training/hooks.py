@@ -73,17 +73,21 @@ class ProgressHook(Hook):
                 dynamic_ncols=True,
             )
             self.epoch_start = time.time()
-        self.bar.update(1)
+        done = self.bar.n + 1
         left = steps_to_validation(
-            int(trainer.epoch.numpy()) + 1, self.bar.n, trainer.steps_per_epoch, self.val_every
+            int(trainer.epoch.numpy()) + 1, done, trainer.steps_per_epoch, self.val_every
         )
-        per_step = (time.time() - self.epoch_start) / self.bar.n
+        per_step = (time.time() - self.epoch_start) / done
+        # The postfix is set without a redraw; update() draws it at the bar's own rate limit
+        # instead of on every step.
         self.bar.set_postfix(
-            step=int(trainer.step.numpy()),
+            step=trainer.host_step,
             loss=f"{logs['loss']:.4f}",
             patches_s=f"{logs['patches_per_s']:.1f}",
             to_val=_duration(left * per_step),
+            refresh=False,
         )
+        self.bar.update(1)
 
     def on_epoch_end(self, trainer, logs):
         if self.bar is not None:
@@ -171,21 +175,21 @@ def contour_overlay(image: np.ndarray, label: np.ndarray, pred: np.ndarray) -> n
 
 class TensorBoardHook(Hook):
     """Scalars (loss, learning rate, loss scale, patches/s, Dice, FP/FN indices, sampler ratio,
-    cache statistics) and a validation slice with contours, in ``workdir/tensorboard``."""
+    cache statistics) and a validation slice with contours, in ``workdir/tensorboard``. The
+    per-step scalars are written at the loop's sync points (every ``--log_every`` steps)."""
 
-    def __init__(self, logdir: str, images: bool = True, every_steps: int = 10):
+    def __init__(self, logdir: str, images: bool = True):
         self.logdir = logdir
         self.images = images
-        self.every_steps = every_steps
         self.writer = None
 
     def on_train_begin(self, trainer):
         self.writer = tf.summary.create_file_writer(self.logdir)
 
     def on_step_end(self, trainer, logs):
-        step = int(trainer.step.numpy())
-        if step % self.every_steps:
+        if not logs.get("synced"):  # the loss is read back every --log_every steps
             return
+        step = trainer.host_step
         with self.writer.as_default(step=step):
             tf.summary.scalar("train/loss", logs["loss"])
             tf.summary.scalar("train/learning_rate", current_learning_rate(trainer.optimizer))
@@ -250,7 +254,7 @@ class ProfileHook(Hook):
         self._start_at(int(trainer.step.numpy()))
 
     def on_step_end(self, trainer, logs):
-        step = int(trainer.step.numpy())
+        step = trainer.host_step
         if step >= self.end:
             self._stop()
         else:
@@ -340,10 +344,13 @@ class StopHook(Hook):
 
     def on_step_end(self, trainer, logs):
         c = trainer.config
-        if c.max_steps and trainer.step.numpy() >= c.max_steps:
+        if c.max_steps and trainer.host_step >= c.max_steps:
             trainer.stop("reached --max_steps")
         # Each worker has its own clock: all stop as soon as one is past the bound, or the
-        # others would wait for it in the next all-reduce.
+        # others would wait for it in the next all-reduce. The vote is taken at the loop's sync
+        # points (every --log_every steps) and epoch ends, which all workers reach together.
+        elif trainer.dist.size > 1 and not logs.get("synced", True):
+            return
         elif c.max_minutes and trainer.dist.any_rank(
             trainer.wall_seconds() >= 60.0 * c.max_minutes, "stop_max_minutes"
         ):

@@ -173,6 +173,8 @@ class Trainer:
             flip=config.flip,
             intensity_shift=config.intensity_shift,
             num_channels=self.task.num_channels,
+            # One GPU per worker (distributed pins it): batches are copied there ahead of time.
+            prefetch_device="/gpu:0" if tf.config.list_logical_devices("GPU") else None,
         )
         self.patches_per_epoch = self.stream.patches_per_epoch
         self.steps_per_epoch = self.stream.steps_per_epoch
@@ -237,6 +239,14 @@ class Trainer:
         fill = getattr(self.train_source, "fill", None)
         if callable(fill):
             fill()
+        self.host_step = int(self.step.numpy())  # the step counter's value, kept on the host
+        self.train_step = tf.function(
+            self._train_step,
+            input_signature=[
+                tf.TensorSpec([None, *config.patch_size, self.task.num_channels], tf.float32),
+                tf.TensorSpec([None, *config.patch_size], tf.uint8),
+            ],
+        )
         self.hooks = self._make_hooks()
 
     # ------------------------------------------------------------------ set-up helpers
@@ -297,9 +307,13 @@ class Trainer:
         return None
 
     # ------------------------------------------------------------------ the loop
-    @tf.function
-    def train_step(self, images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
-        """One optimisation step on a batch; returns the float32 loss."""
+    def _train_step(self, images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+        """One optimisation step on a batch; returns the float32 loss (a device tensor).
+
+        ``self.train_step`` is this as a ``tf.function`` with an input signature whose batch
+        dimension is free: a short last batch reuses the graph instead of tracing another.
+        Labels are uint8 class indices, one-hot encoded here, on the device.
+        """
         onehot = tf.one_hot(labels, self.task.num_classes, dtype=tf.float32)
         fp16 = isinstance(self.optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
         with tf.GradientTape() as tape:
@@ -316,19 +330,16 @@ class Trainer:
         return self.dist.mean_in_graph(loss, "train_loss")
 
     def trace_train_step(self) -> None:
-        """Traces the step for full batches before the loop starts (the loop's calls reuse it).
+        """Traces the step before the loop starts (the loop's calls reuse it).
 
         Tracing takes seconds on a small CPU; done here, an interrupt (Ctrl-C) cannot land in
         the middle of it once training runs, where it would leave the half-built graph behind
         and the checkpoint saved on the way out could fail.
         """
-        c = self.config
-        images = tf.TensorSpec([c.batch_size, *c.patch_size, self.task.num_channels], tf.float32)
-        labels = tf.TensorSpec([c.batch_size, *c.patch_size], tf.int32)
         if self.chief:
             logging.info("building the training graph...")
         start = time.time()
-        self.train_step.get_concrete_function(images, labels)
+        self.train_step.get_concrete_function()
         if self.chief:
             logging.info("built the training graph in %.1f s", time.time() - start)
 
@@ -353,7 +364,7 @@ class Trainer:
         with self.interrupts.deferred():
             logs = self._loop()
         logs.pop("validation", None)
-        logs.setdefault("step", int(self.step.numpy()))
+        logs.setdefault("step", self.host_step)
         logs.setdefault("epoch", int(self.epoch.numpy()))
         for hook in self.hooks:
             hook.on_train_end(self, logs)
@@ -361,28 +372,43 @@ class Trainer:
         return self.summary()
 
     def _loop(self) -> dict:
-        """The epochs; returns the last logs. An interrupt saves a checkpoint and re-raises."""
+        """The epochs; returns the last logs. An interrupt saves a checkpoint and re-raises.
+
+        Per step the loop only runs the step and counts it: the losses stay on the device and
+        are read back (one copy), checked and logged every ``--log_every`` steps and at each
+        epoch's end (:meth:`_sync`), where multi-worker stop votes are taken too.
+        """
+        c = self.config
         logs = {"loss": float("nan"), "patches_per_s": 0.0, "epoch": int(self.epoch.numpy())}
-        bad_steps = 0
+        self._bad_steps = 0
         try:
-            while self._stop_reason is None and self.epoch.numpy() < self.config.epochs:
-                losses, epoch_start, patches = [], time.time(), 0
-                for images, labels in self.stream.epoch():
-                    loss = float(self.train_step(images, labels).numpy())
-                    if int(self.step.numpy()) == 0:
+            while self._stop_reason is None and self.epoch.numpy() < c.epochs:
+                losses, pending, epoch_start, patches = [], [], time.time(), 0
+                loss = float("nan")
+                for in_epoch, (images, labels) in enumerate(self.stream.epoch(), 1):
+                    pending.append(self.train_step(images, labels))
+                    if self.host_step == 0:
                         self.dist.broadcast_variables(self.optimizer.variables())
                     self.step.assign_add(1)
-                    bad_steps = self._check_loss(loss, bad_steps)
-                    losses.append(loss)
-                    self.losses.append(loss)
+                    self.host_step += 1
                     patches += int(images.shape[0])
+                    synced = self.host_step % c.log_every == 0 or in_epoch == self.steps_per_epoch
+                    if synced:
+                        loss = self._sync(pending, losses)
+                        pending = []
                     seconds = time.time() - epoch_start
-                    logs = {"loss": loss, "patches_per_s": patches / max(seconds, 1e-9)}
+                    logs = {
+                        "loss": loss,
+                        "patches_per_s": patches / max(seconds, 1e-9),
+                        "synced": synced,
+                    }
                     for hook in self.hooks:
                         hook.on_step_end(self, logs)
-                    self.check_interrupt()
+                    self.check_interrupt(collective=synced)
                     if self._stop_reason:
                         break
+                if pending:  # stopped between sync points
+                    self._sync(pending, losses)
                 seconds = time.time() - epoch_start
                 self._train_seconds += seconds
                 self._train_patches += patches
@@ -393,16 +419,14 @@ class Trainer:
                 epoch_complete = self._stop_reason is None
                 # When this boundary validates and the sampler adapts, the next epoch's patches
                 # wait for the new positive fraction (else prefetched ones use the old one).
-                hold = self.config.adaptive_sampling and (
-                    (int(self.epoch.numpy()) + 1) % self.config.val_every == 0
-                )
+                hold = c.adaptive_sampling and ((int(self.epoch.numpy()) + 1) % c.val_every == 0)
                 if epoch_complete:
                     self.stream.end_epoch(start_next=not hold)
                     self.epoch.assign_add(1)
                     self.cache_state.assign(_state_json(self.train_source, self.dist))
                 logs = {
                     "epoch": int(self.epoch.numpy()),
-                    "step": int(self.step.numpy()),
+                    "step": self.host_step,
                     "loss": float(np.mean(losses)) if losses else float("nan"),
                     "patches_per_s": patches / max(time.time() - epoch_start, 1e-9),
                 }
@@ -413,19 +437,34 @@ class Trainer:
                     self.check_interrupt()
         except KeyboardInterrupt as err:
             reason = str(err) or "interrupted"
-            logging.warning("%s: saving a checkpoint at step %d", reason, int(self.step.numpy()))
+            logging.warning("%s: saving a checkpoint at step %d", reason, self.host_step)
             self.save_checkpoint()
             raise
         return logs
 
-    def check_interrupt(self) -> None:
+    def _sync(self, pending: list[tf.Tensor], losses: list[float]) -> float:
+        """Reads the steps' losses back in one copy, checks them, records them; returns the
+        last (the losses of the last ``len(pending)`` steps, in order)."""
+        values = tf.stack(pending).numpy().astype(float).tolist()
+        first = self.host_step - len(values) + 1
+        for offset, value in enumerate(values):
+            self._bad_steps = self._check_loss(value, self._bad_steps, first + offset)
+        losses.extend(values)
+        self.losses.extend(values)
+        return values[-1]
+
+    def check_interrupt(self, collective: bool = True) -> None:
         """Raises :class:`TrainingInterrupted` at a safe point once a stop signal arrived.
 
         With several workers the decision is collective (one scalar all-reduce), so that every
-        worker leaves at the same step instead of waiting for the others in an all-reduce.
+        worker leaves at the same step instead of waiting for the others in an all-reduce; it
+        is taken only where ``collective`` (the loop's sync points, which every worker reaches
+        at the same step), not after every step.
         """
         requested = self.interrupts.requested
         if self.dist.size > 1:
+            if not collective:
+                return
             requested = self.dist.any_rank(requested, "interrupt")
         if requested:
             mine = self.interrupts.requested
@@ -433,10 +472,9 @@ class Trainer:
                 self.interrupts.reason() if mine else "interrupted on another worker"
             )
 
-    def _check_loss(self, loss: float, bad_steps: int) -> int:
+    def _check_loss(self, loss: float, bad_steps: int, step: int) -> int:
         if math.isfinite(loss):
             return 0
-        step = int(self.step.numpy())
         if self.config.precision == "mixed_float16" and bad_steps < 20:
             logging.warning("non-finite loss at step %d: skipped by loss scaling", step)
             return bad_steps + 1

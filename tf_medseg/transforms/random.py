@@ -147,7 +147,7 @@ def sample_patch(
         image_patch, label_patch = random_flip(image_patch, label_patch, flip_seed)
     if intensity_shift:
         image_patch = random_intensity_shift(image_patch, intensity_shift, shift_seed)
-    return image_patch, tf.cast(label_patch, tf.int32)
+    return image_patch, label_patch  # uint8 class indices: a quarter of int32's bytes
 
 
 # ------------------------------------------------------------------------- datasets
