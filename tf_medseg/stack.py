@@ -116,12 +116,11 @@ def describe() -> dict:
 
 
 def keras_version(tf) -> str:
-    """The version of the Keras that ``tf.keras`` is (tf-keras's under the modern profile)."""
-    if getattr(tf.keras, "__name__", "").startswith("tf_keras"):
-        import tf_keras
-
-        return tf_keras.__version__
-    return getattr(tf.keras, "__version__", "?")
+    """The version of the Keras that ``tf.keras`` is (tf-keras's under the modern profile,
+    the ``keras`` package's under TensorFlow 2.15)."""
+    name = getattr(tf.keras, "__name__", "")
+    distribution = "tf-keras" if name.startswith("tf_keras") else "keras"
+    return _version(distribution) or "?"
 
 
 def main() -> int:
