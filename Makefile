@@ -103,7 +103,7 @@ bench: venv
 
 TTD_MSD := $(PY) -m tf_medseg.bench.time_to_dice --geometry=msd --seeds=0 \
 	--max_minutes_per_run=$(BENCH_MSD_MINUTES)
-# The MSD-size ablations and the heart at MSD size (about 80 minutes on 2 cores, 2026-12-01);
+# The MSD-size ablations and the heart at MSD size (about an hour on 2 cores, 2026-12-01);
 # the ablations take their speed-up against `make bench`'s MSD-size baseline.
 bench-msd-more: venv
 	$(TTD_MSD) --task=spleen \
