@@ -19,6 +19,16 @@ from tf_medseg.system import LOCAL_RANK_VARIABLE
 LAUNCH = [sys.executable, "-m", "tf_medseg.cli.launch"]
 
 
+def launch_python(code: str, *options: str) -> subprocess.CompletedProcess:
+    """Two workers running ``python -c code`` under the launcher, to completion."""
+    return subprocess.run(
+        [*LAUNCH, "--num_workers=2", *options, "--", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def test_each_worker_gets_the_cluster_and_its_index():
     envs = launch.worker_environments(3, base={"KEEP": "1"})
     configs = [json.loads(env["TF_CONFIG"]) for env in envs]
@@ -51,12 +61,7 @@ def test_tf_backend_without_a_cluster_says_how_to_start_one(monkeypatch):
 
 def test_output_is_prefixed_and_success_is_zero():
     code = "import os, json; print('index', json.loads(os.environ['TF_CONFIG'])['task']['index'])"
-    done = subprocess.run(
-        [*LAUNCH, "--num_workers=2", "--", sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = launch_python(code)
     assert done.returncode == 0, done.stderr
     assert sorted(done.stdout.splitlines()) == ["[0] index 0", "[1] index 1"]
 
@@ -68,12 +73,7 @@ def test_a_failing_worker_stops_the_others_and_sets_the_status():
         "time.sleep(120)\n"
     )
     start = time.time()
-    done = subprocess.run(
-        [*LAUNCH, "--num_workers=2", "--grace_s=2", "--", sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = launch_python(code, "--grace_s=2")
     assert done.returncode == 3
     assert time.time() - start < 30  # not the sleeping worker's 120 s
     assert "worker 1 failed (exit code 3); stopping the others" in done.stderr
@@ -88,12 +88,7 @@ def test_a_worker_that_ignores_sigterm_is_killed_after_the_grace_period():
         "time.sleep(120)\n"
     )
     start = time.time()
-    done = subprocess.run(
-        [*LAUNCH, "--num_workers=2", "--grace_s=1", "--", sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = launch_python(code, "--grace_s=1")
     assert done.returncode == 5 and time.time() - start < 30
 
 
