@@ -405,6 +405,16 @@ def _tf_rank(resolver) -> int:
 
 
 def _setup_tf(fp16_allreduce: bool) -> Distributed:
+    from tf_medseg import stack
+
+    if stack.profile() == "paper":
+        # Measured: under TensorFlow 2.15 two workers' losses left the one-process curve from
+        # the second step on (weights equal on both workers), while under 2.21 they follow it
+        # to 1e-6 (tests/test_distributed.py). Refuse rather than train differently.
+        raise RuntimeError(
+            f"--distribution=tf needs TensorFlow 2.16 or newer (the modern profile; this is "
+            f"{stack.tensorflow_version()}): under TensorFlow 2.15 use horovodrun"
+        )
     resolver = _cluster_resolver()
     local_rank = int(os.environ.get(LOCAL_RANK_VARIABLE, os.environ.get("SLURM_LOCALID", "0")))
     if resolver is None:  # TF_CONFIG: one device per worker, like Horovod

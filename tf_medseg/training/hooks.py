@@ -78,14 +78,14 @@ class ProgressHook(Hook):
             int(trainer.epoch.numpy()) + 1, done, trainer.steps_per_epoch, self.val_every
         )
         per_step = (time.time() - self.epoch_start) / done
-        # The postfix is set without a redraw; update() draws it at the bar's own rate limit
-        # instead of on every step.
+        # Drawn on an epoch's first step; after that update() draws it at the bar's own rate
+        # limit instead of on every step.
         self.bar.set_postfix(
             step=trainer.host_step,
             loss=f"{logs['loss']:.4f}",
             patches_s=f"{logs['patches_per_s']:.1f}",
             to_val=_duration(left * per_step),
-            refresh=False,
+            refresh=done == 1,
         )
         self.bar.update(1)
 
