@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+from tiny_config import TINY_FLAGS
 
 from tf_medseg import distributed, stack
 from tf_medseg.cli import launch
@@ -128,3 +129,29 @@ def test_usage_errors():
     for args in (["--num_workers=2"], ["--num_workers=0", "--", "true"]):
         done = subprocess.run([*LAUNCH, *args], capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and "error" in done.stderr
+
+
+def test_the_cli_refuses_a_backend_it_cannot_start_in_one_line(spleen_task_dir, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CONFIG", "SLURM_JOB_ID")}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tf_medseg.cli.train",
+            "--distribution=tf",
+            f"--data_dir={spleen_task_dir}",
+            f"--workdir={tmp_path / 'run'}",
+            *TINY_FLAGS,
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("tf-medseg-train: ") and "Traceback" not in done.stderr
+    if stack.profile() == "paper":
+        assert "needs TensorFlow 2.16 or newer" in last
+    else:
+        assert "needs the cluster in TF_CONFIG" in last

@@ -63,6 +63,10 @@ class WorkerMismatchError(RuntimeError):
     """A quantity that must be equal on every worker differs between them."""
 
 
+class DistributionError(RuntimeError):
+    """The chosen multi-worker backend cannot start here; the message says what to do."""
+
+
 def launched_by_horovod() -> bool:
     """Whether this process was started by ``horovodrun`` (or mpirun) as one of several ranks."""
     return any(v in os.environ for v in _LAUNCHER_VARIABLES)
@@ -362,14 +366,14 @@ def setup(fp16_allreduce: bool = False, distribution: str = "auto") -> Distribut
 
 def _setup_horovod(fp16_allreduce: bool) -> Distributed:
     if not launched_by_horovod():
-        raise RuntimeError(
+        raise DistributionError(
             "--distribution=horovod needs workers started by horovodrun (e.g. horovodrun -np 2 "
             "tf-medseg-train ...); for one process use --distribution=none"
         )
     try:
         import horovod.tensorflow as hvd
     except ImportError as err:
-        raise RuntimeError(
+        raise DistributionError(
             "started by horovodrun but horovod.tensorflow cannot be imported: install Horovod "
             "with TensorFlow support (make venv builds it; the modern profile has no Horovod: "
             "use tf-medseg-launch and --distribution=tf)"
@@ -391,7 +395,7 @@ def _cluster_resolver():
         return None
     if "SLURM_JOB_ID" in os.environ:
         return tf.distribute.cluster_resolver.SlurmClusterResolver()
-    raise RuntimeError(
+    raise DistributionError(
         "--distribution=tf needs the cluster in TF_CONFIG (tf-medseg-launch --num_workers=N -- "
         "tf-medseg-train ... sets it on one machine) or a SLURM job"
     )
@@ -411,7 +415,7 @@ def _setup_tf(fp16_allreduce: bool) -> Distributed:
         # Measured: under TensorFlow 2.15 two workers' losses left the one-process curve from
         # the second step on (weights equal on both workers), while under 2.21 they follow it
         # to 1e-6 (tests/test_distributed.py). Refuse rather than train differently.
-        raise RuntimeError(
+        raise DistributionError(
             f"--distribution=tf needs TensorFlow 2.16 or newer (the modern profile; this is "
             f"{stack.tensorflow_version()}): under TensorFlow 2.15 use horovodrun"
         )
@@ -435,7 +439,7 @@ def _setup_tf(fp16_allreduce: bool) -> Distributed:
     spec = resolver.cluster_spec().as_dict()
     workers = sum(len(tasks) for kind, tasks in spec.items() if kind in ("chief", "worker"))
     if strategy.num_replicas_in_sync != workers:
-        raise RuntimeError(
+        raise DistributionError(
             f"tf_medseg runs one device per worker, but the strategy has "
             f"{strategy.num_replicas_in_sync} replicas for {workers} workers: start one worker "
             "per GPU (tf-medseg-launch does)"

@@ -162,11 +162,12 @@ def main(argv: list[str]) -> int:
 def _train(config, interrupts: Interrupts) -> int:
     from tf_medseg.cache import CacheBudgetError, CachePrefixError
     from tf_medseg.data.io import DataError
+    from tf_medseg.distributed import DistributionError
     from tf_medseg.training.loop import NonFiniteLossError, Trainer
 
     try:
         trainer = Trainer(config)
-    except (DataError, CacheBudgetError, CachePrefixError) as err:
+    except (DataError, CacheBudgetError, CachePrefixError, DistributionError) as err:
         print(f"tf-medseg-train: {err}", file=sys.stderr)
         return 2
     try:
