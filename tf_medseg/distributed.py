@@ -12,13 +12,12 @@ backends give the collectives (``--distribution``):
   ``tf.distribute.MultiWorkerMirroredStrategy`` reads the cluster from ``TF_CONFIG`` (set per
   worker by ``tf-medseg-launch`` or a cluster manager) or from SLURM, and its collectives
   (NCCL on GPUs, gRPC ring all-reduce on CPUs) run inside ``strategy.run``. The model and the
-  optimiser stay ordinary variables, kept equal on every worker exactly as under Horovod: the
-  initial values are broadcast from rank 0 and every update applies the same averaged
-  gradients. So checkpoints, validation, the smart cache's shards and every rule below are the
-  same for both backends.
+  optimiser stay ordinary variables, kept equal on every worker as under Horovod (rank 0's
+  initial values broadcast, the same averaged gradients applied), so checkpoints, validation,
+  cache shards and the rules below are the same for both backends.
 
-``auto`` picks Horovod under ``horovodrun``, tf.distribute when ``TF_CONFIG`` is set, else one
-process. A single process is inert: rank 0 of 1, and every method is the identity.
+``auto``: Horovod under ``horovodrun``, tf.distribute when ``TF_CONFIG`` is set, else one
+process, which is inert (rank 0 of 1, every method the identity).
 
 Rules the training loop follows so that N workers never wait for each other forever:
 
