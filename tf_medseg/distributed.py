@@ -101,13 +101,7 @@ class _AveragingTape:
         else:
             wire = present
         averaged = iter(self._dist._tf_all_reduce(wire, "MEAN"))
-        out = []
-        for g in grads:
-            if g is None:
-                out.append(None)
-                continue
-            out.append(tf.cast(next(averaged), g.dtype))
-        return out
+        return [None if g is None else tf.cast(next(averaged), g.dtype) for g in grads]
 
 
 @dataclass
