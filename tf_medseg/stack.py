@@ -14,7 +14,6 @@ venv`` runs it after installing).
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import os
 import sys
 
@@ -57,16 +56,6 @@ def profile() -> str:
     if version is None:
         raise StackError(_missing_tensorflow())
     return "paper" if _minor(version) <= (2, 15) else "modern"
-
-
-def has_horovod() -> bool:
-    """Whether Horovod is installed (the paper profile builds it; the modern one has none)."""
-    return importlib.util.find_spec("horovod") is not None
-
-
-def has_addons() -> bool:
-    """Whether tensorflow-addons is installed (the paper profile's NovoGrad reference)."""
-    return importlib.util.find_spec("tensorflow_addons") is not None
 
 
 def _missing_tensorflow() -> str:

@@ -75,7 +75,6 @@ class Launcher:
         self.grace_s = grace_s
         self.procs: list[subprocess.Popen] = []
         self._threads: list[threading.Thread] = []
-        self._stopping = False
         self._lock = threading.Lock()
         for rank, env in enumerate(worker_environments(num_workers)):
             env.setdefault("PYTHONUNBUFFERED", "1")
@@ -108,7 +107,6 @@ class Launcher:
                     pass
 
     def _stop_others(self) -> None:
-        self._stopping = True
         self.signal_all(signal.SIGTERM)
         deadline = time.time() + self.grace_s
         while time.time() < deadline and any(p.poll() is None for p in self.procs):
