@@ -1,4 +1,5 @@
-"""Tests of the smart cache: schedule, no-stall path, rank shards, budget, failures, resume."""
+"""Tests of the smart cache: its schedule followed, no-stall path, ranks, budget, failures,
+resume, the lock (the schedule alone: test_cache_schedule.py)."""
 
 import json
 import os
@@ -14,8 +15,6 @@ from tf_medseg.cache import (
     CachePrefixError,
     SmartCache,
     item_nbytes,
-    rank_shard,
-    smallest_shard,
 )
 
 SIDE = 4
@@ -147,6 +146,48 @@ def test_late_replacements_do_not_stall_training_and_are_swapped_in_later():
         assert cache.stats()["swaps"] == 2 and cache.stats()["late_swaps"] == 2
 
 
+def test_a_reader_thread_waits_for_a_swap_in_progress_and_sees_its_result():
+    gate = threading.Event()
+
+    def gated_prefix(item):
+        if index_of(item) >= 4:
+            gate.wait(timeout=30)
+        return index_prefix(item)
+
+    seen = []
+    cache = SmartCache(
+        make_items(8),
+        gated_prefix,
+        cache_num=4,
+        replace_rate=0.5,
+        shuffle=False,
+        wait_for_replacements=True,
+        progress=False,
+    )
+    try:
+        cache.fill()
+        swapper = threading.Thread(target=cache.end_epoch)
+        swapper.start()
+        deadline = time.monotonic() + 10
+        while cache._lock.acquire(blocking=False):  # until end_epoch holds the lock
+            cache._lock.release()
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        reader = threading.Thread(
+            target=lambda: seen.append((cache.epoch, [i for i, _ in cache.epoch_items()]))
+        )
+        reader.start()
+        reader.join(timeout=0.2)
+        assert reader.is_alive()  # the swap waits for its replacements, and the reader for it
+        gate.set()
+        swapper.join(timeout=10)
+        reader.join(timeout=10)
+    finally:
+        gate.set()
+        cache.close()
+    assert seen == [(1, [2, 3, 4, 5])]
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux's")
 @pytest.mark.parametrize("nice", [0, 7])
 def test_replacements_run_at_a_lower_priority_than_training(nice):
@@ -195,23 +236,6 @@ def test_strict_schedule_waits_and_records_the_wait():
         stats = cache.stats()
     assert stats["swaps"] == 1 and stats["late_swaps"] == 0
     assert 0.1 < stats["wait_s_max"] <= stats["wait_s_total"] < 5
-
-
-@pytest.mark.parametrize("num_items,world_size", [(10, 3), (12, 3), (4, 4), (7, 2)])
-def test_rank_parts_are_disjoint_cover_every_item_and_are_walked_in_new_orders(
-    num_items, world_size
-):
-    parts = [set(rank_shard(num_items, 9, 0, r, world_size, True)) for r in range(world_size)]
-    assert set().union(*parts) == set(range(num_items))
-    assert sum(len(p) for p in parts) == num_items  # disjoint
-    assert max(map(len, parts)) - min(map(len, parts)) <= 1
-    assert min(map(len, parts)) == smallest_shard(num_items, world_size)
-    for r in range(world_size):  # the same part on every pass, in a new order
-        passes = [tuple(rank_shard(num_items, 9, p, r, world_size, True)) for p in range(6)]
-        assert all(set(p) == parts[r] for p in passes)
-        assert len(parts[r]) < 3 or len(set(passes)) > 1
-    with pytest.raises(ValueError, match="cannot give 4 workers one item each"):
-        rank_shard(2, 9, 0, 0, 4, True)
 
 
 @pytest.mark.parametrize(

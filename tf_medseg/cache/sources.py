@@ -14,14 +14,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from typing import Any, Protocol
 
+from tf_medseg.cache.items import CachePrefixError, item_path
 from tf_medseg.cache.persistent import PersistentPrefixCache
-from tf_medseg.cache.smart_cache import (
-    CachePrefixError,
-    RankWalk,
-    SmartCache,
-    item_path,
-    smallest_shard,
-)
+from tf_medseg.cache.schedule import RankWalk, smallest_shard
+from tf_medseg.cache.smart_cache import SmartCache
 
 CachedItem = dict[str, Any]
 Prefix = Callable[[Mapping[str, Any]], CachedItem]

@@ -1,0 +1,142 @@
+"""Cached items: one computed in a cache worker thread, its size, and how many fit a budget.
+
+A cached item is the deterministic prefix's output, a dict whose arrays are kept C-contiguous
+and 64-byte aligned: TensorFlow hands a NumPy buffer to a tensor without copying it only when
+the buffer is aligned to Eigen's maximum alignment (64 bytes covers every build).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from tf_medseg.cache.schedule import replace_count
+
+Item = Mapping[str, Any]
+CachedItem = dict[str, Any]
+Prefix = Callable[[Item], CachedItem]
+#: A collective over the workers: this worker's cache size in, the agreed one (the minimum) out.
+Agree = Callable[[int], int]
+
+_ALIGN_BYTES = 64
+
+
+class CachePrefixError(RuntimeError):
+    """The deterministic prefix failed on an item in a cache worker thread."""
+
+
+class CacheBudgetError(ValueError):
+    """The requested cache does not fit in the memory budget."""
+
+
+def item_nbytes(item: Mapping[str, Any]) -> int:
+    """Bytes held by the arrays of a cached item.
+
+    Args:
+        item: A cached item (prefix output).
+
+    Returns:
+        The sum of ``nbytes`` over the item's NumPy array values.
+    """
+    return int(sum(v.nbytes for v in item.values() if isinstance(v, np.ndarray)))
+
+
+def item_path(item: Item) -> str:
+    """The file that names an item in error messages (its image path, else its case)."""
+    image = item.get("image")
+    if isinstance(image, str):
+        return image
+    if isinstance(image, list | tuple) and image and isinstance(image[0], str):
+        return ", ".join(image)
+    return str(item.get("case", "<item without image path>"))
+
+
+def aligned(array: np.ndarray) -> np.ndarray:
+    """Returns ``array`` C-contiguous and 64-byte aligned, copying only when it is not."""
+    if array.flags.c_contiguous and array.ctypes.data % _ALIGN_BYTES == 0:
+        return array
+    buffer = np.empty(array.nbytes + _ALIGN_BYTES, dtype=np.uint8)
+    offset = (-buffer.ctypes.data) % _ALIGN_BYTES
+    out = buffer[offset : offset + array.nbytes].view(array.dtype).reshape(array.shape)
+    out[...] = array
+    return out
+
+
+def prepare(prefix: Prefix, item: Item) -> CachedItem:
+    """The prefix's output for one item, its arrays aligned (what a cache worker thread runs).
+
+    Args:
+        prefix: The deterministic prefix.
+        item: An item dict.
+
+    Returns:
+        The cached item.
+
+    Raises:
+        CachePrefixError: If the prefix fails; the message names the item's file.
+    """
+    try:
+        out = prefix(item)
+    except Exception as exc:
+        raise CachePrefixError(
+            f"the deterministic prefix failed on {item_path(item)}: {type(exc).__name__}: {exc}"
+        ) from exc
+    return {k: aligned(v) if isinstance(v, np.ndarray) else v for k, v in out.items()}
+
+
+def budget_cache_num(
+    wanted: int,
+    *,
+    explicit: bool,
+    item_bytes: int,
+    budget_bytes: int,
+    replace_rate: float,
+    shard_size: int,
+    largest_path: str,
+    agree: Agree | None = None,
+) -> int:
+    """The number of cached items a memory budget holds, with their replacements in flight.
+
+    With ``agree`` the size is the same on every worker (each worker's items differ in size; a
+    worker whose budget fails makes all fail, instead of leaving the others waiting for it).
+
+    Args:
+        wanted: The cache size asked for; the result is at most this.
+        explicit: Whether ``wanted`` was given explicitly: then a smaller fit is an error.
+        item_bytes: The size of one cached item (the largest measured).
+        budget_bytes: The memory budget.
+        replace_rate: Fraction of the cache replaced per epoch.
+        shard_size: Items of this rank's part (see :func:`~tf_medseg.cache.replace_count`).
+        largest_path: The file of the largest measured item, for the error message.
+        agree: The workers' collective (see :class:`~tf_medseg.cache.SmartCache`).
+
+    Raises:
+        CacheBudgetError: When the budget holds no item, or fewer than an explicit ``wanted``.
+    """
+    fits = budget_bytes // item_bytes
+
+    def need(n: int) -> int:
+        return n + replace_count(n, replace_rate, shard_size)
+
+    best = max((n for n in range(1, wanted + 1) if need(n) <= fits), default=0)
+    mine = -1 if explicit and best < wanted else best
+    agreed = agree(mine) if agree is not None else mine
+    mb = 2**20
+    if agreed < 0:
+        raise CacheBudgetError(
+            f"a smart cache of {wanted} items (+{need(wanted) - wanted} replacements in "
+            f"flight) of up to {item_bytes / mb:.1f} MB each needs "
+            f"{need(wanted) * item_bytes / mb:.1f} MB, above the memory budget of "
+            f"{budget_bytes / mb:.1f} MB"
+            + (" (on another worker)" if mine >= 0 else "")
+            + ": lower cache_num or raise memory_budget_bytes"
+        )
+    if agreed == 0:
+        raise CacheBudgetError(
+            f"the memory budget of {budget_bytes / mb:.1f} MB cannot hold one cached item of "
+            f"about {item_bytes / mb:.1f} MB ({largest_path})"
+            + (" on another worker" if mine > 0 else "")
+        )
+    return agreed
