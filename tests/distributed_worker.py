@@ -60,13 +60,13 @@ def main() -> None:
         config = TrainConfig.from_json(f.read())
     trainer = Trainer(config)
     dist = trainer.dist
-    start_step = int(trainer.step.numpy())
+    start_step = trainer.state.step
     _write_json(
         os.path.join(args.out, f"rank{rank}.start.json"),
         {"restored_from": trainer.restored_from, "start_step": start_step, "size": dist.size},
     )
     if rank == args.skew_clock_rank:
-        trainer.elapsed_s.assign_add(3600.0)
+        trainer.state.elapsed_s += 3600.0
 
     arrays: dict[str, np.ndarray] = {}
     if args.record:
@@ -108,9 +108,9 @@ def main() -> None:
             "size": dist.size,
             "backend": dist.backend,
             "start_step": start_step,
-            "step": int(trainer.step.numpy()),
-            "losses": trainer.losses,
-            "stop_reason": trainer._stop_reason,
+            "step": trainer.state.step,
+            "losses": trainer.state.losses,
+            "stop_reason": trainer.state.stop_reason,
             "votes": votes,
             "local_val_cases": [item["case"] for item in local_items],
             "mean_dice": result.mean_dice,

@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from tf_medseg.cache import SmartCache
 from tf_medseg.pipeline import (
+    TailOptions,
     TrainStream,
     UncachedSource,
     build_train_dataset,
@@ -57,7 +58,7 @@ VOLUMES = [
 
 def test_batches_have_the_documented_shapes_and_types():
     with cache_of(VOLUMES) as cache:
-        ds = build_train_dataset(cache, 4, (16, 16, 16), 3, tf.Variable(0.5), seed=1)
+        ds = build_train_dataset(cache, TailOptions(4, (16, 16, 16), 3, seed=1), tf.Variable(0.5))
         images, labels = collect(ds)
     assert [x.shape for x in images] == [(4, 16, 16, 16, 2)] * 2 + [(1, 16, 16, 16, 2)]
     assert [x.shape for x in labels] == [(4, 16, 16, 16)] * 2 + [(1, 16, 16, 16)]
@@ -70,24 +71,30 @@ def test_batches_are_bit_identical_whatever_the_parallelism():
     with cache_of(VOLUMES, seed=4) as cache:
         for calls in (1, 2, tf.data.AUTOTUNE):
             ds = build_train_dataset(
-                cache, 2, (16, 12, 20), 4, tf.Variable(0.5), seed=7, num_parallel_calls=calls
+                cache,
+                TailOptions(2, (16, 12, 20), 4, seed=7, num_parallel_calls=calls),
+                tf.Variable(0.5),
             )
             runs.append(collect(ds))
         cache.end_epoch()
-        next_epoch = collect(build_train_dataset(cache, 2, (16, 12, 20), 4, 0.5, seed=7))
+        next_epoch = collect(
+            build_train_dataset(cache, TailOptions(2, (16, 12, 20), 4, seed=7), 0.5)
+        )
     for images, labels in runs[1:]:
         for a, b in zip(runs[0][0] + runs[0][1], images + labels, strict=True):
             assert np.array_equal(a, b)
     assert not np.array_equal(runs[0][0][0], next_epoch[0][0])
     with cache_of(VOLUMES, seed=4) as cache:
-        other_seed = collect(build_train_dataset(cache, 2, (16, 12, 20), 4, 0.5, seed=8))
+        other_seed = collect(
+            build_train_dataset(cache, TailOptions(2, (16, 12, 20), 4, seed=8), 0.5)
+        )
     assert not np.array_equal(runs[0][0][0], other_seed[0][0])
 
 
 def per_epoch_batches(cache, epochs):
     """Reference: one build_train_dataset pass per epoch."""
     out = []
-    ds = build_train_dataset(cache, 2, (8, 8, 8), 2, 0.5, seed=1)
+    ds = build_train_dataset(cache, TailOptions(2, (8, 8, 8), 2, seed=1), 0.5)
     for _ in range(epochs):
         out.append([(x.numpy(), y.numpy()) for x, y in ds])
         cache.end_epoch()
@@ -108,7 +115,7 @@ def test_train_stream_gives_the_per_epoch_batches_with_smart_cache_swaps():
     with cache_of(VOLUMES, **options) as cache:
         direct = per_epoch_batches(cache, 4)
     with cache_of(VOLUMES, **options) as cache:
-        with TrainStream(cache, 2, (8, 8, 8), 2, 0.5, seed=1) as stream:
+        with TrainStream(cache, TailOptions(2, (8, 8, 8), 2, seed=1), 0.5) as stream:
             assert stream.steps_per_epoch == 2
             streamed = []
             for _ in range(4):
@@ -119,10 +126,44 @@ def test_train_stream_gives_the_per_epoch_batches_with_smart_cache_swaps():
     assert not np.array_equal(direct[0][0][0], direct[1][0][0])
 
 
+@pytest.mark.parametrize("skip", [0, 1, 2, 3])
+def test_train_stream_resumed_in_an_epoch_gives_the_rest_of_its_batches(skip):
+    """A run resumed after ``skip`` batches of an epoch (its smart cache restored to the
+    epoch's start) gets that epoch's remaining batches and then the later epochs', bit for bit;
+    the skipped patches are not cut."""
+    options = {"cache_num": 2, "replace_rate": 0.5, "wait_for_replacements": True}
+    tail = TailOptions(2, (8, 8, 8), 3, seed=1)  # 2 items x 3 samples: 3 batches per epoch
+    with cache_of(VOLUMES, **options) as cache, TrainStream(cache, tail, 0.5) as stream:
+        whole = []
+        for _ in range(3):
+            if len(whole) == 1:
+                saved = cache.state()  # the position at the start of epoch 1
+            whole.append([(x.numpy(), y.numpy()) for x, y in stream.epoch()])
+            stream.end_epoch()
+    with cache_of(VOLUMES, **options) as cache:
+        cache.restore(saved)
+        with TrainStream(cache, tail, 0.5) as stream:
+            stream.resume_at(skip)
+            resumed = []
+            for _ in range(2):
+                resumed.append([(x.numpy(), y.numpy()) for x, y in stream.epoch()])
+                stream.end_epoch()
+            with pytest.raises(RuntimeError, match="before the epoch starts"):
+                stream.resume_at(1)
+    assert len(resumed[0]) == 3 - skip
+    assert_same_epochs([whole[1][skip:], whole[2]], resumed)
+    with cache_of(VOLUMES, **options) as cache, TrainStream(cache, tail, 0.5) as stream:
+        with pytest.raises(ValueError, match="outside an epoch of 3"):
+            stream.resume_at(4)
+
+
 def test_train_stream_epoch_left_early_restarts_at_the_next_epoch():
     with cache_of(VOLUMES) as cache:
         direct = per_epoch_batches(cache, 3)
-    with cache_of(VOLUMES) as cache, TrainStream(cache, 2, (8, 8, 8), 2, 0.5, seed=1) as stream:
+    with (
+        cache_of(VOLUMES) as cache,
+        TrainStream(cache, TailOptions(2, (8, 8, 8), 2, seed=1), 0.5) as stream,
+    ):
         assert stream.steps_per_epoch == 3
         first = next(iter(stream.epoch()))  # one batch of epoch 0, then the epoch is ended
         stream.end_epoch()
@@ -135,7 +176,10 @@ def test_train_stream_epoch_left_early_restarts_at_the_next_epoch():
 
 
 def test_train_stream_refuses_an_epoch_changed_behind_its_back():
-    with cache_of(VOLUMES) as cache, TrainStream(cache, 2, (8, 8, 8), 2, 0.5, seed=1) as stream:
+    with (
+        cache_of(VOLUMES) as cache,
+        TrainStream(cache, TailOptions(2, (8, 8, 8), 2, seed=1), 0.5) as stream,
+    ):
         batches = stream.epoch()
         next(batches)
         next(batches)
@@ -148,7 +192,7 @@ def test_train_stream_close_returns_while_waiting_for_the_next_epoch():
     import time
 
     with cache_of(VOLUMES) as cache:
-        stream = TrainStream(cache, 2, (8, 8, 8), 2, 0.5, seed=1)
+        stream = TrainStream(cache, TailOptions(2, (8, 8, 8), 2, seed=1), 0.5)
         list(stream.epoch())  # the prefetcher now waits for end_epoch()
         start = time.perf_counter()
         stream.close()
@@ -164,7 +208,9 @@ def test_train_stream_held_epoch_uses_the_fraction_set_before_it_starts():
 
     fraction = tf.Variable(1.0)
     with cache_of(VOLUMES, cache_num=2, replace_rate=0.5, wait_for_replacements=True) as cache:
-        with TrainStream(cache, 2, (1, 1, 1), 4, fraction, seed=1, flip=False) as stream:
+        with TrainStream(
+            cache, TailOptions(2, (1, 1, 1), 4, seed=1, flip=False), fraction
+        ) as stream:
             first = np.concatenate([y.numpy().ravel() for _, y in stream.epoch()])
             stream.end_epoch(start_next=False)
             time.sleep(0.5)  # a prefetcher that did not wait would cut patches now
@@ -180,7 +226,10 @@ def test_train_stream_held_epoch_uses_the_fraction_set_before_it_starts():
 def test_train_stream_runs_without_the_autotuning_thread():
     """Destroying an iterator joins tf.data's autotuning thread, which took up to 10 s in the
     middle of an optimisation pass: Ctrl-C then hung in close(). The stream runs without it."""
-    with cache_of(VOLUMES) as cache, TrainStream(cache, 2, (8, 8, 8), 2, 0.5, seed=1) as stream:
+    with (
+        cache_of(VOLUMES) as cache,
+        TrainStream(cache, TailOptions(2, (8, 8, 8), 2, seed=1), 0.5) as stream,
+    ):
         dataset = stream._dataset_of(0)
         assert dataset.options().autotune.enabled is False
         assert dataset.options().deterministic is True
@@ -189,8 +238,8 @@ def test_train_stream_runs_without_the_autotuning_thread():
 def test_train_stream_drop_remainder_needs_a_full_batch():
     with cache_of(VOLUMES[:1]) as cache:
         with pytest.raises(ValueError, match="no full batch"):
-            TrainStream(cache, 4, (8, 8, 8), 2, 0.5, seed=1, drop_remainder=True)
-        stream = TrainStream(cache, 2, (8, 8, 8), 3, 0.5, seed=1, drop_remainder=True)
+            TrainStream(cache, TailOptions(4, (8, 8, 8), 2, seed=1, drop_remainder=True), 0.5)
+        stream = TrainStream(cache, TailOptions(2, (8, 8, 8), 3, seed=1, drop_remainder=True), 0.5)
         assert [x.shape[0] for x, _ in stream.epoch()] == [2]
         stream.close()
 
@@ -268,7 +317,7 @@ def test_ratio_variable_changes_the_foreground_fraction_without_rebuilding():
     patch = (8, 8, 8)
     pos = tf.Variable(0.5, dtype=tf.float32, trainable=False)
     with cache_of(volumes) as cache:
-        ds = build_train_dataset(cache, 50, patch, 100, pos, seed=3, flip=False)
+        ds = build_train_dataset(cache, TailOptions(50, patch, 100, seed=3, flip=False), pos)
         fractions = {}
         for value in (0.5, 0.9, 0.0, 1.0):
             pos.assign(value)
@@ -295,7 +344,7 @@ def test_empty_index_lists_fall_back():
         assert not from_fg and np.all((centre.numpy() >= 0) & (centre.numpy() < [10, 12, 14]))
     volume = cached_item("empty", (20, 20, 20), box=None)
     with cache_of([volume]) as cache:
-        labels = collect(build_train_dataset(cache, 8, (8, 8, 8), 8, 1.0, seed=0))[1]
+        labels = collect(build_train_dataset(cache, TailOptions(8, (8, 8, 8), 8, seed=0), 1.0))[1]
     assert all(np.all(lb == 0) for lb in labels)
 
 
@@ -310,7 +359,7 @@ def test_sources_of_each_mode():
     items = [{"case": c, "image": f"/data/{c}.nii.gz"} for c in by_case]
     with make_source("none", items, prefix) as source:
         assert isinstance(source, UncachedSource)
-        ds = build_train_dataset(source, 3, (8, 8, 8), 2, 0.5, seed=0, num_channels=2)
+        ds = build_train_dataset(source, TailOptions(3, (8, 8, 8), 2, seed=0), 0.5, num_channels=2)
         for _ in range(2):
             assert sum(x.shape[0] for x, _ in ds) == 6
             source.end_epoch()
@@ -331,7 +380,7 @@ def test_prefix_failure_surfaces_through_the_dataset():
 
     items = [{"case": c, "image": f"/data/imagesTr/{c}.nii.gz"} for c in "abc"]
     with make_source("none", items, prefix, shuffle=False) as source:
-        ds = build_train_dataset(source, 2, (8, 8, 8), 1, 0.5, seed=0, num_channels=2)
+        ds = build_train_dataset(source, TailOptions(2, (8, 8, 8), 1, seed=0), 0.5, num_channels=2)
         with pytest.raises(tf.errors.OpError, match="imagesTr/b.nii.gz"):
             collect(ds)
 
@@ -375,7 +424,7 @@ def test_real_prefix_on_a_synthetic_task(tmp_path):
     first = CountingPrefix(chain)
     with SmartCache(items, first, **kwargs) as cache:
         reference = {i: chain(items[i]) for i, _ in cache.epoch_items()}
-        ds = build_train_dataset(cache, 4, (16, 16, 16), 4, 1.0, seed=0)
+        ds = build_train_dataset(cache, TailOptions(4, (16, 16, 16), 4, seed=0), 1.0)
         images, labels = collect(ds)
     assert first.calls == 3
     assert [x.shape for x in images] == [(4, 16, 16, 16, 1)] * 3

@@ -59,12 +59,26 @@ def _checkpoint_steps(workdir):
     )
 
 
-def test_sigkill_at_a_random_moment_then_resume_finishes_the_same_steps(spleen_task_dir, tmp_path):
-    workdir = str(tmp_path / "run")
-    # A run that cannot end by itself before the kill (a tiny run makes 16 steps in under a
-    # second: bounded at 16, it had now and then finished before the kill landed).
-    first = _train_command(spleen_task_dir, workdir, "--max_steps=100000")
-    proc = subprocess.Popen(first, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _validations(workdir):
+    """metrics.jsonl without its timings."""
+    lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    timings = ("wall_s", "validation_s")
+    return [{k: v for k, v in line.items() if k not in timings} for line in lines]
+
+
+def test_sigkill_at_a_random_moment_then_resume_equals_a_run_never_killed(
+    spleen_task_dir, tmp_path
+):
+    """SIGKILL at a random moment after the first checkpoint, then the same command again:
+    with --deterministic and a replacing smart cache, the validations (Dice, FP/FN indices, the
+    sampler's fraction, one line per validation) and the summary equal a run never killed."""
+
+    def command(workdir):
+        flags = ("--max_steps=60", "--deterministic", "--replace_rate=0.5")
+        return _train_command(spleen_task_dir, str(workdir), *flags)
+
+    workdir = str(tmp_path / "killed")
+    proc = subprocess.Popen(command(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert _wait_for(lambda: _checkpoint_steps(workdir), 120, proc), "no checkpoint written"
         time.sleep(random.uniform(0.0, 1.5))
@@ -73,24 +87,28 @@ def test_sigkill_at_a_random_moment_then_resume_finishes_the_same_steps(spleen_t
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
     saved = _checkpoint_steps(workdir)
-    assert saved, "a checkpoint before the kill"
-    end = max(saved) + 6
-    result = subprocess.run(
-        _train_command(spleen_task_dir, workdir, f"--max_steps={end}"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "resumed from" in result.stderr
-    summary = json.load(open(os.path.join(workdir, "summary.json")))
-    assert summary["steps"] == end
-    steps_logged = [
-        json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))
+    assert saved and max(saved) < 60, "a checkpoint before the kill, and not the last"
+    folder = str(tmp_path / "whole")
+    runs = [
+        subprocess.run(command(w), capture_output=True, text=True, timeout=300)
+        for w in (workdir, folder)
     ]
-    assert steps_logged[-1] == end
+    for result in runs:
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert (
+        f"resumed from {os.path.join(workdir, 'checkpoints', f'ckpt-{max(saved)}')}"
+        in runs[0].stderr
+    )
+    assert "resumed from" not in runs[1].stderr
+    summaries = [json.load(open(os.path.join(w, "summary.json"))) for w in (workdir, folder)]
+    assert summaries[0]["steps"] == summaries[1]["steps"] == 60
+    assert summaries[0]["best_dice"] == summaries[1]["best_dice"]
+    assert summaries[0]["best_step"] == summaries[1]["best_step"]
+    assert summaries[0]["cache"]["items_replaced"] > 0
+    assert _validations(workdir) == _validations(folder)
+    assert [line["step"] for line in _validations(workdir)] == list(range(2, 61, 2))
 
 
 def _signal_at(command, signum, delay, timeout=20.0):
@@ -211,7 +229,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(spleen_task_dir, t
         resumed = Trainer(config)
     try:
         assert resumed.restored_from.endswith("ckpt-2")
-        assert int(resumed.step.numpy()) == 2
+        assert resumed.state.step == 2
         assert any(
             "ckpt-4" in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records
         )
@@ -265,7 +283,7 @@ def test_worker_exception_ends_training_with_the_path(spleen_task_dir, tmp_path)
         trainer.close()
     assert victim in str(err.value)
     assert time.time() - start < 60
-    assert int(trainer.step.numpy()) == 2, "stopped at the first validation"
+    assert trainer.state.step == 2, "stopped at the first validation"
 
 
 def test_memory_budget_below_one_item_is_rejected_before_training(spleen_task_dir, tmp_path):

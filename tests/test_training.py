@@ -6,12 +6,15 @@ import dataclasses
 import glob
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from tiny_config import tiny_config
 
+from tf_medseg.training import hooks as hooks_lib
+from tf_medseg.training.interrupts import Interrupts
 from tf_medseg.training.loop import ConfigError, Trainer
 
 
@@ -67,11 +70,11 @@ def test_resume_continues_from_saved_step_and_optimizer_state(spleen_task_dir, t
     first, _ = _run(tiny_config(spleen_task_dir, tmp_path / "run", epochs=1, optimizer="adam"))
     saved_weights = [v.numpy() for v in first.model.trainable_variables]
     saved_slots = [v.numpy() for v in first.optimizer.variables()]
-    saved_cache = json.loads(first.cache_state.numpy().decode())
+    saved_cache = json.loads(first.state.cache_state)
     second = Trainer(tiny_config(spleen_task_dir, tmp_path / "run", epochs=2, optimizer="adam"))
     try:
         assert second.restored_from is not None
-        assert int(second.step.numpy()) == 2 and int(second.epoch.numpy()) == 1
+        assert second.state.step == 2 and second.state.epoch == 1
         assert int(second.optimizer.iterations.numpy()) == 2
         for a, b in zip(saved_weights, second.model.trainable_variables, strict=True):
             np.testing.assert_array_equal(a, b.numpy())
@@ -83,7 +86,7 @@ def test_resume_continues_from_saved_step_and_optimizer_state(spleen_task_dir, t
         summary = second.fit()
     finally:
         second.close()
-    assert summary["steps"] == 4 and len(second.losses) == 2
+    assert summary["steps"] == 4 and len(second.state.losses) == 2
 
 
 @pytest.mark.parametrize(
@@ -103,7 +106,7 @@ def test_resume_into_a_changed_run_says_what_changed_and_refills(
     caplog.set_level("WARNING")
     second = Trainer(tiny_config(spleen_task_dir, tmp_path / "run", epochs=2, **change))
     try:
-        assert second.restored_from is not None and int(second.step.numpy()) == 2
+        assert second.restored_from is not None and second.state.step == 2
         summary = second.fit()
     finally:
         second.close()
@@ -118,7 +121,7 @@ def test_policies_run_with_finite_loss(spleen_task_dir, tmp_path, policy):
     trainer, summary = _run(
         tiny_config(spleen_task_dir, tmp_path / policy, precision=policy, epochs=1)
     )
-    assert len(trainer.losses) == 2 and np.all(np.isfinite(trainer.losses))
+    assert len(trainer.state.losses) == 2 and np.all(np.isfinite(trainer.state.losses))
     scaled = isinstance(trainer.optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
     assert scaled == (policy == "mixed_float16")
     assert trainer.model.layers[-1].dtype_policy.compute_dtype == "float32"
@@ -137,8 +140,8 @@ def test_deterministic_runs_give_identical_losses(spleen_task_dir, tmp_path):
     runs = _two_deterministic_runs(
         spleen_task_dir, tmp_path, seed=7, max_steps=20, epochs=100, val_every=100, cache="full"
     )
-    assert len(runs[0][0].losses) == 20
-    assert runs[0][0].losses == runs[1][0].losses
+    assert len(runs[0][0].state.losses) == 20
+    assert runs[0][0].state.losses == runs[1][0].state.losses
 
 
 def test_deterministic_runs_with_a_replacing_smart_cache_are_identical(spleen_task_dir, tmp_path):
@@ -157,7 +160,7 @@ def test_deterministic_runs_with_a_replacing_smart_cache_are_identical(spleen_ta
     outcomes = []
     for trainer, workdir in runs:
         metrics = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
-        outcomes.append((trainer.losses, [m["dice"] for m in metrics]))
+        outcomes.append((trainer.state.losses, [m["dice"] for m in metrics]))
         cache = json.load(open(workdir / "summary.json"))["cache"]
         assert cache["mode"] == "smart" and cache["strict"]
         assert cache["cache_num"] == 2 and cache["items_in_shard"] == 4
@@ -165,6 +168,95 @@ def test_deterministic_runs_with_a_replacing_smart_cache_are_identical(spleen_ta
         assert cache["peak_rss_bytes"] > 50 * 2**20
     assert len(outcomes[0][0]) == 12
     assert outcomes[0] == outcomes[1]
+
+
+class _SignalAfter(hooks_lib.Hook):
+    """Records a SIGINT after step ``step``, as the CLI's installed handler does."""
+
+    def __init__(self, interrupts, step):
+        self.interrupts, self.step = interrupts, step
+
+    def on_step_end(self, trainer, logs):
+        if trainer.state.step == self.step:
+            self.interrupts.signum = signal.SIGINT
+
+
+def _validations(workdir):
+    """metrics.jsonl without its timings."""
+    lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return [
+        {k: v for k, v in line.items() if k not in ("wall_s", "validation_s")} for line in lines
+    ]
+
+
+def test_a_run_interrupted_in_the_middle_of_epochs_resumes_exactly(spleen_task_dir, tmp_path):
+    """Ctrl-C in the middle of an epoch, twice, each time restarted with the same settings:
+    with --deterministic and a replacing smart cache (cache_rate=0.5, replace_rate=0.5) the
+    losses, the validations, the sampler's fraction and the best Dice equal those of a run that
+    never stopped (3 steps per epoch; stops after steps 5 and 13)."""
+    settings = dict(
+        deterministic=True,
+        seed=3,
+        cache_num=0,
+        cache_rate=0.5,
+        replace_rate=0.5,
+        num_samples=3,
+        epochs=6,
+        val_every=2,
+    )
+    whole, _ = _run(tiny_config(spleen_task_dir, tmp_path / "whole", **settings))
+    assert whole.steps_per_epoch == 3 and whole.state.step == 18
+    workdir = tmp_path / "stopped"
+    losses, resumed_at = [], []
+    for stop in (5, 13, None):
+        trainer = Trainer(tiny_config(spleen_task_dir, workdir, **settings))
+        resumed_at.append((trainer.state.step, trainer.state.epoch_step))
+        interrupts = Interrupts()
+        if stop:
+            trainer.hooks.append(_SignalAfter(interrupts, stop))
+        try:
+            if stop:
+                with pytest.raises(KeyboardInterrupt):
+                    trainer.fit(interrupts)
+            else:
+                trainer.fit(interrupts)
+        finally:
+            trainer.close()
+        losses += trainer.state.losses
+    assert resumed_at == [(0, 0), (5, 2), (13, 1)]  # (step, steps of its epoch already taken)
+    assert losses == whole.state.losses
+    assert _validations(workdir) == _validations(tmp_path / "whole")
+    assert [line["step"] for line in _validations(workdir)] == [6, 12, 18]
+    summaries = [json.load(open(w / "summary.json")) for w in (workdir, tmp_path / "whole")]
+    for key in ("best_dice", "best_step", "steps", "epochs"):
+        assert summaries[0][key] == summaries[1][key]
+    assert trainer.sampler.positive_fraction.numpy() == whole.sampler.positive_fraction.numpy()
+    assert summaries[0]["cache"]["items_replaced"] > 0
+
+
+def test_a_run_resumed_from_an_older_checkpoint_drops_the_later_validations(
+    spleen_task_dir, tmp_path
+):
+    """A run killed after its checkpoint at step 6 had validated up to step 12 (the files left
+    are those of a finished run whose checkpoint list ends at step 6): resumed, it drops the
+    validations after step 6 and writes them again, one line per validation, equal."""
+    settings = dict(deterministic=True, seed=3, epochs=6, val_every=2, keep_checkpoints=10)
+    whole, _ = _run(tiny_config(spleen_task_dir, tmp_path / "run", **settings))
+    expected = _validations(tmp_path / "run")
+    checkpoints = str(tmp_path / "run" / "checkpoints")
+    listed = tf.train.get_checkpoint_state(checkpoints)
+    paths = list(listed.all_model_checkpoint_paths)
+    last = [p.endswith("ckpt-6") for p in paths].index(True) + 1
+    tf.compat.v1.train.update_checkpoint_state(
+        checkpoints,
+        paths[last - 1],
+        all_model_checkpoint_paths=paths[:last],
+        all_model_checkpoint_timestamps=list(listed.all_model_checkpoint_timestamps)[:last],
+    )
+    resumed, _ = _run(tiny_config(spleen_task_dir, tmp_path / "run", **settings))
+    assert resumed.restored_from.endswith("ckpt-6")
+    assert resumed.state.losses == whole.state.losses[6:]
+    assert _validations(tmp_path / "run") == expected
 
 
 def test_contradictory_flags_are_rejected_one_line_each(spleen_task_dir, tmp_path):
@@ -218,21 +310,21 @@ def test_the_step_is_traced_once_before_the_loop(spleen_task_dir, tmp_path):
         assert trainer.train_step.experimental_get_tracing_count() == 1
         trainer.fit()  # full batches only (2 items x 2 samples, batch 2): no second trace
         assert trainer.train_step.experimental_get_tracing_count() == 1
-        assert int(trainer.step.numpy()) == 4
+        assert trainer.state.step == 4
     finally:
         trainer.close()
 
 
 def test_disk_cache_falls_back_to_the_workdir_when_the_data_folder_cannot_be_written(tmp_path):
-    from tf_medseg.training.loop import _disk_cache_dir
+    from tf_medseg.training.build import disk_cache_dir
 
     blocked = tmp_path / "data" / ".tf_medseg_cache"
     blocked.parent.mkdir()
     blocked.write_text("a file where the cache folder would go: unwritable, even for root")
-    folder = _disk_cache_dir(str(blocked), str(tmp_path / "run"))
+    folder = disk_cache_dir(str(blocked), str(tmp_path / "run"))
     assert folder == str(tmp_path / "run" / "prefix_cache") and os.path.isdir(folder)
     writable = tmp_path / "data2" / ".tf_medseg_cache"
-    assert _disk_cache_dir(str(writable), str(tmp_path / "run")) == str(writable / "prefix")
+    assert disk_cache_dir(str(writable), str(tmp_path / "run")) == str(writable / "prefix")
 
 
 def test_steps_to_the_next_validation():
@@ -288,7 +380,7 @@ def test_hot_path_reads_losses_back_every_log_every_steps_without_retracing(
     trainer, summary = _run(config)
     assert trainer.steps_per_epoch == 2 and summary["steps"] == 6
     assert trainer.train_step.experimental_get_tracing_count() == 1
-    assert len(trainer.losses) == 6 and np.all(np.isfinite(trainer.losses))
+    assert len(trainer.state.losses) == 6 and np.all(np.isfinite(trainer.state.losses))
     (events,) = glob.glob(str(tmp_path / "run" / "tensorboard" / "events.out.tfevents.*"))
     logged = {}
     for event in tf.compat.v1.train.summary_iterator(events):
@@ -297,7 +389,7 @@ def test_hot_path_reads_losses_back_every_log_every_steps_without_retracing(
                 logged[event.step] = float(tf.make_ndarray(value.tensor))
     assert sorted(logged) == [2, 3, 4, 6]  # epoch ends (2, 4, 6) and multiples of 3
     for step, loss in logged.items():
-        assert loss == pytest.approx(trainer.losses[step - 1], abs=1e-6)
+        assert loss == pytest.approx(trainer.state.losses[step - 1], abs=1e-6)
 
 
 def test_multi_worker_stop_votes_are_taken_only_at_sync_points(spleen_task_dir, tmp_path):
@@ -309,7 +401,7 @@ def test_multi_worker_stop_votes_are_taken_only_at_sync_points(spleen_task_dir, 
 
     class TwoWorkers(distributed.Distributed):  # collectives of one process, counted
         def any_rank(self, flag, name):
-            votes.append((name, trainer_ref[0].host_step))
+            votes.append((name, trainer_ref[0].state.step))
             return bool(flag)
 
     trainer_ref = []
@@ -321,11 +413,11 @@ def test_multi_worker_stop_votes_are_taken_only_at_sync_points(spleen_task_dir, 
     finally:
         trainer.close()
     steps_per_epoch = trainer.steps_per_epoch
-    assert trainer.host_step == 4 * steps_per_epoch
+    assert trainer.state.step == 4 * steps_per_epoch
     voted = sorted({step for name, step in votes if name == "stop_max_minutes"})
     expected = sorted(
-        {s for s in range(1, trainer.host_step + 1) if s % 3 == 0 or s % steps_per_epoch == 0}
+        {s for s in range(1, trainer.state.step + 1) if s % 3 == 0 or s % steps_per_epoch == 0}
     )
     assert voted == expected
     interrupts = [step for name, step in votes if name == "interrupt"]
-    assert set(interrupts) <= set(expected) and len(interrupts) < trainer.host_step + 4
+    assert set(interrupts) <= set(expected) and len(interrupts) < trainer.state.step + 4

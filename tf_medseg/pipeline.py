@@ -40,9 +40,10 @@ to a GPU. On a GPU machine :class:`TrainStream` prefetches the batches to the GP
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import numpy as np
 import tensorflow as tf
@@ -64,6 +65,54 @@ from tf_medseg.transforms.random import (  # noqa: F401
     sample_patch,
     sample_seed,
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class TailOptions:
+    """How patches are cut from the cached items and batched: the random tail's settings.
+
+    Args:
+        batch_size: Patches per batch (paper: 6 of 112^3).
+        patch_size: (pd, ph, pw) patch shape in voxels.
+        num_samples: Patches drawn from each item per epoch.
+        seed: Run seed of the random tail.
+        flip: Random flips of the three spatial axes.
+        intensity_shift: Maximum absolute intensity offset (0 turns it off).
+        num_parallel_calls: Parallelism of the random tail's map.
+        drop_remainder: Drop the last incomplete batch of each epoch.
+        prefetch: Batches prepared ahead.
+        prefetch_device: A device (``/gpu:0``) the batches are copied to ahead of the step
+            (``tf.data.experimental.prefetch_to_device``; :class:`TrainStream` only); None keeps
+            them on the host.
+
+    Raises:
+        ValueError: On a patch size that is not three positive sizes, or a batch size or
+            sample count below 1.
+    """
+
+    batch_size: int
+    patch_size: tuple[int, int, int]
+    num_samples: int
+    seed: int = 0
+    flip: bool = True
+    intensity_shift: float = 0.1
+    num_parallel_calls: int = tf.data.AUTOTUNE
+    drop_remainder: bool = False
+    prefetch: int = tf.data.AUTOTUNE
+    prefetch_device: str | None = None
+
+    def __post_init__(self):
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(f"patch_size must be three positive sizes, got {self.patch_size}")
+        if self.num_samples < 1 or self.batch_size < 1:
+            raise ValueError("num_samples and batch_size must be at least 1")
+        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+
+    def steps(self, patches: int) -> int:
+        """Batches of an epoch of ``patches`` patches."""
+        if self.drop_remainder:
+            return patches // self.batch_size
+        return math.ceil(patches / self.batch_size)
 
 
 def _num_channels(source: Source, num_channels: int | None) -> int:
@@ -99,32 +148,21 @@ def _item_elements(source: Source, epoch: int) -> Iterator[tuple]:
         )
 
 
-def _check_train_args(
-    patch_size: Sequence[int], num_samples: int, batch_size: int
-) -> tuple[int, int, int]:
-    if len(patch_size) != 3 or min(patch_size) < 1:
-        raise ValueError(f"patch_size must be three positive sizes, got {patch_size}")
-    if num_samples < 1 or batch_size < 1:
-        raise ValueError("num_samples and batch_size must be at least 1")
-    return tuple(int(p) for p in patch_size)
-
-
 def _patch_batches(
     items: tf.data.Dataset,
-    *,
-    rank: int,
-    batch_size: int,
-    patch_size: tuple[int, int, int],
-    num_samples: int,
+    options: TailOptions,
     pos_fraction: tf.Variable | float,
-    seed: int,
-    flip: bool,
-    intensity_shift: float,
-    num_parallel_calls: int,
-    drop_remainder: bool,
+    rank: int,
+    skip_patches: int | tf.Tensor = 0,
     with_epoch: bool = False,
 ) -> tf.data.Dataset:
-    """Items -> ``num_samples`` random patches each (the random tail) -> batches."""
+    """Items -> ``num_samples`` random patches each (the random tail) -> batches.
+
+    The first ``skip_patches`` patches are left out before any is cut (a resumed epoch; their
+    seeds, which depend on the item and sample only, are not drawn), so the batches that follow
+    are those of the whole epoch from the same position on.
+    """
+    num_samples = options.num_samples
 
     def samples(*element):
         # One element per (item, sample) that shares the item's tensors (no copy), so the map
@@ -140,16 +178,16 @@ def _patch_batches(
             fg_indices,
             bg_indices,
             pos_fraction,
-            sample_seed(seed, epoch, rank, index, sample),
-            patch_size,
-            flip,
-            intensity_shift,
+            sample_seed(options.seed, epoch, rank, index, sample),
+            options.patch_size,
+            options.flip,
+            options.intensity_shift,
         )
         return (image_patch, label_patch, epoch) if with_epoch else (image_patch, label_patch)
 
-    dataset = items.flat_map(samples)
-    dataset = dataset.map(patch, num_parallel_calls=num_parallel_calls, deterministic=True)
-    return dataset.batch(batch_size, drop_remainder=drop_remainder)
+    dataset = items.flat_map(samples).skip(tf.cast(skip_patches, tf.int64))
+    dataset = dataset.map(patch, num_parallel_calls=options.num_parallel_calls, deterministic=True)
+    return dataset.batch(options.batch_size, drop_remainder=options.drop_remainder)
 
 
 def _deterministic() -> tf.data.Options:
@@ -170,17 +208,9 @@ def _deterministic() -> tf.data.Options:
 
 def build_train_dataset(
     source: Source,
-    batch_size: int,
-    patch_size: Sequence[int],
-    num_samples: int,
+    options: TailOptions,
     pos_fraction: tf.Variable | float,
-    seed: int,
-    flip: bool = True,
-    intensity_shift: float = 0.1,
-    num_parallel_calls: int = tf.data.AUTOTUNE,
     num_channels: int | None = None,
-    drop_remainder: bool = False,
-    prefetch: int = tf.data.AUTOTUNE,
 ) -> tf.data.Dataset:
     """One epoch's training dataset: ``num_samples`` random patches per cached item, batched.
 
@@ -190,43 +220,22 @@ def build_train_dataset(
 
     Args:
         source: A :class:`SmartCache` or :class:`UncachedSource` (see :func:`make_source`).
-        batch_size: Patches per batch (paper: 6 of 112^3).
-        patch_size: (pd, ph, pw) patch shape in voxels.
-        num_samples: Patches drawn from each item per epoch.
+        options: The random tail's and the batching's settings.
         pos_fraction: Probability of a foreground-centred patch, ``pos / (pos + neg)``; pass
             the adaptive sampler's ``tf.Variable`` so updates apply without rebuilding.
-        seed: Run seed of the random tail.
-        flip: Random flips of the three spatial axes.
-        intensity_shift: Maximum absolute intensity offset (0 turns it off).
-        num_parallel_calls: Parallelism of the random tail's map.
         num_channels: Image channels; read from one cached item when not given.
-        drop_remainder: Drop the last incomplete batch of an epoch.
-        prefetch: Batches prepared ahead.
 
     Returns:
         Dataset of ``(image float32 (B, pd, ph, pw, C), label uint8 (B, pd, ph, pw))``.
     """
-    patch_size = _check_train_args(patch_size, num_samples, batch_size)
     channels = _num_channels(source, num_channels)
 
     def generate():
         yield from _item_elements(source, source.epoch)
 
     items = tf.data.Dataset.from_generator(generate, output_signature=_item_signature(channels))
-    dataset = _patch_batches(
-        items,
-        rank=int(getattr(source, "rank", 0)),
-        batch_size=batch_size,
-        patch_size=patch_size,
-        num_samples=num_samples,
-        pos_fraction=pos_fraction,
-        seed=seed,
-        flip=flip,
-        intensity_shift=intensity_shift,
-        num_parallel_calls=num_parallel_calls,
-        drop_remainder=drop_remainder,
-    )
-    return dataset.prefetch(prefetch).with_options(_deterministic())
+    dataset = _patch_batches(items, options, pos_fraction, rank=int(getattr(source, "rank", 0)))
+    return dataset.prefetch(options.prefetch).with_options(_deterministic())
 
 
 class TrainStream:
@@ -242,61 +251,41 @@ class TrainStream:
 
     Use::
 
-        with TrainStream(source, ...) as stream:
+        with TrainStream(source, TailOptions(2, (96, 96, 96), 4), sampler_fraction) as stream:
             for _ in range(epochs):
                 for images, labels in stream.epoch():
                     ...
                 stream.end_epoch()
 
     An epoch left early is allowed: ``end_epoch()`` then drops the iterator and the next epoch
-    starts a fresh one, so every epoch still yields its own batches from the first.
+    starts a fresh one, so every epoch still yields its own batches from the first. A resumed
+    run starts in the middle of an epoch with :meth:`resume_at`.
 
     Args:
         source: A source (see :func:`make_source`); :meth:`end_epoch` calls its ``end_epoch()``.
-        batch_size: Patches per batch.
-        patch_size: (pd, ph, pw) patch shape in voxels.
-        num_samples: Patches drawn from each item per epoch.
+        options: The random tail's and the batching's settings (with ``prefetch_device``).
         pos_fraction: Probability of a foreground-centred patch (a ``tf.Variable`` to adapt).
-        seed: Run seed of the random tail.
-        flip: Random flips of the three spatial axes.
-        intensity_shift: Maximum absolute intensity offset (0 turns it off).
-        num_parallel_calls: Parallelism of the random tail's map.
         num_channels: Image channels; read from one cached item when not given.
-        drop_remainder: Drop the last incomplete batch of each epoch.
-        prefetch: Batches prepared ahead.
-        prefetch_device: A device (``/gpu:0``) the batches are copied to ahead of the step
-            (``tf.data.experimental.prefetch_to_device``); None keeps them on the host.
 
     Raises:
-        ValueError: On bad sizes, or an epoch holding no full batch with ``drop_remainder``.
+        ValueError: On an epoch holding no full batch with ``drop_remainder``.
     """
 
     def __init__(
         self,
         source: Source,
-        batch_size: int,
-        patch_size: Sequence[int],
-        num_samples: int,
+        options: TailOptions,
         pos_fraction: tf.Variable | float,
-        seed: int,
-        flip: bool = True,
-        intensity_shift: float = 0.1,
-        num_parallel_calls: int = tf.data.AUTOTUNE,
         num_channels: int | None = None,
-        drop_remainder: bool = False,
-        prefetch: int = tf.data.AUTOTUNE,
-        prefetch_device: str | None = None,
     ):
-        patch_size = _check_train_args(patch_size, num_samples, batch_size)
         channels = _num_channels(source, num_channels)
         self.source = source
-        self.patches_per_epoch = patches = patches_per_epoch(source, num_samples)
-        self.steps_per_epoch = (
-            patches // batch_size if drop_remainder else math.ceil(patches / batch_size)
-        )
+        self.options = options
+        self.patches_per_epoch = patches = patches_per_epoch(source, options.num_samples)
+        self.steps_per_epoch = options.steps(patches)
         if self.steps_per_epoch < 1:
             raise ValueError(
-                f"an epoch of {patches} patches holds no full batch of {batch_size} "
+                f"an epoch of {patches} patches holds no full batch of {options.batch_size} "
                 "with drop_remainder"
             )
         self._changed = threading.Condition()
@@ -304,56 +293,64 @@ class TrainStream:
         self._released = source.epoch  # the newest epoch whose batches may be cut
         self._closed = False
         self._iterator: Iterator | None = None
-        self._position = 0  # batches of the current epoch taken from the iterator
+        self._position = 0  # batches of the current epoch taken (or skipped on resume)
         signature = _item_signature(channels)
         rank = int(getattr(source, "rank", 0))
 
-        def tickets(generation):
-            # The epochs to build, each once the consumer has ended the one before. A stale
-            # generator (closed stream, or an iterator dropped mid-epoch) returns within 0.1 s.
-            epoch = self.source.epoch
+        def tickets(generation, first_epoch, skip_batches):
+            # (epoch, patches to skip) of the epochs to build, each once the consumer has ended
+            # the one before; only the first may skip. A stale generator (closed stream, or an
+            # iterator dropped mid-epoch) returns within 0.1 s.
+            epoch, skip = int(first_epoch), int(skip_batches)
             while True:
                 with self._changed:
                     while not self._stale(generation) and self._released < epoch:
                         self._changed.wait(timeout=0.1)
                 if self._stale(generation):
                     return
-                yield np.int64(epoch)
-                epoch += 1
+                yield np.int64(epoch), np.int64(skip * options.batch_size)
+                epoch, skip = epoch + 1, 0
 
         def epoch_items(epoch):
             yield from _item_elements(self.source, int(epoch))
 
-        def epoch_batches(epoch):
+        def epoch_batches(epoch, skip_patches):
             items = tf.data.Dataset.from_generator(
                 epoch_items, args=(epoch,), output_signature=signature
             )
-            return _patch_batches(
-                items,
-                rank=rank,
-                batch_size=batch_size,
-                patch_size=patch_size,
-                num_samples=num_samples,
-                pos_fraction=pos_fraction,
-                seed=seed,
-                flip=flip,
-                intensity_shift=intensity_shift,
-                num_parallel_calls=num_parallel_calls,
-                drop_remainder=drop_remainder,
-                with_epoch=True,
-            )
+            return _patch_batches(items, options, pos_fraction, rank, skip_patches, True)
 
-        def dataset_of(generation: int) -> tf.data.Dataset:
+        def dataset_of(generation: int, skip_batches: int = 0) -> tf.data.Dataset:
+            # The first epoch is the source's now, not when the generator first runs (lazily,
+            # at the first batch asked for).
             epochs = tf.data.Dataset.from_generator(
-                tickets, args=(generation,), output_signature=tf.TensorSpec([], tf.int64)
+                tickets,
+                args=(generation, self.source.epoch, skip_batches),
+                output_signature=(tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64)),
             )
-            dataset = epochs.flat_map(epoch_batches).prefetch(prefetch)
+            dataset = epochs.flat_map(epoch_batches).prefetch(options.prefetch)
             dataset = dataset.with_options(_deterministic())
-            if prefetch_device:  # must be the last transformation
-                dataset = dataset.apply(tf.data.experimental.prefetch_to_device(prefetch_device))
+            if options.prefetch_device:  # must be the last transformation
+                device = options.prefetch_device
+                dataset = dataset.apply(tf.data.experimental.prefetch_to_device(device))
             return dataset
 
         self._dataset_of = dataset_of
+
+    def resume_at(self, batches: int) -> None:
+        """Starts the current epoch after its first ``batches`` batches (a run resumed from a
+        checkpoint taken in the middle of an epoch): the batches that follow are those the
+        epoch would have given from there. Call before :meth:`epoch`.
+
+        Raises:
+            RuntimeError: Once the epoch has started.
+            ValueError: For a position outside the epoch.
+        """
+        if self._iterator is not None or self._position:
+            raise RuntimeError("resume_at() must come before the epoch starts")
+        if not 0 <= batches <= self.steps_per_epoch:
+            raise ValueError(f"batch {batches} is outside an epoch of {self.steps_per_epoch}")
+        self._position = int(batches)
 
     def _stale(self, generation) -> bool:
         return self._closed or int(generation) != self._generation
@@ -371,8 +368,10 @@ class TrainStream:
         if self._closed:
             raise RuntimeError("the train stream is closed")
         if self._iterator is None:
+            if self._position >= self.steps_per_epoch:  # resumed after the epoch's last batch
+                return
             self._released = self.source.epoch
-            self._iterator = iter(self._dataset_of(self._generation))
+            self._iterator = iter(self._dataset_of(self._generation, self._position))
         while self._position < self.steps_per_epoch:
             images, labels, epochs = next(self._iterator)
             self._position += 1

@@ -43,7 +43,7 @@ from tf_medseg.bench import write_json
 from tf_medseg.cache.smart_cache import peak_rss_bytes
 from tf_medseg.data.msd import load_task
 from tf_medseg.data.synthetic import generate_task
-from tf_medseg.pipeline import TrainStream, make_source
+from tf_medseg.pipeline import TailOptions, TrainStream, make_source
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,15 +94,8 @@ def _task_items(config: BenchConfig, scratch: str) -> tuple[list[dict], Callable
 
 
 def _stream(source, config: BenchConfig, channels: int) -> TrainStream:
-    return TrainStream(
-        source,
-        config.batch_size,
-        (config.patch,) * 3,
-        config.num_samples,
-        tf.Variable(0.5, trainable=False),
-        seed=config.seed,
-        num_channels=channels,
-    )
+    tail = TailOptions(config.batch_size, (config.patch,) * 3, config.num_samples, seed=config.seed)
+    return TrainStream(source, tail, tf.Variable(0.5, trainable=False), num_channels=channels)
 
 
 def _throughput(stream: TrainStream, epochs: int) -> dict:

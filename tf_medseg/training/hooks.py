@@ -3,7 +3,10 @@
 The loop (:mod:`tf_medseg.training.loop`) calls every hook's ``on_train_begin``, ``on_step_end``,
 ``on_epoch_end`` and ``on_train_end`` in order; hooks talk to each other through the ``logs``
 dict of the call (validation puts its result there, the sampler hook reads it, the loggers write
-it). Only the chief worker (rank 0) writes files.
+it). What outlives a call (the step, the best Dice, the time to the target, the stop reason) is in
+the run state, ``trainer.state`` (:class:`~tf_medseg.training.state.RunState`), which hooks read
+and write instead of setting attributes on the trainer. Only the chief worker (rank 0) writes
+files.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_medseg.jsonio import write_json
+from tf_medseg.jsonio import write_json, write_text
 from tf_medseg.optim import current_learning_rate
 
 
@@ -59,6 +62,7 @@ class ProgressHook(Hook):
         self.val_every = max(1, int(val_every))
         self.bar = None
         self.epoch_start = None
+        self.first = 0
 
     def on_step_end(self, trainer, logs):
         if not self.show_bar:
@@ -68,20 +72,25 @@ class ProgressHook(Hook):
 
             self.bar = tqdm(
                 total=trainer.steps_per_epoch,
-                desc=f"epoch {int(trainer.epoch.numpy()) + 1}",
+                initial=trainer.state.epoch_step - 1,  # a resumed epoch starts in its middle
+                desc=f"epoch {trainer.state.epoch + 1}",
                 leave=False,
                 dynamic_ncols=True,
             )
             self.epoch_start = time.time()
-        done = self.bar.n + 1
+            self.first = trainer.state.epoch_step
+        done = trainer.state.epoch_step - self.first + 1  # steps timed in this bar
         left = steps_to_validation(
-            int(trainer.epoch.numpy()) + 1, done, trainer.steps_per_epoch, self.val_every
+            trainer.state.epoch + 1,
+            trainer.state.epoch_step,
+            trainer.steps_per_epoch,
+            self.val_every,
         )
         per_step = (time.time() - self.epoch_start) / done
         # Drawn on an epoch's first step; after that update() draws it at the bar's own rate
         # limit instead of on every step.
         self.bar.set_postfix(
-            step=trainer.host_step,
+            step=trainer.state.step,
             loss=f"{logs['loss']:.4f}",
             patches_s=f"{logs['patches_per_s']:.1f}",
             to_val=_duration(left * per_step),
@@ -99,7 +108,7 @@ class ProgressHook(Hook):
         )
         if "validation" in logs:
             v = logs["validation"]
-            message += f" | val dice {v.mean_dice:.4f} (best {trainer.best_dice.numpy():.4f})"
+            message += f" | val dice {v.mean_dice:.4f} (best {trainer.state.best_dice:.4f})"
         logging.info(message)
 
 
@@ -116,22 +125,21 @@ class ValidationHook(Hook):
         self.last_step = None
 
     def run(self, trainer, logs):
-        c = trainer.config
+        state, target = trainer.state, trainer.config.target_dice
         start = time.time()
         result = trainer.validate()
         logs["validation"] = result
         logs["validation_s"] = time.time() - start
-        self.last_step = int(trainer.step.numpy())
-        wall = trainer.wall_seconds()
-        if np.isfinite(result.mean_dice) and result.mean_dice > trainer.best_dice.numpy():
-            trainer.best_dice.assign(result.mean_dice)
-            trainer.best_step.assign(trainer.step)
-            trainer.best_wall_s.assign(wall)
+        self.last_step = state.step
+        wall = state.wall_seconds()
+        if np.isfinite(result.mean_dice) and result.mean_dice > state.best_dice:
+            state.best_dice = float(result.mean_dice)
+            state.best_step = state.step
+            state.best_wall_s = wall
             trainer.export_best_model()
-        target = c.target_dice
-        if target and result.mean_dice >= target and trainer.time_to_target_s.numpy() < 0:
-            trainer.time_to_target_s.assign(wall)
-            trainer.steps_to_target.assign(trainer.step)
+        if target and result.mean_dice >= target and not state.reached_target():
+            state.time_to_target_s = wall
+            state.steps_to_target = state.step
 
     def on_epoch_end(self, trainer, logs):
         if logs["epoch"] % self.every == 0:
@@ -139,7 +147,7 @@ class ValidationHook(Hook):
 
     def on_train_end(self, trainer, logs):
         # The last epoch may have been cut short (max steps, time): score the final weights.
-        if self.last_step != int(trainer.step.numpy()):
+        if self.last_step != trainer.state.step:
             self.run(trainer, logs)
 
 
@@ -189,15 +197,14 @@ class TensorBoardHook(Hook):
     def on_step_end(self, trainer, logs):
         if not logs.get("synced"):  # the loss is read back every --log_every steps
             return
-        step = trainer.host_step
-        with self.writer.as_default(step=step):
+        with self.writer.as_default(step=trainer.state.step):
             tf.summary.scalar("train/loss", logs["loss"])
             tf.summary.scalar("train/learning_rate", current_learning_rate(trainer.optimizer))
             if hasattr(trainer.optimizer, "loss_scale"):
                 tf.summary.scalar("train/loss_scale", float(trainer.optimizer.loss_scale))
 
     def on_epoch_end(self, trainer, logs):
-        step = int(trainer.step.numpy())
+        step = trainer.state.step
         with self.writer.as_default(step=step):
             tf.summary.scalar("train/epoch_loss", logs["loss"])
             tf.summary.scalar("train/patches_per_s", logs["patches_per_s"])
@@ -251,10 +258,10 @@ class ProfileHook(Hook):
             self.running = True
 
     def on_train_begin(self, trainer):
-        self._start_at(int(trainer.step.numpy()))
+        self._start_at(trainer.state.step)
 
     def on_step_end(self, trainer, logs):
-        step = trainer.host_step
+        step = trainer.state.step
         if step >= self.end:
             self._stop()
         else:
@@ -271,14 +278,32 @@ class MetricsLogHook(Hook):
         self.metrics_path = os.path.join(workdir, "metrics.jsonl")
         self.summary_path = os.path.join(workdir, "summary.json")
 
+    def on_train_begin(self, trainer):
+        """Keeps the lines of the steps the restored checkpoint has seen: those after it (of a
+        run killed after its last checkpoint) are dropped and will be validated again, so that
+        a resumed run's file reads as one run's."""
+        if not os.path.isfile(self.metrics_path):
+            return
+        with open(self.metrics_path) as f:
+            lines = [line for line in f if line.strip()]
+        kept = [line for line in lines if json.loads(line)["step"] <= trainer.state.step]
+        if len(kept) != len(lines):
+            logging.info(
+                "metrics.jsonl: %d validation(s) after step %d dropped (a run stopped after its "
+                "last checkpoint)",
+                len(lines) - len(kept),
+                trainer.state.step,
+            )
+            write_text(self.metrics_path, "".join(kept))
+
     def on_epoch_end(self, trainer, logs):
         if "validation" in logs:
             v = logs["validation"]
             sampler = logs.get("sampler", {})
             line = {
-                "step": int(trainer.step.numpy()),
-                "epoch": int(trainer.epoch.numpy()),
-                "wall_s": round(trainer.wall_seconds(), 3),
+                "step": trainer.state.step,
+                "epoch": trainer.state.epoch,
+                "wall_s": round(trainer.state.wall_seconds(), 3),
                 "dice": {n: _num(d) for n, d in zip(trainer.task.labels[1:], v.dice, strict=True)},
                 "mean_dice": _num(v.mean_dice),
                 "r_fp": _num(v.r_fp),
@@ -295,21 +320,20 @@ class MetricsLogHook(Hook):
         self.on_epoch_end(trainer, logs)
 
     def write_summary(self, trainer):
-        ttt = float(trainer.time_to_target_s.numpy())
-        steady = trainer.steady_patches_per_s()
+        state = trainer.state
+        steady = state.steady_patches_per_s()
+        reached = state.reached_target()
         summary = {
-            "best_dice": _num(trainer.best_dice.numpy())
-            if trainer.best_dice.numpy() >= 0
-            else None,
-            "best_step": int(trainer.best_step.numpy()),
-            "best_wall_s": round(float(trainer.best_wall_s.numpy()), 3),
+            "best_dice": _num(state.best_dice) if state.best_dice >= 0 else None,
+            "best_step": state.best_step,
+            "best_wall_s": round(state.best_wall_s, 3),
             "target_dice": trainer.config.target_dice or None,
-            "time_to_target_s": round(ttt, 3) if ttt >= 0 else None,
-            "steps_to_target": int(trainer.steps_to_target.numpy()) if ttt >= 0 else None,
-            "steps": int(trainer.step.numpy()),
-            "epochs": int(trainer.epoch.numpy()),
-            "wall_s": round(trainer.wall_seconds(), 3),
-            "patches_per_s": round(trainer.patches_per_s(), 3),
+            "time_to_target_s": round(state.time_to_target_s, 3) if reached else None,
+            "steps_to_target": state.steps_to_target if reached else None,
+            "steps": state.step,
+            "epochs": state.epoch,
+            "wall_s": round(state.wall_seconds(), 3),
+            "patches_per_s": round(state.patches_per_s(), 3),
             "steady_patches_per_s": None if steady is None else round(steady, 3),
             "precision": trainer.config.precision,
             "workers": trainer.dist.size,
@@ -343,22 +367,22 @@ class StopHook(Hook):
     """Stops at the target Dice, the step bound or the time bound."""
 
     def on_step_end(self, trainer, logs):
-        c = trainer.config
-        if c.max_steps and trainer.host_step >= c.max_steps:
-            trainer.stop("reached --max_steps")
+        c, state = trainer.config, trainer.state
+        if c.max_steps and state.step >= c.max_steps:
+            state.stop("reached --max_steps")
         # Each worker has its own clock: all stop as soon as one is past the bound, or the
         # others would wait for it in the next all-reduce. The vote is taken at the loop's sync
         # points (every --log_every steps) and epoch ends, which all workers reach together.
         elif trainer.dist.size > 1 and not logs.get("synced", True):
             return
         elif c.max_minutes and trainer.dist.any_rank(
-            trainer.wall_seconds() >= 60.0 * c.max_minutes, "stop_max_minutes"
+            state.wall_seconds() >= 60.0 * c.max_minutes, "stop_max_minutes"
         ):
-            trainer.stop("reached --max_minutes")
+            state.stop("reached --max_minutes")
 
     def on_epoch_end(self, trainer, logs):
         v = logs.get("validation")
         target = trainer.config.target_dice
         if target and v is not None and v.mean_dice >= target:
-            trainer.stop(f"validation Dice {v.mean_dice:.4f} reached --target_dice {target}")
+            trainer.state.stop(f"validation Dice {v.mean_dice:.4f} reached --target_dice {target}")
         self.on_step_end(trainer, logs)

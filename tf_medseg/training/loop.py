@@ -1,47 +1,51 @@
 """The custom training loop: a ``tf.function`` step inside a short sequence of hooks.
 
-:class:`Trainer` puts the parts together (data split, deterministic prefix, caches, the random
-tail, model, loss, optimiser, adaptive sampler, checkpoint) and :meth:`Trainer.fit` reads::
+:class:`Trainer` builds a run (:mod:`tf_medseg.training.build`: inputs, model and optimiser,
+checkpoint; the counters in one :class:`~tf_medseg.training.state.RunState`) and
+:meth:`Trainer.fit` reads::
 
-    for each epoch:
-        for each batch: train step; hooks.on_step_end
-        stream.end_epoch()                      # smart cache swaps in its replacements
-        hooks.on_epoch_end                      # validate, update sampler, log, checkpoint, stop
+    while not stopped and epoch < epochs:
+        train_epoch()       # per batch: train step; hooks.on_step_end (losses read every N)
+        end_epoch()         # the cache swaps in its replacements; hooks.on_epoch_end:
+                            # validate, update the sampler, log, checkpoint, stop
     hooks.on_train_end
 
-The step runs the forward pass under the global mixed-precision policy, the loss in float32,
-dynamic loss scaling under ``mixed_float16`` only, and Horovod's ``DistributedGradientTape``
-when several workers run.
+The hooks read and write the run state (``trainer.state``), not the trainer. The step runs the
+forward pass under the global mixed-precision policy, the loss in float32, dynamic loss scaling
+under ``mixed_float16`` only, and the workers' gradient averaging when several run.
+
+A checkpoint holds the position in the epoch (``state.epoch_step``) and the training source's
+position at the epoch's start, so a run stopped in the middle of an epoch resumes at its next
+batch: with ``--deterministic`` its losses and validation metrics are those of a run that never
+stopped.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
-import tempfile
 import time
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_medseg import distributed, jsonio
+from tf_medseg import distributed
 from tf_medseg.cache.smart_cache import peak_rss_bytes
-from tf_medseg.data.msd import load_task, task_split
 from tf_medseg.inference import overlap_from_flag
-from tf_medseg.jsonio import write_json
-from tf_medseg.losses import get_loss
-from tf_medseg.models import MODELS, build_model
-from tf_medseg.optim import build_optimizer
-from tf_medseg.pipeline import TrainStream, make_source
-from tf_medseg.sampling import AdaptiveSampler
 from tf_medseg.training import hooks as hooks_lib
-from tf_medseg.training.config import TrainConfig, steps_upper_bound
+from tf_medseg.training.build import (
+    build_checkpoint,
+    build_inputs,
+    build_learner,
+    restore_latest,
+    source_state_json,
+)
+from tf_medseg.training.config import TrainConfig
 from tf_medseg.training.interrupts import Interrupts, TrainingInterrupted
+from tf_medseg.training.state import RunState
 from tf_medseg.training.validation import ValidationResult, make_window_predictor, validate
-from tf_medseg.transforms.preprocessing import PreprocessingConfig, build_preprocessing
 
 BEST_MODEL = "best_model.keras"
 
@@ -70,176 +74,40 @@ class Trainer:
         errors = config.validate()
         if errors:
             raise ConfigError("\n".join(errors))
-        self._start = time.time()
+        self.state = RunState()  # first: its clock counts the set-up
         self.config = config
         self.dist = dist or distributed.setup(config.fp16_allreduce, config.distribution)
         self.chief = self.dist.is_chief
-        self._stop_reason = None
-        self._train_seconds = 0.0
-        self._train_patches = 0
-        # The same without this process's first epoch (graph tracing and optimisation).
-        self._epochs_run = 0
-        self._steady_seconds = 0.0
-        self._steady_patches = 0
-        self.losses: list[float] = []  # per-step training losses of this session
         self.interrupts = Interrupts()  # fit() takes the CLI's installed handlers
         self._window_predictor = None
+        self._bad_steps = 0  # consecutive non-finite losses
         if config.deterministic:
             tf.keras.utils.set_random_seed(config.seed)
             tf.config.experimental.enable_op_determinism()
         tf.keras.mixed_precision.set_global_policy(config.precision)
         os.makedirs(config.workdir, exist_ok=True)
 
-        self.task = load_task(config.data_dir)
-        train_items, val_items = task_split(
-            self.task,
-            split_file=config.split_file or None,
-            num_val=config.num_val or None,
-            val_fraction=config.val_fraction,
-            seed=config.seed,
-        )
-        self.num_val_cases = len(val_items)
-        self.prefix = build_preprocessing(
-            self.task,
-            train_items,
-            PreprocessingConfig(
-                spacing=tuple(config.spacing),
-                ct_percentiles=tuple(config.ct_percentiles),
-                crop_margin=config.crop_margin,
-                seed=config.seed,
-            ),
-            progress=config.progress and self.chief,
-            dist=self.dist,
-            fallback_dir=config.workdir,
-            num_workers=config.cache_workers or None,
-        )
-        if self.chief:
-            config.save(config.workdir)
-            write_json(os.path.join(config.workdir, "preprocessing.json"), self.prefix.config())
-            write_json(
-                os.path.join(config.workdir, "task.json"),
-                {"modalities": self.task.modalities, "labels": self.task.labels},
-            )
-        disk = _disk_cache_dir(self.task.cache_dir, config.workdir) if config.disk_cache else None
-        budget = int(config.memory_budget_gb * 2**30) or None
-        self.train_source = make_source(
-            config.cache,
-            train_items,
-            self.prefix,
-            cache_num=config.cache_num or None,
-            cache_rate=config.cache_rate,
-            replace_rate=config.replace_rate,
-            num_workers=config.cache_workers or None,
-            seed=config.seed,
-            rank=self.dist.rank,
-            world_size=self.dist.size,
-            memory_budget_bytes=budget,
-            wait_for_replacements=config.cache_strict or config.deterministic,
-            cache_dir=disk,
-            progress=config.progress and self.chief,
-            # A budget sizes each worker's cache on its own items: all take the smallest.
-            agree=lambda n: min(self.dist.allgather_object(n, "cache_num")),
-        )
-        # Validation volumes are dealt round-robin to the workers, never padded (no case twice);
-        # a worker beyond the number of cases has none and contributes zero sums.
-        my_val_items = val_items[self.dist.rank :: self.dist.size]
-        self.val_source = (
-            make_source(
-                "none" if config.cache == "none" else "full",
-                my_val_items,
-                self.prefix,
-                shuffle=False,
-                seed=config.seed,
-                cache_dir=disk,
-                progress=False,
-            )
-            if my_val_items
-            else None
-        )
-
-        self.sampler = AdaptiveSampler(
-            config.pos_fraction,
-            config.sampling_gamma,
-            tuple(config.pos_fraction_bounds),
-            adaptive=config.adaptive_sampling,
-        )
-        self.stream = TrainStream(
-            self.train_source,
-            config.batch_size,
-            config.patch_size,
-            config.num_samples,
-            self.sampler.positive_fraction,
-            seed=config.seed,
-            flip=config.flip,
-            intensity_shift=config.intensity_shift,
-            num_channels=self.task.num_channels,
-            # One GPU per worker (distributed pins it): batches are copied there ahead of time.
-            prefetch_device="/gpu:0" if tf.config.list_logical_devices("GPU") else None,
-        )
+        inputs = build_inputs(config, self.dist)
+        self.task, self.sampler, self.stream = inputs.task, inputs.sampler, inputs.stream
+        self.train_source, self.val_source = inputs.train_source, inputs.val_source
+        self.num_val_cases = inputs.num_val_cases
         self.patches_per_epoch = self.stream.patches_per_epoch
         self.steps_per_epoch = self.stream.steps_per_epoch
         # A rank with a longer epoch would wait forever in a gradient all-reduce: fail now.
         self.dist.check_same(self.steps_per_epoch, "steps per epoch")
 
-        self.model = build_model(
-            config.model, self.task.num_classes, self.task.num_channels, **_model_options(config)
-        )
-        dice_options = {
-            "batch": config.loss_batch,
-            "include_background": config.loss_include_background,
-        }
-        self.loss_fn = get_loss(config.loss, **({} if config.loss == "ce" else dice_options))
-        lr = self.dist.scaled_learning_rate(
-            config.learning_rate, config.scale_lr, config.warmup_steps
-        )
-        self.optimizer = build_optimizer(
-            config.optimizer,
-            lr,
-            steps_upper_bound(config, self.patches_per_epoch),
-            config.lr_schedule,
-            config.warmup_steps,
-            config.weight_decay,
-            mixed_float16=config.precision == "mixed_float16",
-        )
-        self._build_optimizer_slots()
-
-        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-        self.elapsed_s = tf.Variable(0.0, dtype=tf.float64, trainable=False)
-        self.best_dice = tf.Variable(-1.0, dtype=tf.float64, trainable=False)
-        self.best_step = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.best_wall_s = tf.Variable(0.0, dtype=tf.float64, trainable=False)
-        self.time_to_target_s = tf.Variable(-1.0, dtype=tf.float64, trainable=False)
-        self.steps_to_target = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.cache_state = tf.Variable("", dtype=tf.string, trainable=False)
-        self.checkpoint = tf.train.Checkpoint(
-            model=self.model,
-            optimizer=self.optimizer,
-            sampler=self.sampler,
-            step=self.step,
-            epoch=self.epoch,
-            elapsed_s=self.elapsed_s,
-            best_dice=self.best_dice,
-            best_step=self.best_step,
-            best_wall_s=self.best_wall_s,
-            time_to_target_s=self.time_to_target_s,
-            steps_to_target=self.steps_to_target,
-            cache_state=self.cache_state,
-        )
-        self.manager = tf.train.CheckpointManager(
-            self.checkpoint,
-            os.path.join(config.workdir, "checkpoints"),
-            max_to_keep=config.keep_checkpoints,
-        )
-        self.restored_from = self._restore()
-        self.dist.check_same(int(self.step.numpy()), "restored step (is --workdir shared?)")
+        learner = build_learner(config, self.task, self.dist, self.patches_per_epoch)
+        self.model, self.loss_fn, self.optimizer = learner.model, learner.loss_fn, learner.optimizer
+        self.manager = build_checkpoint(config, learner, self.sampler, self.state)
+        self.restored_from = restore_latest(self.manager, self.state, self.train_source, self.dist)
+        self.dist.check_same(self.state.step, "restored step (is --workdir shared?)")
         # The first fill runs here, in this thread, not lazily inside tf.data: a bad file stops
         # the run with its one-line error before training, Ctrl-C during the fill is a plain
         # KeyboardInterrupt, and the fill's seconds are not counted in the first epoch.
         fill = getattr(self.train_source, "fill", None)
         if callable(fill):
             fill()
-        self.host_step = int(self.step.numpy())  # the step counter's value, kept on the host
+        self.stream.resume_at(min(self.state.epoch_step, self.steps_per_epoch))
         self.train_step = tf.function(
             self._train_step,
             input_signature=[
@@ -249,62 +117,24 @@ class Trainer:
         )
         self.hooks = self._make_hooks()
 
-    # ------------------------------------------------------------------ set-up helpers
     def _make_hooks(self) -> list[hooks_lib.Hook]:
         c = self.config
-        hooks = [
-            hooks_lib.ValidationHook(c.val_every),
-            hooks_lib.SamplerHook(),
-        ]
+        hooks = [hooks_lib.ValidationHook(c.val_every), hooks_lib.SamplerHook()]
         if self.chief:
+            logdir = os.path.join(c.workdir, "tensorboard")
             hooks += [
                 hooks_lib.ProgressHook(bar=c.progress, val_every=c.val_every),
-                hooks_lib.TensorBoardHook(
-                    os.path.join(c.workdir, "tensorboard"), images=c.image_summaries
-                ),
+                hooks_lib.TensorBoardHook(logdir, images=c.image_summaries),
                 hooks_lib.MetricsLogHook(c.workdir),
             ]
             if c.profile_steps:
-                logdir = os.path.join(c.workdir, "tensorboard")
                 hooks.append(hooks_lib.ProfileHook(logdir, *c.profile_steps))
         hooks += [hooks_lib.CheckpointHook(c.checkpoint_every), hooks_lib.StopHook()]
         return hooks
 
-    def _build_optimizer_slots(self) -> None:
-        """Creates the optimiser's slot variables now, so a restore fills them immediately."""
-        inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
-        if hasattr(inner, "_create_all_weights"):
-            inner._create_all_weights(self.model.trainable_variables)
-
-    def _restore(self) -> str | None:
-        """Restores the newest readable checkpoint; a corrupt one falls back to the previous."""
-        for path in reversed(self.manager.checkpoints):
-            try:
-                self.checkpoint.restore(path).assert_existing_objects_matched()
-            except Exception as err:  # noqa: BLE001  (truncated files raise IndexError, too)
-                logging.warning(
-                    "checkpoint %s is unreadable (%s); trying the previous one", path, err
-                )
-                continue
-            state = _rank_state(self.cache_state.numpy().decode(), self.dist)
-            if state and hasattr(self.train_source, "restore"):
-                try:
-                    self.train_source.restore(state)
-                except ValueError as err:  # a changed cache size, seed, split or cache mode
-                    logging.warning("%s: the cache starts afresh", err)
-            logging.info(
-                "resumed from %s at step %d, epoch %d",
-                path,
-                int(self.step.numpy()),
-                int(self.epoch.numpy()),
-            )
-            return path
-        if self.manager.checkpoints:
-            raise RuntimeError(
-                f"no readable checkpoint in {self.manager.directory} (tried "
-                f"{len(self.manager.checkpoints)}); move it away to start afresh"
-            )
-        return None
+    def _call(self, event: str, *logs: dict) -> None:
+        for hook in self.hooks:
+            getattr(hook, event)(self, *logs)
 
     # ------------------------------------------------------------------ the loop
     def _train_step(self, images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
@@ -357,100 +187,92 @@ class Trainer:
                 checkpoint is saved.
         """
         self.interrupts = interrupts or Interrupts()  # not installed: never records a signal
+        state, epochs = self.state, self.config.epochs
         self.trace_train_step()
-        for hook in self.hooks:
-            hook.on_train_begin(self)
+        self._call("on_train_begin")
         self.dist.broadcast_variables(self.model.variables)
+        logs = {"loss": float("nan"), "patches_per_s": 0.0}
         with self.interrupts.deferred():
-            logs = self._loop()
+            try:
+                while state.stop_reason is None and state.epoch < epochs:
+                    logs = self.train_epoch()
+                    if state.stop_reason is None:
+                        self.end_epoch(logs)
+            except KeyboardInterrupt as err:
+                reason = str(err) or "interrupted"
+                logging.warning("%s: saving a checkpoint at step %d", reason, state.step)
+                self.save_checkpoint()
+                raise
         logs.pop("validation", None)
-        logs.setdefault("step", self.host_step)
-        logs.setdefault("epoch", int(self.epoch.numpy()))
-        for hook in self.hooks:
-            hook.on_train_end(self, logs)
-        logging.info("stopped: %s", self._stop_reason or "reached --epochs")
+        logs.update(step=state.step, epoch=state.epoch)
+        self._call("on_train_end", logs)
+        logging.info("stopped: %s", state.stop_reason or "reached --epochs")
         return self.summary()
 
-    def _loop(self) -> dict:
-        """The epochs; returns the last logs. An interrupt saves a checkpoint and re-raises.
+    def train_epoch(self) -> dict:
+        """Trains the current epoch's remaining batches (all, unless resumed in its middle)
+        until it ends or a hook stops the run; returns the epoch's logs.
 
-        Per step the loop only runs the step and counts it: the losses stay on the device and
-        are read back (one copy), checked and logged every ``--log_every`` steps and at each
-        epoch's end (:meth:`_sync`), where multi-worker stop votes are taken too.
+        Per step only the step runs and is counted: the losses stay on the device and are read
+        back (one copy), checked and logged every ``--log_every`` steps and at the epoch's end
+        (:meth:`_sync`), where multi-worker stop votes are taken too.
         """
-        c = self.config
-        logs = {"loss": float("nan"), "patches_per_s": 0.0, "epoch": int(self.epoch.numpy())}
-        self._bad_steps = 0
+        state, log_every = self.state, self.config.log_every
+        losses, pending, start, patches, loss = [], [], time.time(), 0, float("nan")
         try:
-            while self._stop_reason is None and self.epoch.numpy() < c.epochs:
-                losses, pending, epoch_start, patches = [], [], time.time(), 0
-                loss = float("nan")
-                for in_epoch, (images, labels) in enumerate(self.stream.epoch(), 1):
-                    pending.append(self.train_step(images, labels))
-                    if self.host_step == 0:
-                        self.dist.broadcast_variables(self.optimizer.variables())
-                    self.step.assign_add(1)
-                    self.host_step += 1
-                    patches += int(images.shape[0])
-                    synced = self.host_step % c.log_every == 0 or in_epoch == self.steps_per_epoch
-                    if synced:
-                        loss = self._sync(pending, losses)
-                        pending = []
-                    seconds = time.time() - epoch_start
-                    logs = {
-                        "loss": loss,
-                        "patches_per_s": patches / max(seconds, 1e-9),
-                        "synced": synced,
-                    }
-                    for hook in self.hooks:
-                        hook.on_step_end(self, logs)
-                    self.check_interrupt(collective=synced)
-                    if self._stop_reason:
-                        break
-                if pending:  # stopped between sync points
-                    self._sync(pending, losses)
-                seconds = time.time() - epoch_start
-                self._train_seconds += seconds
-                self._train_patches += patches
-                if self._epochs_run:
-                    self._steady_seconds += seconds
-                    self._steady_patches += patches
-                self._epochs_run += 1
-                epoch_complete = self._stop_reason is None
-                # When this boundary validates and the sampler adapts, the next epoch's patches
-                # wait for the new positive fraction (else prefetched ones use the old one).
-                hold = c.adaptive_sampling and ((int(self.epoch.numpy()) + 1) % c.val_every == 0)
-                if epoch_complete:
-                    self.stream.end_epoch(start_next=not hold)
-                    self.epoch.assign_add(1)
-                    self.cache_state.assign(_state_json(self.train_source, self.dist))
-                logs = {
-                    "epoch": int(self.epoch.numpy()),
-                    "step": self.host_step,
-                    "loss": float(np.mean(losses)) if losses else float("nan"),
-                    "patches_per_s": patches / max(time.time() - epoch_start, 1e-9),
-                }
-                if epoch_complete:
-                    for hook in self.hooks:
-                        hook.on_epoch_end(self, logs)
-                    self.stream.start_next_epoch()
-                    self.check_interrupt()
-        except KeyboardInterrupt as err:
-            reason = str(err) or "interrupted"
-            logging.warning("%s: saving a checkpoint at step %d", reason, self.host_step)
-            self.save_checkpoint()
-            raise
-        return logs
+            for images, labels in self.stream.epoch():
+                pending.append(self.train_step(images, labels))
+                if state.step == 0:
+                    self.dist.broadcast_variables(self.optimizer.variables())
+                state.step += 1
+                state.epoch_step += 1
+                patches += int(images.shape[0])
+                synced = state.step % log_every == 0 or state.epoch_step == self.steps_per_epoch
+                if synced:
+                    loss, pending = self._sync(pending, losses), []
+                rate = patches / max(time.time() - start, 1e-9)
+                self._call("on_step_end", {"loss": loss, "patches_per_s": rate, "synced": synced})
+                self.check_interrupt(collective=synced)
+                if state.stop_reason:
+                    break
+        finally:
+            if pending:  # stopped between sync points
+                self._sync(pending, losses)
+            seconds = time.time() - start
+            state.count_epoch(seconds, patches)
+        return {
+            "epoch": state.epoch,
+            "step": state.step,
+            "loss": float(np.mean(losses)) if losses else float("nan"),
+            "patches_per_s": patches / max(seconds, 1e-9),
+        }
+
+    def end_epoch(self, logs: dict) -> None:
+        """Closes a complete epoch: the source's swap, the epoch counter and the source's
+        position for the checkpoint, then the hooks' ``on_epoch_end`` (validation, sampler,
+        logs, checkpoint, stop)."""
+        state, c = self.state, self.config
+        # When this boundary validates and the sampler adapts, the next epoch's patches wait
+        # for the new positive fraction (else prefetched ones use the old one).
+        hold = c.adaptive_sampling and (state.epoch + 1) % c.val_every == 0
+        self.stream.end_epoch(start_next=not hold)
+        state.epoch += 1
+        state.epoch_step = 0
+        state.cache_state = source_state_json(self.train_source, self.dist)
+        logs["epoch"] = state.epoch
+        self._call("on_epoch_end", logs)
+        self.stream.start_next_epoch()
+        self.check_interrupt()
 
     def _sync(self, pending: list[tf.Tensor], losses: list[float]) -> float:
         """Reads the steps' losses back in one copy, checks them, records them; returns the
         last (the losses of the last ``len(pending)`` steps, in order)."""
         values = tf.stack(pending).numpy().astype(float).tolist()
-        first = self.host_step - len(values) + 1
+        first = self.state.step - len(values) + 1
         for offset, value in enumerate(values):
-            self._bad_steps = self._check_loss(value, self._bad_steps, first + offset)
+            self._check_loss(value, first + offset)
         losses.extend(values)
-        self.losses.extend(values)
+        self.state.losses.extend(values)
         return values[-1]
 
     def check_interrupt(self, collective: bool = True) -> None:
@@ -472,36 +294,21 @@ class Trainer:
                 self.interrupts.reason() if mine else "interrupted on another worker"
             )
 
-    def _check_loss(self, loss: float, bad_steps: int, step: int) -> int:
+    def _check_loss(self, loss: float, step: int) -> None:
+        """Counts the non-finite losses that loss scaling skips; raises on any other."""
         if math.isfinite(loss):
-            return 0
-        if self.config.precision == "mixed_float16" and bad_steps < 20:
+            self._bad_steps = 0
+            return
+        self._bad_steps += 1
+        if self.config.precision == "mixed_float16" and self._bad_steps <= 20:
             logging.warning("non-finite loss at step %d: skipped by loss scaling", step)
-            return bad_steps + 1
+            return
         raise NonFiniteLossError(
             f"loss became {loss} at step {step}; stopping (the last checkpoint and the best "
             f"model are from before it). Try a lower --learning_rate or --precision=float32."
         )
 
     # ------------------------------------------------------------------ used by hooks
-    def stop(self, reason: str) -> None:
-        """Ends the run after the current step."""
-        if self._stop_reason is None:
-            self._stop_reason = reason
-
-    def wall_seconds(self) -> float:
-        """Wall time of the run, including earlier runs it resumed, set-up and cache fill."""
-        return float(self.elapsed_s.numpy()) + time.time() - self._start
-
-    def patches_per_s(self) -> float:
-        """Training patches per second of training-loop time (validation excluded)."""
-        return self._train_patches / self._train_seconds if self._train_seconds else 0.0
-
-    def steady_patches_per_s(self) -> float | None:
-        """As :meth:`patches_per_s` without this process's first epoch, whose graph tracing and
-        optimisation take seconds; None before a second epoch has run."""
-        return self._steady_patches / self._steady_seconds if self._steady_seconds else None
-
     def validate(self) -> ValidationResult:
         """Scores the current weights on the validation set, shared out across the workers.
 
@@ -566,10 +373,8 @@ class Trainer:
         """Saves a checkpoint (chief only); the index file is replaced atomically by TF."""
         if not self.chief:
             return
-        now = time.time()
-        self.elapsed_s.assign_add(now - self._start)
-        self._start = now
-        self.manager.save(checkpoint_number=int(self.step.numpy()))
+        self.state.store()
+        self.manager.save(checkpoint_number=self.state.step)
 
     def export_best_model(self) -> None:
         """Writes the model to ``workdir/best_model.keras`` atomically (chief only)."""
@@ -598,54 +403,3 @@ class Trainer:
         for source in (self.train_source, self.val_source):
             if source is not None:
                 source.close(wait=wait)
-
-
-def _disk_cache_dir(task_cache_dir: str, workdir: str) -> str | None:
-    """The on-disk prefix cache's folder: the task's cache area, or the workdir's when the data
-    folder cannot be written (a read-only mount); None, with a warning, if neither can."""
-    for folder in (os.path.join(task_cache_dir, "prefix"), os.path.join(workdir, "prefix_cache")):
-        try:
-            os.makedirs(folder, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=folder):
-                return folder
-        except OSError as err:
-            logging.warning("cannot write the prefix cache in %s (%s)", folder, err)
-    logging.warning("--disk_cache is off: no folder for it can be written")
-    return None
-
-
-def _model_options(config: TrainConfig) -> dict:
-    """The model options the chosen builder accepts."""
-    wanted = {
-        "depth": config.depth,
-        "base_filters": config.base_filters,
-        "norm": config.norm,
-        "residual": config.residual,
-    }
-    accepted = inspect.signature(MODELS[config.model]).parameters
-    return {k: v for k, v in wanted.items() if k in accepted}
-
-
-def _state_json(source, dist: distributed.Distributed) -> str:
-    """The cache position to checkpoint; with several workers every rank's, in rank order."""
-    state = source.state() if hasattr(source, "state") else {}
-    if dist.size > 1:
-        state = {"ranks": dist.allgather_object(state, "cache_state")}
-    return jsonio.dumps(state, indent=None)
-
-
-def _rank_state(text: str, dist: distributed.Distributed) -> dict | None:
-    """This rank's part of a checkpointed cache position (None: nothing to restore)."""
-    if not text:
-        return None
-    state = json.loads(text)
-    ranks = state["ranks"] if "ranks" in state else [state]
-    if len(ranks) != dist.size:
-        logging.warning(
-            "the checkpoint's cache position is for %d workers, this run has %d: the cache "
-            "starts afresh",
-            len(ranks),
-            dist.size,
-        )
-        return None
-    return ranks[dist.rank]

@@ -1,0 +1,295 @@
+"""Building a training run: its inputs, its model and optimiser, and its checkpoint.
+
+:class:`~tf_medseg.training.loop.Trainer` calls these in order; nothing here trains. The parts
+are plain objects (:class:`Inputs`, :class:`Learner`) so that a test or a benchmark can build
+one without the loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import tempfile
+
+import tensorflow as tf
+from absl import logging
+
+from tf_medseg import distributed, jsonio
+from tf_medseg.data.msd import MSDTask, load_task, task_split
+from tf_medseg.jsonio import write_json
+from tf_medseg.losses import get_loss
+from tf_medseg.models import MODELS, build_model
+from tf_medseg.optim import build_optimizer
+from tf_medseg.pipeline import Source, TailOptions, TrainStream, make_source
+from tf_medseg.sampling import AdaptiveSampler
+from tf_medseg.training.config import TrainConfig, steps_upper_bound
+from tf_medseg.training.state import RunState
+from tf_medseg.transforms.preprocessing import PreprocessingConfig, build_preprocessing
+
+
+@dataclasses.dataclass
+class Inputs:
+    """The data side of a run: task, split, deterministic prefix, sources, sampler, stream.
+
+    Attributes:
+        task: The task (``dataset.json``).
+        num_val_cases: Validation cases of the whole run (all workers).
+        prefix: The deterministic prefix (fitted on the training items).
+        train_source: This worker's training source (cache).
+        val_source: This worker's validation cases, cached (None: it has none).
+        sampler: The adaptive positive/negative sampler.
+        stream: The training batches.
+    """
+
+    task: MSDTask
+    num_val_cases: int
+    prefix: object
+    train_source: Source
+    val_source: Source | None
+    sampler: AdaptiveSampler
+    stream: TrainStream
+
+
+def build_inputs(config: TrainConfig, dist: distributed.Distributed) -> Inputs:
+    """Reads the task, splits it, fits the prefix, and builds the sources and the stream.
+
+    The chief writes ``config.json``, ``preprocessing.json`` and ``task.json`` to the workdir.
+    The training cache is not filled here (see :meth:`Trainer.__init__`).
+    """
+    chief = dist.is_chief
+    task = load_task(config.data_dir)
+    train_items, val_items = task_split(
+        task,
+        split_file=config.split_file or None,
+        num_val=config.num_val or None,
+        val_fraction=config.val_fraction,
+        seed=config.seed,
+    )
+    prefix = build_preprocessing(
+        task,
+        train_items,
+        PreprocessingConfig(
+            spacing=tuple(config.spacing),
+            ct_percentiles=tuple(config.ct_percentiles),
+            crop_margin=config.crop_margin,
+            seed=config.seed,
+        ),
+        progress=config.progress and chief,
+        dist=dist,
+        fallback_dir=config.workdir,
+        num_workers=config.cache_workers or None,
+    )
+    if chief:
+        config.save(config.workdir)
+        write_json(os.path.join(config.workdir, "preprocessing.json"), prefix.config())
+        write_json(
+            os.path.join(config.workdir, "task.json"),
+            {"modalities": task.modalities, "labels": task.labels},
+        )
+    disk = disk_cache_dir(task.cache_dir, config.workdir) if config.disk_cache else None
+    budget = int(config.memory_budget_gb * 2**30) or None
+    train_source = make_source(
+        config.cache,
+        train_items,
+        prefix,
+        cache_num=config.cache_num or None,
+        cache_rate=config.cache_rate,
+        replace_rate=config.replace_rate,
+        num_workers=config.cache_workers or None,
+        seed=config.seed,
+        rank=dist.rank,
+        world_size=dist.size,
+        memory_budget_bytes=budget,
+        wait_for_replacements=config.cache_strict or config.deterministic,
+        cache_dir=disk,
+        progress=config.progress and chief,
+        # A budget sizes each worker's cache on its own items: all take the smallest.
+        agree=lambda n: min(dist.allgather_object(n, "cache_num")),
+    )
+    # Validation volumes are dealt round-robin to the workers, never padded (no case twice);
+    # a worker beyond the number of cases has none and contributes zero sums.
+    my_val_items = val_items[dist.rank :: dist.size]
+    val_source = None
+    if my_val_items:
+        val_source = make_source(
+            "none" if config.cache == "none" else "full",
+            my_val_items,
+            prefix,
+            shuffle=False,
+            seed=config.seed,
+            cache_dir=disk,
+            progress=False,
+        )
+    sampler = AdaptiveSampler(
+        config.pos_fraction,
+        config.sampling_gamma,
+        tuple(config.pos_fraction_bounds),
+        adaptive=config.adaptive_sampling,
+    )
+    options = TailOptions(
+        config.batch_size,
+        tuple(config.patch_size),
+        config.num_samples,
+        seed=config.seed,
+        flip=config.flip,
+        intensity_shift=config.intensity_shift,
+        # One GPU per worker (distributed pins it): batches are copied there ahead of time.
+        prefetch_device="/gpu:0" if tf.config.list_logical_devices("GPU") else None,
+    )
+    stream = TrainStream(
+        train_source, options, sampler.positive_fraction, num_channels=task.num_channels
+    )
+    return Inputs(task, len(val_items), prefix, train_source, val_source, sampler, stream)
+
+
+@dataclasses.dataclass
+class Learner:
+    """The model, its loss and its optimiser (with its slots built)."""
+
+    model: tf.keras.Model
+    loss_fn: object
+    optimizer: tf.keras.optimizers.Optimizer
+
+
+def build_learner(
+    config: TrainConfig, task: MSDTask, dist: distributed.Distributed, patches_per_epoch: int
+) -> Learner:
+    """Builds the model, the loss and the optimiser (learning rate scaled for the workers)."""
+    model = build_model(config.model, task.num_classes, task.num_channels, **model_options(config))
+    dice_options = {
+        "batch": config.loss_batch,
+        "include_background": config.loss_include_background,
+    }
+    loss_fn = get_loss(config.loss, **({} if config.loss == "ce" else dice_options))
+    lr = dist.scaled_learning_rate(config.learning_rate, config.scale_lr, config.warmup_steps)
+    optimizer = build_optimizer(
+        config.optimizer,
+        lr,
+        steps_upper_bound(config, patches_per_epoch),
+        config.lr_schedule,
+        config.warmup_steps,
+        config.weight_decay,
+        mixed_float16=config.precision == "mixed_float16",
+    )
+    # The slot variables now, so that a restore fills them at once.
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    if hasattr(inner, "_create_all_weights"):
+        inner._create_all_weights(model.trainable_variables)
+    return Learner(model, loss_fn, optimizer)
+
+
+def build_checkpoint(
+    config: TrainConfig, learner: Learner, sampler: AdaptiveSampler, state: RunState
+) -> tf.train.CheckpointManager:
+    """The checkpoint of model, optimiser, sampler and run state, in ``workdir/checkpoints``."""
+    checkpoint = tf.train.Checkpoint(
+        model=learner.model,
+        optimizer=learner.optimizer,
+        sampler=sampler,
+        **state.variables_by_name,
+    )
+    return tf.train.CheckpointManager(
+        checkpoint,
+        os.path.join(config.workdir, "checkpoints"),
+        max_to_keep=config.keep_checkpoints,
+    )
+
+
+def restore_latest(
+    manager: tf.train.CheckpointManager,
+    state: RunState,
+    source: Source,
+    dist: distributed.Distributed,
+) -> str | None:
+    """Restores the newest readable checkpoint (a corrupt one falls back to the previous) into
+    the run state, and puts the training source at the saved position.
+
+    A source saved by another run (changed cache size, seed, split or mode, or worker count) is
+    not restored: one warning says what changed, and the cache starts afresh.
+
+    Returns:
+        The checkpoint's path, or None when there is none.
+
+    Raises:
+        RuntimeError: When checkpoints exist and none is readable.
+    """
+    for path in reversed(manager.checkpoints):
+        try:
+            manager.checkpoint.restore(path).assert_existing_objects_matched()
+        except Exception as err:  # noqa: BLE001  (truncated files raise IndexError, too)
+            logging.warning("checkpoint %s is unreadable (%s); trying the previous one", path, err)
+            continue
+        state.load()
+        saved = rank_state(state.cache_state, dist)
+        if saved and hasattr(source, "restore"):
+            try:
+                source.restore(saved)
+            except ValueError as err:  # a changed cache size, seed, split or cache mode
+                logging.warning("%s: the cache starts afresh", err)
+        logging.info(
+            "resumed from %s at step %d, epoch %d%s",
+            path,
+            state.step,
+            state.epoch,
+            f" (after its step {state.epoch_step})" if state.epoch_step else "",
+        )
+        return path
+    if manager.checkpoints:
+        raise RuntimeError(
+            f"no readable checkpoint in {manager.directory} (tried "
+            f"{len(manager.checkpoints)}); move it away to start afresh"
+        )
+    return None
+
+
+def source_state_json(source: Source, dist: distributed.Distributed) -> str:
+    """The source's position to checkpoint; with several workers every rank's, in rank order."""
+    state = source.state() if hasattr(source, "state") else {}
+    if dist.size > 1:
+        state = {"ranks": dist.allgather_object(state, "cache_state")}
+    return jsonio.dumps(state, indent=None)
+
+
+def rank_state(text: str, dist: distributed.Distributed) -> dict | None:
+    """This rank's part of a checkpointed source position (None: nothing to restore)."""
+    if not text:
+        return None
+    state = json.loads(text)
+    ranks = state["ranks"] if "ranks" in state else [state]
+    if len(ranks) != dist.size:
+        logging.warning(
+            "the checkpoint's cache position is for %d workers, this run has %d: the cache "
+            "starts afresh",
+            len(ranks),
+            dist.size,
+        )
+        return None
+    return ranks[dist.rank]
+
+
+def disk_cache_dir(task_cache_dir: str, workdir: str) -> str | None:
+    """The on-disk prefix cache's folder: the task's cache area, or the workdir's when the data
+    folder cannot be written (a read-only mount); None, with a warning, if neither can."""
+    for folder in (os.path.join(task_cache_dir, "prefix"), os.path.join(workdir, "prefix_cache")):
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder):
+                return folder
+        except OSError as err:
+            logging.warning("cannot write the prefix cache in %s (%s)", folder, err)
+    logging.warning("--disk_cache is off: no folder for it can be written")
+    return None
+
+
+def model_options(config: TrainConfig) -> dict:
+    """The model options the chosen builder accepts."""
+    wanted = {
+        "depth": config.depth,
+        "base_filters": config.base_filters,
+        "norm": config.norm,
+        "residual": config.residual,
+    }
+    accepted = inspect.signature(MODELS[config.model]).parameters
+    return {k: v for k, v in wanted.items() if k in accepted}
