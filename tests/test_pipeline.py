@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from tf_medseg.cache import SmartCache
 from tf_medseg.pipeline import (
+    SourceOptions,
     TailOptions,
     TrainStream,
     UncachedSource,
@@ -364,9 +365,10 @@ def test_sources_of_each_mode():
             assert sum(x.shape[0] for x, _ in ds) == 6
             source.end_epoch()
     assert sorted(calls) == sorted(list(by_case) * 2)
-    with make_source("full", items, prefix, progress=False) as source:
+    with make_source("full", items, prefix, SourceOptions(progress=False)) as source:
         assert (source.cache_num, source.replace_num) == (3, 0)
-    with make_source("smart", items, prefix, cache_num=2, replace_rate=0.5) as source:
+    smart = SourceOptions(cache_num=2, replace_rate=0.5)
+    with make_source("smart", items, prefix, smart) as source:
         assert (source.cache_num, source.replace_num) == (2, 1)
     with pytest.raises(ValueError, match="unknown cache mode"):
         make_source("lru", items, prefix)
@@ -379,7 +381,7 @@ def test_prefix_failure_surfaces_through_the_dataset():
         return VOLUMES[0]
 
     items = [{"case": c, "image": f"/data/imagesTr/{c}.nii.gz"} for c in "abc"]
-    with make_source("none", items, prefix, shuffle=False) as source:
+    with make_source("none", items, prefix, SourceOptions(shuffle=False)) as source:
         ds = build_train_dataset(source, TailOptions(2, (8, 8, 8), 1, seed=0), 0.5, num_channels=2)
         with pytest.raises(tf.errors.OpError, match="imagesTr/b.nii.gz"):
             collect(ds)

@@ -53,6 +53,7 @@ from tf_medseg.cache.sources import (  # noqa: F401  (the pipeline's public name
     CachedItem,
     Prefix,
     Source,
+    SourceOptions,
     UncachedSource,
     make_source,
     patches_per_epoch,

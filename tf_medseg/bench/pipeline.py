@@ -43,7 +43,7 @@ from tf_medseg.bench import write_json
 from tf_medseg.cache.smart_cache import peak_rss_bytes
 from tf_medseg.data.msd import load_task
 from tf_medseg.data.synthetic import generate_task
-from tf_medseg.pipeline import TailOptions, TrainStream, make_source
+from tf_medseg.pipeline import SourceOptions, TailOptions, TrainStream, make_source
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,16 +139,13 @@ def run_benchmark(config: BenchConfig) -> dict:
         channels = 1
         results: dict = {}
 
-        with make_source(
-            "none", items, prefix, num_workers=config.num_workers, seed=config.seed
-        ) as source:
+        loading = SourceOptions(num_workers=config.num_workers, seed=config.seed)
+        with make_source("none", items, prefix, loading) as source:
             channels = int(source.peek()["image"].shape[-1])
             with _stream(source, config, channels) as stream:
                 results["none"] = _throughput(stream, config.none_epochs)
 
-        with make_source(
-            "full", items, prefix, num_workers=config.num_workers, seed=config.seed
-        ) as source:
+        with make_source("full", items, prefix, loading) as source:
             start = time.perf_counter()
             source.fill()
             fill_s = time.perf_counter() - start
@@ -160,13 +157,13 @@ def run_benchmark(config: BenchConfig) -> dict:
                 "cache_bytes": source.stats()["cache_bytes"],
             }
 
-        smart_args = dict(
+        smart = SourceOptions(
             cache_num=max(1, round(len(items) * config.smart_cache_rate)),
             replace_rate=config.replace_rate,
             num_workers=config.num_workers,
             seed=config.seed,
         )
-        with make_source("smart", items, prefix, **smart_args) as source:
+        with make_source("smart", items, prefix, smart) as source:
             start = time.perf_counter()
             source.fill()
             fill_s = time.perf_counter() - start

@@ -10,6 +10,7 @@ rank's source reads only its own part of the items (:func:`~tf_medseg.cache.rank
 from __future__ import annotations
 
 import collections
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from typing import Any, Protocol
@@ -150,37 +151,16 @@ class UncachedSource:
         self.close(wait=exc_type is None)
 
 
-def make_source(
-    mode: str,
-    items: Sequence[Mapping[str, Any]],
-    prefix: Prefix,
-    *,
-    cache_num: int | None = None,
-    cache_rate: float = 1.0,
-    replace_rate: float = 0.1,
-    num_workers: int | None = None,
-    num_replace_workers: int = 1,
-    shuffle: bool = True,
-    seed: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    memory_budget_bytes: int | None = None,
-    wait_for_replacements: bool = False,
-    cache_dir: str | None = None,
-    progress: bool = True,
-    agree=None,
-) -> SmartCache | UncachedSource:
-    """Builds the source of a cache mode.
+@dataclasses.dataclass(frozen=True)
+class SourceOptions:
+    """How a source holds and deals the items (the settings :func:`make_source` passes on).
 
     Args:
-        mode: ``"smart"`` (gradual replacement), ``"full"`` (every item of the shard cached, no
-            replacement) or ``"none"`` (prefix every epoch; the baseline).
-        items: Item dicts.
-        prefix: The deterministic prefix.
-        cache_num: ``smart`` only: items held.
+        cache_num: ``smart`` only: items held (None: ``cache_rate`` of the shard).
         cache_rate: ``smart`` only: fraction held when ``cache_num`` is not given.
         replace_rate: ``smart`` only: fraction replaced per epoch.
-        num_workers: Threads of the initial fill (``none``: of the per-epoch loading).
+        num_workers: Threads of the initial fill (``none``: of the per-epoch loading; None:
+            one per CPU for a fill, 2 for loading).
         num_replace_workers: ``smart`` only: threads preparing replacements.
         shuffle: Shuffle by seed.
         seed: Run seed.
@@ -190,6 +170,39 @@ def make_source(
         wait_for_replacements: ``smart`` only: keep the strict schedule.
         cache_dir: Optional on-disk prefix cache.
         progress: Progress bar during the fill.
+    """
+
+    cache_num: int | None = None
+    cache_rate: float = 1.0
+    replace_rate: float = 0.1
+    num_workers: int | None = None
+    num_replace_workers: int = 1
+    shuffle: bool = True
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    memory_budget_bytes: int | None = None
+    wait_for_replacements: bool = False
+    cache_dir: str | None = None
+    progress: bool = True
+
+
+def make_source(
+    mode: str,
+    items: Sequence[Mapping[str, Any]],
+    prefix: Prefix,
+    options: SourceOptions | None = None,
+    agree=None,
+) -> SmartCache | UncachedSource:
+    """Builds the source of a cache mode.
+
+    Args:
+        mode: ``"smart"`` (gradual replacement), ``"full"`` (every item of the shard cached, no
+            replacement) or ``"none"`` (prefix every epoch; the baseline).
+        items: Item dicts.
+        prefix: The deterministic prefix.
+        options: How the source holds and deals the items (what a mode does not use is
+            ignored; None: the defaults).
         agree: ``smart``/``full`` with a memory budget: the workers' collective that makes
             the cache size the same on every worker (see :class:`SmartCache`).
 
@@ -199,9 +212,10 @@ def make_source(
     Raises:
         ValueError: On an unknown mode.
     """
+    o = options or SourceOptions()
     if mode == "none":
         return UncachedSource(
-            items, prefix, shuffle, seed, rank, world_size, num_workers or 2, cache_dir
+            items, prefix, o.shuffle, o.seed, o.rank, o.world_size, o.num_workers or 2, o.cache_dir
         )
     if mode not in CACHE_MODES:
         raise ValueError(f"unknown cache mode {mode!r}; choose from {CACHE_MODES}")
@@ -209,19 +223,19 @@ def make_source(
     return SmartCache(
         items,
         prefix,
-        cache_num=None if full else cache_num,
-        cache_rate=1.0 if full else cache_rate,
-        replace_rate=0.0 if full else replace_rate,
-        num_init_workers=num_workers,
-        num_replace_workers=num_replace_workers,
-        shuffle=shuffle,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        memory_budget_bytes=memory_budget_bytes,
-        wait_for_replacements=wait_for_replacements,
-        cache_dir=cache_dir,
-        progress=progress,
+        cache_num=None if full else o.cache_num,
+        cache_rate=1.0 if full else o.cache_rate,
+        replace_rate=0.0 if full else o.replace_rate,
+        num_init_workers=o.num_workers,
+        num_replace_workers=o.num_replace_workers,
+        shuffle=o.shuffle,
+        seed=o.seed,
+        rank=o.rank,
+        world_size=o.world_size,
+        memory_budget_bytes=o.memory_budget_bytes,
+        wait_for_replacements=o.wait_for_replacements,
+        cache_dir=o.cache_dir,
+        progress=o.progress,
         agree=agree,
     )
 

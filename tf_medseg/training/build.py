@@ -22,7 +22,7 @@ from tf_medseg.jsonio import write_json
 from tf_medseg.losses import get_loss
 from tf_medseg.models import MODELS, build_model
 from tf_medseg.optim import build_optimizer
-from tf_medseg.pipeline import Source, TailOptions, TrainStream, make_source
+from tf_medseg.pipeline import Source, SourceOptions, TailOptions, TrainStream, make_source
 from tf_medseg.sampling import AdaptiveSampler
 from tf_medseg.training.config import TrainConfig, steps_upper_bound
 from tf_medseg.training.state import RunState
@@ -90,10 +90,7 @@ def build_inputs(config: TrainConfig, dist: distributed.Distributed) -> Inputs:
         )
     disk = disk_cache_dir(task.cache_dir, config.workdir) if config.disk_cache else None
     budget = int(config.memory_budget_gb * 2**30) or None
-    train_source = make_source(
-        config.cache,
-        train_items,
-        prefix,
+    options = SourceOptions(
         cache_num=config.cache_num or None,
         cache_rate=config.cache_rate,
         replace_rate=config.replace_rate,
@@ -105,30 +102,25 @@ def build_inputs(config: TrainConfig, dist: distributed.Distributed) -> Inputs:
         wait_for_replacements=config.cache_strict or config.deterministic,
         cache_dir=disk,
         progress=config.progress and chief,
-        # A budget sizes each worker's cache on its own items: all take the smallest.
-        agree=lambda n: min(dist.allgather_object(n, "cache_num")),
     )
+    # A budget sizes each worker's cache on its own items: all take the smallest.
+    agree = lambda n: min(dist.allgather_object(n, "cache_num"))  # noqa: E731
+    train_source = make_source(config.cache, train_items, prefix, options, agree)
     # Validation volumes are dealt round-robin to the workers, never padded (no case twice);
     # a worker beyond the number of cases has none and contributes zero sums.
     my_val_items = val_items[dist.rank :: dist.size]
     val_source = None
     if my_val_items:
-        val_source = make_source(
-            "none" if config.cache == "none" else "full",
-            my_val_items,
-            prefix,
-            shuffle=False,
-            seed=config.seed,
-            cache_dir=disk,
-            progress=False,
-        )
+        val_options = SourceOptions(shuffle=False, seed=config.seed, cache_dir=disk, progress=False)
+        val_mode = "none" if config.cache == "none" else "full"
+        val_source = make_source(val_mode, my_val_items, prefix, val_options)
     sampler = AdaptiveSampler(
         config.pos_fraction,
         config.sampling_gamma,
         tuple(config.pos_fraction_bounds),
         adaptive=config.adaptive_sampling,
     )
-    options = TailOptions(
+    tail = TailOptions(
         config.batch_size,
         tuple(config.patch_size),
         config.num_samples,
@@ -139,7 +131,7 @@ def build_inputs(config: TrainConfig, dist: distributed.Distributed) -> Inputs:
         prefetch_device="/gpu:0" if tf.config.list_logical_devices("GPU") else None,
     )
     stream = TrainStream(
-        train_source, options, sampler.positive_fraction, num_channels=task.num_channels
+        train_source, tail, sampler.positive_fraction, num_channels=task.num_channels
     )
     return Inputs(task, len(val_items), prefix, train_source, val_source, sampler, stream)
 
