@@ -8,7 +8,9 @@ import tensorflow as tf
 
 from tf_medseg.inference import (
     compute_importance_map,
+    flip_combinations,
     keep_largest_component,
+    mean_predictor,
     sliding_window_inference,
     window_starts,
 )
@@ -304,3 +306,70 @@ def test_keep_largest_component_errors_and_empty_class():
         keep_largest_component(labels.astype(np.float32))
     with pytest.raises(ValueError, match="foreground"):
         keep_largest_component(labels, classes=[0, 1])
+
+
+def test_flip_combinations_are_the_eight_mirrorings():
+    combos = flip_combinations()
+    assert len(combos) == len(set(combos)) == 8 and combos[0] == ()
+    assert set(combos) == {c for n in range(4) for c in itertools.combinations((1, 2, 3), n)}
+
+
+def _position_dependent(windows):
+    """Softmax over 2 classes of the voxel value plus a ramp along each axis (not mirror
+    equivariant, so that test-time augmentation changes its output)."""
+    x = np.asarray(windows, np.float32)[..., 0]
+    ramp = sum(
+        np.arange(n, dtype=np.float32).reshape([n if a == i else 1 for a in range(3)]) * (i + 1)
+        for i, n in enumerate(x.shape[1:])
+    )
+    logit = x + 0.1 * ramp
+    p = 1.0 / (1.0 + np.exp(-logit))
+    return np.stack([1.0 - p, p], axis=-1)
+
+
+def test_tta_is_the_mean_over_the_mirrored_windows_mirrored_back():
+    windows = np.random.default_rng(0).normal(size=(3, 4, 5, 6, 1)).astype(np.float32)
+    calls = []
+
+    def predictor(batch):
+        calls.append(tuple(batch.shape))
+        return _position_dependent(batch)
+
+    got = mean_predictor([predictor], tta=True)(tf.constant(windows))
+    expected = np.mean(
+        [
+            np.flip(_position_dependent(np.flip(windows, axes)), axes)
+            for axes in flip_combinations()
+        ],
+        axis=0,
+    )
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert calls == [(3, 4, 5, 6, 1)] * 8  # every mirroring as one batched call
+    assert not np.allclose(got, _position_dependent(windows), atol=1e-3)
+    np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-6)
+
+
+def test_tta_leaves_a_mirror_equivariant_predictor_unchanged_and_ensembles_average():
+    windows = np.random.default_rng(1).normal(size=(2, 4, 4, 4, 1)).astype(np.float32)
+
+    def voxelwise(batch):
+        p = tf.sigmoid(batch[..., 0])
+        return tf.stack([1.0 - p, p], axis=-1)
+
+    plain = voxelwise(windows).numpy()
+    np.testing.assert_allclose(mean_predictor([voxelwise], tta=True)(windows), plain, atol=1e-6)
+    ensemble = mean_predictor([voxelwise, _position_dependent])(tf.constant(windows))
+    np.testing.assert_allclose(ensemble, (plain + _position_dependent(windows)) / 2, atol=1e-6)
+    with pytest.raises(ValueError, match="at least one"):
+        mean_predictor([])
+
+
+def test_tta_in_the_sliding_window_gives_the_mirrored_volume_mean():
+    """Over a whole volume with windows equal to it, TTA is the mean over the 8 mirrorings of
+    the volume: what nnU-Net's mirroring computes."""
+    volume = np.random.default_rng(2).normal(size=(1, 6, 7, 8, 1)).astype(np.float32)
+    got = sliding_window_inference(volume, mean_predictor([_position_dependent], tta=True), 0)
+    expected = np.mean(
+        [np.flip(_position_dependent(np.flip(volume, a)), a) for a in flip_combinations()], axis=0
+    )
+    np.testing.assert_allclose(got, expected, atol=1e-6)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -135,6 +136,74 @@ def test_channel_mismatch_is_refused_in_one_line_before_anything_is_written(trai
     assert len(ours) == 1 and "Traceback" not in result.stderr
     assert bad in ours[0] and "2 channel(s)" in ours[0] and "takes 1 (CT)" in ours[0]
     assert not out.exists() or not os.listdir(out)
+
+
+def _second_model(trained, name, scale=0.05):
+    """A copy of the trained workdir whose model's weights are perturbed: another model of the
+    same preprocessing and classes, as a second fold would be."""
+    import tensorflow as tf
+
+    folder = trained["root"] / name
+    if not folder.exists():
+        shutil.copytree(trained["workdir"], folder, ignore=shutil.ignore_patterns("checkpoints"))
+        model = tf.keras.models.load_model(folder / "best_model.keras", compile=False)
+        rng = np.random.default_rng(5)
+        for variable in model.trainable_variables:
+            noise = rng.normal(scale=scale, size=variable.shape) * np.std(variable.numpy())
+            variable.assign_add(noise.astype(variable.dtype.as_numpy_dtype))
+        model.save(folder / "best_model.keras")
+    return str(folder)
+
+
+def test_an_ensemble_averages_the_models_probabilities(trained):
+    import tensorflow as tf
+
+    from tf_medseg.cli.predict import Segmenter
+
+    other = _second_model(trained, "fold_b")
+    one, two = Segmenter.load(trained["workdir"]), Segmenter.load(other)
+    both = Segmenter.load(f"{trained['workdir']},{other}")
+    assert both.num_models == 2 and both.settings == one.settings
+    windows = tf.random.stateless_normal((one.settings.sw_batch_size, 24, 24, 24, 1), (1, 2))
+    p1, p2 = one.predictor(windows), two.predictor(windows)
+    assert not np.allclose(p1, p2, atol=1e-3)
+    np.testing.assert_allclose(both.predictor(windows), (p1 + p2) / 2, atol=1e-6)
+    tta = Segmenter.load([trained["workdir"], other], tta=True)
+    assert tta.tta and not np.allclose(tta.predictor(windows), both.predictor(windows), atol=1e-4)
+
+
+def test_ensemble_with_tta_from_the_command_line_segments_the_test_volume(trained):
+    data, out = trained["data"], str(trained["root"] / "ensemble_tta")
+    other = _second_model(trained, "fold_b")
+    result = _cli(
+        "tf_medseg.cli.predict",
+        f"--model={trained['workdir']},{other}",
+        f"--input={os.path.join(data, 'imagesTs')}",
+        f"--output={out}",
+        "--tta",
+        "--noprogress",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (case,) = os.listdir(os.path.join(data, "imagesTs"))
+    pred = read_nifti(os.path.join(out, case))
+    label = read_nifti(os.path.join(data, "labelsTs", case))
+    assert dice_per_class(pred.data, label.data, 2)[0] >= 0.8
+
+
+def test_an_ensemble_of_other_preprocessing_is_refused_in_one_line(trained):
+    other = trained["root"] / "other_spacing"
+    shutil.copytree(trained["workdir"], other, ignore=shutil.ignore_patterns("checkpoints"))
+    path = other / "preprocessing.json"
+    path.write_text(path.read_text().replace("2.0", "1.5"))
+    result = _cli(
+        "tf_medseg.cli.predict",
+        f"--model={trained['workdir']},{other}",
+        f"--input={os.path.join(trained['data'], 'imagesTs')}",
+        f"--output={trained['root'] / 'refused_ensemble'}",
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("tf-medseg-predict: ") and "preprocessing.json differs" in last
 
 
 def test_missing_model_is_one_line(tmp_path):

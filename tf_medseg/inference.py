@@ -19,6 +19,7 @@ appendix A post-processing ("keeping the largest connected component") for organ
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -207,6 +208,53 @@ def sliding_window_inference(
     crop = tuple(slice(lo, lo + s) for lo, s in zip(pad_low, spatial, strict=True))
     output = output[(slice(None), *crop)]
     return tf.convert_to_tensor(output) if as_tensor else np.ascontiguousarray(output)
+
+
+def flip_combinations(ndim: int = 3) -> list[tuple[int, ...]]:
+    """The ``2**ndim`` subsets of the spatial axes ``1..ndim`` of a channels-last batch, the
+    empty one first: the mirrorings of test-time augmentation (nnU-Net's)."""
+    axes = range(1, ndim + 1)
+    return [c for n in range(ndim + 1) for c in itertools.combinations(axes, n)]
+
+
+def mean_predictor(
+    predictors: Sequence[Callable[[tf.Tensor], Any]], tta: bool = False
+) -> Callable[[tf.Tensor], np.ndarray]:
+    """A window predictor giving the mean of several predictors' probabilities (an ensemble),
+    each over the 8 mirrorings of the window batch with ``tta``.
+
+    Each mirrored batch goes through a predictor whole (``sw_batch_size`` windows per call) and
+    its output is mirrored back before it is added, so the result is aligned with the input.
+    The mean is taken in float32 before any argmax.
+
+    Args:
+        predictors: Window predictors of one input and output shape (e.g. from
+            :func:`tf_medseg.training.validation.make_window_predictor`).
+        tta: Average over the flips of the three spatial axes too.
+
+    Returns:
+        A predictor for :func:`sliding_window_inference`.
+
+    Raises:
+        ValueError: Without a predictor.
+    """
+    if not predictors:
+        raise ValueError("mean_predictor needs at least one predictor")
+    combos = flip_combinations() if tta else [()]
+    if len(predictors) == 1 and not tta:
+        return lambda windows: _to_float32(predictors[0](windows))
+
+    def predict(windows: tf.Tensor) -> np.ndarray:
+        total = None
+        for predictor in predictors:
+            for axes in combos:
+                mirrored = tf.reverse(windows, axis=list(axes)) if axes else windows
+                out = _to_float32(predictor(mirrored))
+                out = np.flip(out, axis=axes) if axes else out
+                total = out.copy() if total is None else total + out
+        return total / np.float32(len(predictors) * len(combos))
+
+    return predict
 
 
 def keep_largest_component(

@@ -4,6 +4,8 @@ Usage::
 
     tf-medseg-predict --model=runs/spleen --input=Task09_Spleen/imagesTs --output=preds \\
         [--keep_largest] [--roi_size=160] [--overlap=0.25] [--mode=gaussian] [--sw_batch_size=2]
+        [--tta]
+    tf-medseg-predict --model=runs/fold0,runs/fold1,runs/fold2 --input=... --output=...
 
 ``--model`` is a training workdir (its ``best_model.keras`` is used) or a ``.keras`` file; the
 files the trainer writes beside it say how to preprocess: ``preprocessing.json`` (the
@@ -12,8 +14,12 @@ deterministic chain, required), ``config.json`` (the sliding-window defaults: ``
 Each input goes through the same deterministic preprocessing as in training (reorient, resample,
 crop, normalise), the sliding window, argmax and optionally the largest connected component per
 class; then the resampling, crop and reorientation are undone and ``OUTPUT/<case>.nii.gz`` is
-written as uint8 labels with the input's exact shape and affine. Bad input (wrong channel count,
-unreadable file) stops with a one-line message naming the file and exit code 1.
+written as uint8 labels with the input's exact shape and affine. Several models (comma
+separated) are an ensemble: their probabilities are averaged before the argmax, after a check
+that they share preprocessing and classes; ``--tta`` averages over the 8 mirrorings of every
+window batch too (nnU-Net's test-time augmentation, 8 times the forward passes). Bad input
+(wrong channel count, unreadable file) stops with a one-line message naming the file and exit
+code 1.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from tf_medseg.data.msd import case_name
 from tf_medseg.inference import (
     BLEND_MODES,
     keep_largest_component,
+    mean_predictor,
     overlap_from_flag,
     sliding_window_inference,
 )
@@ -156,26 +163,40 @@ def list_inputs(path: str) -> list[str]:
 
 
 class Segmenter:
-    """A trained model with its preprocessing and window settings, applied to NIfTI files.
+    """Trained models with their preprocessing and window settings, applied to NIfTI files.
+
+    With several models (an ensemble: folds, or configurations sharing one preprocessing) the
+    softmax probabilities of all are averaged in each window before the argmax; with ``tta``
+    also over the 8 mirrorings of each window batch (:func:`tf_medseg.inference.mean_predictor`).
 
     Args:
-        model: The Keras model (channels-last input, softmax output).
+        models: The Keras model, or several with the same input channels and classes
+            (channels-last input, softmax output).
         preprocessing: The deterministic chain of training (loading included).
         settings: Sliding-window settings.
         modalities: Channel names, for messages.
+        tta: Test-time augmentation by mirroring.
     """
 
     def __init__(
         self,
-        model,
+        models,
         preprocessing: Compose,
         settings: WindowSettings,
         modalities: Sequence[str] = (),
+        tta: bool = False,
     ):
+        models = list(models) if isinstance(models, list | tuple) else [models]
         load = preprocessing.transforms[0] if len(preprocessing) else None
         if not isinstance(load, LoadImage):
             raise ModelError("the preprocessing chain must start with LoadImage")
-        self.num_channels = int(model.input_shape[-1])
+        self.num_channels = int(models[0].input_shape[-1])
+        shapes = {(int(m.input_shape[-1]), int(m.output_shape[-1])) for m in models}
+        if len(shapes) > 1:
+            raise ModelError(
+                f"the models differ in (input channels, classes): {sorted(shapes)}; an ensemble "
+                "needs one task"
+            )
         if load.num_channels != self.num_channels:
             raise ModelError(
                 f"the model takes {self.num_channels} channel(s) but its preprocessing loads "
@@ -184,46 +205,52 @@ class Segmenter:
         self.preprocessing = preprocessing
         self.settings = settings
         self.modalities = tuple(modalities)
-        self.predictor = make_window_predictor(
-            model, settings.roi_size, self.num_channels, settings.sw_batch_size
+        self.tta = bool(tta)
+        self.num_models = len(models)
+        self.predictor = mean_predictor(
+            [
+                make_window_predictor(
+                    m, settings.roi_size, self.num_channels, settings.sw_batch_size
+                )
+                for m in models
+            ],
+            tta=self.tta,
         )
 
     @classmethod
-    def load(cls, model: str, **overrides) -> Segmenter:
-        """Loads a model with the files the trainer wrote beside it.
+    def load(cls, model: str | Sequence[str], tta: bool = False, **overrides) -> Segmenter:
+        """Loads one model, or an ensemble, with the files the trainer wrote beside each.
 
         Args:
-            model: A training workdir or a ``.keras`` file.
+            model: A training workdir or a ``.keras`` file; several as a list or separated by
+                commas. The first one's ``config.json`` gives the window settings.
+            tta: Test-time augmentation by mirroring.
             **overrides: :class:`WindowSettings` fields to take instead of ``config.json``'s.
 
         Returns:
             The segmenter.
 
         Raises:
-            FileNotFoundError: The model or its ``preprocessing.json`` is missing.
-            ModelError: A bad ``preprocessing.json``, or window settings the model cannot take.
+            FileNotFoundError: A model or its ``preprocessing.json`` is missing.
+            ModelError: A bad ``preprocessing.json``, window settings a model cannot take, or
+                models of an ensemble with different preprocessing or classes.
         """
-        path, folder = model_files(model)
-        config_path = os.path.join(folder, "config.json")
-        if os.path.isfile(config_path):
-            with open(config_path) as f:
-                config = TrainConfig.from_json(f.read())
-        else:
-            logging.warning("%s not found: default window settings", config_path)
-            config = TrainConfig()
-        preprocessing_path = os.path.join(folder, "preprocessing.json")
-        with open(preprocessing_path) as f:
-            try:
-                preprocessing = preprocessing_from_config(json.load(f))
-            except ValueError as err:  # also json.JSONDecodeError
-                raise ModelError(f"{preprocessing_path}: {err}") from err
-        modalities = ()
-        task_path = os.path.join(folder, "task.json")
-        if os.path.isfile(task_path):
-            with open(task_path) as f:
-                modalities = tuple(json.load(f).get("modalities", ()))
-        keras_model = tf.keras.models.load_model(path, compile=False)
-        return cls(keras_model, preprocessing, window_settings(config, **overrides), modalities)
+        names = model.split(",") if isinstance(model, str) else list(model)
+        runs = [_read_run(name.strip()) for name in names if name.strip()]
+        if not runs:
+            raise FileNotFoundError("no model given")
+        first = runs[0]
+        settings = window_settings(first["config"], **overrides)
+        for run in runs[1:]:
+            for key, what in (("preprocessing", "preprocessing.json"), ("labels", "classes")):
+                if run[key] != first[key]:
+                    raise ModelError(
+                        f"{run['folder']}: its {what} differs from {first['folder']}'s; the "
+                        "models of an ensemble must share preprocessing and classes"
+                    )
+            window_settings(run["config"], roi_size=settings.roi_size)  # the window fits it
+        models = [tf.keras.models.load_model(run["path"], compile=False) for run in runs]
+        return cls(models, first["chain"], settings, first["modalities"], tta=tta)
 
     def check_channels(self, path: str) -> None:
         """Refuses a file whose channel count differs from the model's, reading the header only.
@@ -291,10 +318,49 @@ class Segmenter:
         return written
 
 
+def _read_run(model: str) -> dict:
+    """The files beside one model: its path and folder, configuration, preprocessing (the
+    chain and its config), class labels and modalities."""
+    path, folder = model_files(model)
+    config_path = os.path.join(folder, "config.json")
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            config = TrainConfig.from_json(f.read())
+    else:
+        logging.warning("%s not found: default window settings", config_path)
+        config = TrainConfig()
+    preprocessing_path = os.path.join(folder, "preprocessing.json")
+    with open(preprocessing_path) as f:
+        try:
+            preprocessing = json.load(f)
+            chain = preprocessing_from_config(preprocessing)
+        except ValueError as err:  # also json.JSONDecodeError
+            raise ModelError(f"{preprocessing_path}: {err}") from err
+    task = {}
+    task_path = os.path.join(folder, "task.json")
+    if os.path.isfile(task_path):
+        with open(task_path) as f:
+            task = json.load(f)
+    return {
+        "path": path,
+        "folder": folder,
+        "config": config,
+        "preprocessing": preprocessing,
+        "chain": chain,
+        "labels": task.get("labels"),
+        "modalities": tuple(task.get("modalities", ())),
+    }
+
+
 def define_flags() -> None:
     """Declares the command's flags (at run time, so that importing this module declares none
     and cannot clash with ``tf-medseg-train``'s ``--model`` in the same process)."""
-    flags.DEFINE_string("model", None, "Training workdir (uses best_model.keras) or a .keras file.")
+    flags.DEFINE_string(
+        "model",
+        None,
+        "Training workdir (uses best_model.keras) or a .keras file; several separated by commas "
+        "average their probabilities (an ensemble of folds or configurations).",
+    )
     flags.DEFINE_string(
         "input", None, "A NIfTI image, or a folder whose .nii/.nii.gz files are used."
     )
@@ -310,6 +376,9 @@ def define_flags() -> None:
     )
     flags.DEFINE_enum("mode", None, BLEND_MODES, "Window blending (default: config val_mode).")
     flags.DEFINE_integer("sw_batch_size", None, "Windows per forward pass (default: config).")
+    flags.DEFINE_bool(
+        "tta", False, "Test-time augmentation: the mean over the 8 flips of the three axes."
+    )
     flags.DEFINE_bool("progress", True, "Progress bar over files.")
 
 
@@ -323,6 +392,7 @@ def main(argv: Sequence[str]) -> None:
         files = list_inputs(FLAGS.input)
         segmenter = Segmenter.load(
             FLAGS.model,
+            tta=FLAGS.tta,
             roi_size=FLAGS.roi_size,
             overlap=FLAGS.overlap,
             mode=FLAGS.mode,
