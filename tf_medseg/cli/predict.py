@@ -191,6 +191,7 @@ class Segmenter:
         if not isinstance(load, LoadImage):
             raise ModelError("the preprocessing chain must start with LoadImage")
         self.num_channels = int(models[0].input_shape[-1])
+        self.num_classes = int(models[0].output_shape[-1])
         shapes = {(int(m.input_shape[-1]), int(m.output_shape[-1])) for m in models}
         if len(shapes) > 1:
             raise ModelError(
