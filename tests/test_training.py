@@ -127,6 +127,10 @@ def test_policies_run_with_finite_loss(spleen_task_dir, tmp_path, policy):
     assert trainer.model.layers[-1].dtype_policy.compute_dtype == "float32"
 
 
+#: A smart cache holding half of the 4 training items and replacing half of itself per epoch.
+REPLACING = dict(seed=3, cache_num=0, cache_rate=0.5, replace_rate=0.5, epochs=6, val_every=2)
+
+
 def _two_deterministic_runs(data_dir, tmp_path, **overrides):
     """Two runs of the same deterministic configuration: (trainer, workdir) of each."""
     runs = []
@@ -147,16 +151,7 @@ def test_deterministic_runs_give_identical_losses(spleen_task_dir, tmp_path):
 def test_deterministic_runs_with_a_replacing_smart_cache_are_identical(spleen_task_dir, tmp_path):
     """--deterministic implies --cache_strict: every replacement is swapped in at its boundary,
     so two runs train on the same items in the same epochs, and summary.json says so."""
-    runs = _two_deterministic_runs(
-        spleen_task_dir,
-        tmp_path,
-        seed=3,
-        cache_num=0,
-        cache_rate=0.5,
-        replace_rate=0.5,
-        epochs=6,
-        val_every=2,
-    )
+    runs = _two_deterministic_runs(spleen_task_dir, tmp_path, **REPLACING)
     outcomes = []
     for trainer, workdir in runs:
         metrics = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
@@ -194,16 +189,7 @@ def test_a_run_interrupted_in_the_middle_of_epochs_resumes_exactly(spleen_task_d
     with --deterministic and a replacing smart cache (cache_rate=0.5, replace_rate=0.5) the
     losses, the validations, the sampler's fraction and the best Dice equal those of a run that
     never stopped (3 steps per epoch; stops after steps 5 and 13)."""
-    settings = dict(
-        deterministic=True,
-        seed=3,
-        cache_num=0,
-        cache_rate=0.5,
-        replace_rate=0.5,
-        num_samples=3,
-        epochs=6,
-        val_every=2,
-    )
+    settings = dict(REPLACING, deterministic=True, num_samples=3)
     whole, _ = _run(tiny_config(spleen_task_dir, tmp_path / "whole", **settings))
     assert whole.steps_per_epoch == 3 and whole.state.step == 18
     workdir = tmp_path / "stopped"

@@ -74,9 +74,11 @@ class Trainer:
         errors = config.validate()
         if errors:
             raise ConfigError("\n".join(errors))
-        self.state = RunState()  # first: its clock counts the set-up
+        start = time.time()  # the run's wall time counts the set-up
         self.config = config
+        # Before any TensorFlow variable: tf.distribute configures its collectives at start-up.
         self.dist = dist or distributed.setup(config.fp16_allreduce, config.distribution)
+        self.state = RunState(start)
         self.chief = self.dist.is_chief
         self.interrupts = Interrupts()  # fit() takes the CLI's installed handlers
         self._window_predictor = None

@@ -50,7 +50,8 @@ class RunState(tf.Module):
         epochs_run: Epochs (complete or not) this session ran.
     """
 
-    def __init__(self):
+    def __init__(self, start: float | None = None):
+        """Args: start: When this session started (``time.time()``; default: now)."""
         super().__init__(name="run_state")
         self.variables_by_name = {
             name: tf.Variable(initial, dtype=dtype, trainable=False, name=name)
@@ -65,7 +66,7 @@ class RunState(tf.Module):
         self.steady_seconds = 0.0
         self.steady_patches = 0
         self.epochs_run = 0
-        self._session_start = time.time()
+        self._session_start = time.time() if start is None else float(start)
 
     # ------------------------------------------------------------------ checkpoint
     def store(self) -> None:
