@@ -9,7 +9,14 @@ import shutil
 import pytest
 
 from tf_medseg.data.io import DataError
-from tf_medseg.data.msd import load_task, read_split_file, split_items, task_split
+from tf_medseg.data.msd import (
+    fold_split,
+    load_task,
+    read_split_file,
+    split_items,
+    task_split,
+    write_split_file,
+)
 
 
 def _write_meta(root, meta):
@@ -136,3 +143,72 @@ def test_split_file(tmp_path):
     path.write_text(json.dumps({"train": ["nope"], "validation": []}))
     with pytest.raises(DataError, match="unknown case"):
         read_split_file(str(path), items)
+
+
+def _cases(items):
+    return [item["case"] for item in items]
+
+
+@pytest.mark.parametrize("total, num_folds", [(41, 5), (20, 5), (7, 3), (6, 6), (2, 2)])
+def test_folds_are_disjoint_cover_every_case_and_differ_in_size_by_at_most_one(total, num_folds):
+    items = _items(total)
+    folds = [fold_split(items, num_folds, k, seed=0) for k in range(num_folds)]
+    validations = [_cases(val) for _, val in folds]
+    every = [case for val in validations for case in val]
+    assert sorted(every) == _cases(items)  # each case in exactly one validation set
+    sizes = [len(val) for val in validations]
+    assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+    for train, val in folds:
+        assert not set(_cases(train)) & set(_cases(val))
+        assert sorted(_cases(train) + _cases(val)) == _cases(items)
+
+
+def test_folds_are_deterministic_by_seed_and_independent_of_order():
+    items = _items(30)
+    a = [fold_split(items, 5, k, seed=1) for k in range(5)]
+    b = [fold_split(list(reversed(items)), 5, k, seed=1) for k in range(5)]
+    c = [fold_split(items, 5, k, seed=2) for k in range(5)]
+    assert a == b
+    assert [_cases(val) for _, val in a] != [_cases(val) for _, val in c]
+    assert _cases(a[0][1]) != _cases(c[0][1])
+
+
+@pytest.mark.parametrize(
+    "num_folds, fold, message",
+    [
+        (1, 0, "at least 2 folds"),
+        (0, 0, "at least 2 folds"),
+        (7, 0, "at most 6 folds"),
+        (3, 3, r"fold must be in \[0, 3\)"),
+        (3, -1, r"fold must be in \[0, 3\)"),
+    ],
+)
+def test_impossible_folds_are_rejected(num_folds, fold, message):
+    with pytest.raises(ValueError, match=message):
+        fold_split(_items(6), num_folds, fold)
+
+
+def test_task_split_precedence_split_file_then_folds_then_count(tmp_path):
+    root = tmp_path / "Task02_Heart"  # a paper split (4 of 20) that the folds override
+    training = [
+        {"image": f"./imagesTr/la_{i:03d}.nii.gz", "label": f"./labelsTr/la_{i:03d}.nii.gz"}
+        for i in range(20)
+    ]
+    _write_meta(str(root), _meta(training))
+    task = load_task(str(root), check_files=False)
+    train, val = task_split(task, seed=0, num_folds=5, fold=2, num_val=3)
+    assert (train, val) == fold_split(task.training, 5, 2, seed=0)
+    assert (len(train), len(val)) == (16, 4)
+    path = str(tmp_path / "split.json")
+    write_split_file(path, val, train)  # a different split: the file wins over the folds
+    assert task_split(task, split_file=path, num_folds=5, fold=2) == (val, train)
+    assert len(task_split(task, seed=0, num_val=3)[1]) == 3
+
+
+def test_written_split_file_is_read_back_to_the_same_split(tmp_path):
+    items = _items(11)
+    train, val = fold_split(items, 4, 3, seed=7)
+    path = str(tmp_path / "run" / "split.json")
+    assert write_split_file(path, train, val) == path
+    assert json.loads(open(path).read()) == {"train": _cases(train), "validation": _cases(val)}
+    assert read_split_file(path, items) == (train, val)

@@ -114,6 +114,79 @@ def test_dry_run_of_every_preset_from_outside_the_repository(spleen_task_dir, tm
         assert not (workdir / "checkpoints").exists()
 
 
+def test_fold_flags_are_checked_one_line_each(tmp_path):
+    config = _config("--preset=msd_spleen", "--num_folds=5", "--fold=4", "--val_tta")
+    assert (config.num_folds, config.fold, config.val_tta) == (5, 4, True)
+    assert config.validate() == []
+    assert _config("--preset=msd_spleen").val_tta is False
+    cases = [
+        (("--fold=2",), "--fold=2 needs --num_folds"),
+        (("--num_folds=1",), "--num_folds must be 0 (no folds) or at least 2, got 1"),
+        (("--num_folds=3", "--fold=3"), "--fold must be in [0, 3) for --num_folds=3, got 3"),
+        (("--num_folds=3", "--fold=-1"), "--fold must be in [0, 3) for --num_folds=3, got -1"),
+        (("--num_folds=3", f"--split_file={tmp_path / 's.json'}"), "--split_file"),
+        (("--num_folds=3", "--num_val=4"), "--num_val=4 both choose the validation cases"),
+    ]
+    for args, expected in cases:
+        errors = _config("--preset=msd_spleen", *args).validate()
+        assert len(errors) == 1 and expected in errors[0], (args, errors)
+    # A preset that sets --num_val needs --num_val=0 with folds.
+    (line,) = _config("--preset=synthetic_spleen", "--num_folds=3").validate()
+    assert "give --num_val=0" in line
+    assert _config("--preset=synthetic_spleen", "--num_folds=3", "--num_val=0").validate() == []
+
+
+def _dry_run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tf_medseg.cli.train", "--preset=synthetic_spleen", "--dry_run"]
+        + list(args),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_dry_run_writes_the_fold_and_its_split_json_is_read_back_by_split_file(
+    spleen_task_dir, tmp_path
+):
+    from tf_medseg.data.msd import fold_split, load_task
+
+    folded = _dry_run(
+        f"--data_dir={spleen_task_dir}",
+        f"--workdir={tmp_path / 'fold1'}",
+        "--num_val=0",
+        "--num_folds=3",
+        "--fold=1",
+        "--seed=5",
+    )
+    assert folded.returncode == 0, folded.stderr[-2000:]
+    assert "cross-validation fold 1 of 3 (seed 5)" in folded.stdout
+    split = json.loads((tmp_path / "fold1" / "split.json").read_text())
+    train, val = fold_split(load_task(spleen_task_dir).training, 3, 1, seed=5)
+    assert split == {
+        "train": [item["case"] for item in train],
+        "validation": [item["case"] for item in val],
+    }
+    assert len(split["validation"]) == 2 and len(split["train"]) == 4
+    again = _dry_run(
+        f"--data_dir={spleen_task_dir}",
+        f"--workdir={tmp_path / 'again'}",
+        f"--split_file={tmp_path / 'fold1' / 'split.json'}",
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "cross-validation fold" not in again.stdout
+    assert json.loads((tmp_path / "again" / "split.json").read_text()) == split
+    # More folds than cases: one line, exit code 2.
+    many = _dry_run(
+        f"--data_dir={spleen_task_dir}",
+        f"--workdir={tmp_path / 'many'}",
+        "--num_val=0",
+        "--num_folds=7",
+    )
+    assert many.returncode == 2
+    assert "cannot deal 6 cases into 7 folds" in many.stderr and "Traceback" not in many.stderr
+
+
 def test_dry_run_reports_a_bad_data_folder_in_one_line(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "tf_medseg.cli.train", "--preset=synthetic_spleen", "--dry_run"]

@@ -9,7 +9,8 @@ package (``--preset=NAME``, see ``tf_medseg.presets``) or a flagfile of one's ow
 ``--dry_run`` checks the data folder, resolves the configuration and the split, writes
 ``config.json`` and ``split.json`` to the workdir, prints the configuration and exits.
 
-Writes to ``--workdir``: ``config.json`` (the resolved configuration), ``checkpoints/``,
+Writes to ``--workdir``: ``config.json`` (the resolved configuration), ``split.json`` (the
+training and validation cases, readable by ``--split_file``), ``checkpoints/``,
 ``tensorboard/``, ``metrics.jsonl``, ``summary.json`` and ``best_model.keras``. Started again with
 the same workdir, it resumes from the last checkpoint. Under ``horovodrun -np N`` it trains on N
 workers.
@@ -190,8 +191,7 @@ def dry_run(config) -> int:
     """Everything before training that can fail on the user's input, without TensorFlow: the
     task folder and its files, the split; writes ``config.json`` and ``split.json``."""
     from tf_medseg.data.io import DataError
-    from tf_medseg.data.msd import load_task, task_split
-    from tf_medseg.jsonio import write_json
+    from tf_medseg.data.msd import load_task, task_split, write_split_file
 
     try:
         task = load_task(config.data_dir)
@@ -201,14 +201,15 @@ def dry_run(config) -> int:
             num_val=config.num_val or None,
             val_fraction=config.val_fraction,
             seed=config.seed,
+            num_folds=config.num_folds,
+            fold=config.fold,
         )
     except (DataError, ValueError) as err:
         print(f"tf-medseg-train: {err}", file=sys.stderr)
         return 2
     os.makedirs(config.workdir, exist_ok=True)
     config.save(config.workdir)
-    split = {"train": [i["case"] for i in train], "validation": [i["case"] for i in val]}
-    write_json(os.path.join(config.workdir, "split.json"), split)
+    write_split_file(os.path.join(config.workdir, "split.json"), train, val)
     rows = [(f.name, getattr(config, f.name)) for f in dataclasses.fields(config)]
     width = max(len(name) for name, _ in rows)
     print(f"preset: {FLAGS.preset or '-'}")
@@ -220,6 +221,11 @@ def dry_run(config) -> int:
         f"task {task.name}: {len(task.training)} labelled cases ({len(train)} training, "
         f"{len(val)} validation), modalities {list(task.modalities)}, labels {list(task.labels)}"
     )
+    if config.num_folds:
+        print(
+            f"cross-validation fold {config.fold} of {config.num_folds} (seed {config.seed}): "
+            f"validation cases {', '.join(item['case'] for item in val)}"
+        )
     print(f"estimated memory of a training step: {memory_estimate(config, task)}")
     if config.precision == "mixed_float16":
         print("note: mixed_float16 trains only where a GPU is visible (or --allow_cpu_float16)")

@@ -5,8 +5,9 @@ A task folder holds ``dataset.json`` (name, modality, labels, training and test 
 
     {"case": "spleen_003", "image": "/abs/imagesTr/spleen_003.nii.gz", "label": "/abs/..."}
 
-Training/validation splits are deterministic: by seed and fraction (or count), or from an
-explicit split file. The paper's splits (validation cases) are spleen 9 of 41, heart 4 of 20 and
+Training/validation splits are deterministic: by seed and fraction (or count), by seed into
+cross-validation folds, or from an explicit split file (``split.json``, which
+:func:`write_split_file` writes). The paper's splits (validation cases) are spleen 9 of 41, heart 4 of 20 and
 liver 27 of 131: :data:`PAPER_VALIDATION_CASES`.
 """
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tf_medseg.data.io import DataError
+from tf_medseg.jsonio import write_json
 
 #: Number of validation cases of the paper's splits, by MSD task folder name.
 PAPER_VALIDATION_CASES = {"Task09_Spleen": 9, "Task02_Heart": 4, "Task03_Liver": 27}
@@ -242,17 +244,95 @@ def read_split_file(path: str, items: list[dict] | tuple[dict, ...]) -> tuple[li
     return [by_case[c] for c in train_cases], [by_case[c] for c in val_cases]
 
 
+def fold_split(
+    items: list[dict] | tuple[dict, ...], num_folds: int, fold: int, seed: int = 0
+) -> tuple[list[dict], list[dict]]:
+    """Fold ``fold`` of a K-fold cross-validation, deterministically by seed.
+
+    The items, sorted by case, are permuted by ``seed`` and dealt into ``num_folds`` folds in
+    turn, so fold sizes differ by at most one. The K validation sets are disjoint and together
+    hold every item; fold k trains on the other K - 1 folds.
+
+    Args:
+        items: The labelled items.
+        num_folds: Number of folds K, from 2 to the number of items.
+        fold: The fold to validate on, in [0, K).
+        seed: The folds' seed; the same seed and items give the same folds.
+
+    Returns:
+        (train, validation) lists, each sorted by case.
+
+    Raises:
+        ValueError: K < 2, K > the number of items, or ``fold`` outside [0, K).
+    """
+    items = sorted(items, key=lambda item: item["case"])
+    n = len(items)
+    if num_folds < 2:
+        raise ValueError(f"cross-validation needs at least 2 folds, got num_folds={num_folds}")
+    if num_folds > n:
+        raise ValueError(f"cannot deal {n} cases into {num_folds} folds: at most {n} folds")
+    if not 0 <= fold < num_folds:
+        raise ValueError(f"fold must be in [0, {num_folds}) for {num_folds} folds, got {fold}")
+    order = np.random.default_rng(seed).permutation(n)
+    val_idx = set(order[fold::num_folds].tolist())
+    train = [item for i, item in enumerate(items) if i not in val_idx]
+    val = [item for i, item in enumerate(items) if i in val_idx]
+    return train, val
+
+
+def write_split_file(path: str, train: list[dict], validation: list[dict]) -> str:
+    """Writes a split as :func:`read_split_file` reads it, atomically; returns the path.
+
+    Args:
+        path: The file to write (``workdir/split.json``).
+        train: The training items.
+        validation: The validation items.
+
+    Returns:
+        ``path``: JSON ``{"train": [cases], "validation": [cases]}`` in the lists' order.
+    """
+    split = {
+        "train": [item["case"] for item in train],
+        "validation": [item["case"] for item in validation],
+    }
+    return write_json(path, split)
+
+
 def task_split(
     task: MSDTask,
     split_file: str | None = None,
     num_val: int | None = None,
     val_fraction: float = 0.2,
     seed: int = 0,
+    num_folds: int = 0,
+    fold: int = 0,
 ) -> tuple[list[dict], list[dict]]:
-    """The task's train/validation split: a split file, an explicit count, the paper's count for
-    the named MSD tasks, or a fraction, in that order of precedence."""
+    """The task's train/validation split.
+
+    In order of precedence: a split file; cross-validation fold ``fold`` of ``num_folds``
+    (:func:`fold_split`); an explicit count; the paper's count for the named MSD tasks; a
+    fraction.
+
+    Args:
+        task: The task.
+        split_file: An explicit split (:func:`read_split_file`); None: none.
+        num_val: Number of validation cases; None: the paper's count or ``val_fraction``.
+        val_fraction: Fraction of validation cases when no count applies.
+        seed: The split's (or the folds') seed.
+        num_folds: Number of cross-validation folds; 0: no folds.
+        fold: The fold to validate on, in [0, num_folds).
+
+    Returns:
+        (train, validation) item lists.
+
+    Raises:
+        DataError: The split file is unreadable or names unknown cases.
+        ValueError: Impossible folds or validation size.
+    """
     if split_file:
         return read_split_file(split_file, task.training)
+    if num_folds:
+        return fold_split(task.training, num_folds, fold, seed=seed)
     if num_val is None:
         num_val = PAPER_VALIDATION_CASES.get(os.path.basename(task.root))
         if num_val is not None and num_val >= len(task.training):

@@ -17,7 +17,7 @@ import tensorflow as tf
 from absl import logging
 
 from tf_medseg import distributed, jsonio
-from tf_medseg.data.msd import MSDTask, load_task, task_split
+from tf_medseg.data.msd import MSDTask, load_task, task_split, write_split_file
 from tf_medseg.jsonio import write_json
 from tf_medseg.losses import get_loss
 from tf_medseg.models import MODELS, build_model
@@ -55,8 +55,8 @@ class Inputs:
 def build_inputs(config: TrainConfig, dist: distributed.Distributed) -> Inputs:
     """Reads the task, splits it, fits the prefix, and builds the sources and the stream.
 
-    The chief writes ``config.json``, ``preprocessing.json`` and ``task.json`` to the workdir.
-    The training cache is not filled here (see :meth:`Trainer.__init__`).
+    The chief writes ``config.json``, ``split.json``, ``preprocessing.json`` and ``task.json`` to
+    the workdir. The training cache is not filled here (see :meth:`Trainer.__init__`).
     """
     chief = dist.is_chief
     task = load_task(config.data_dir)
@@ -66,6 +66,8 @@ def build_inputs(config: TrainConfig, dist: distributed.Distributed) -> Inputs:
         num_val=config.num_val or None,
         val_fraction=config.val_fraction,
         seed=config.seed,
+        num_folds=config.num_folds,
+        fold=config.fold,
     )
     prefix = build_preprocessing(
         task,
@@ -83,6 +85,7 @@ def build_inputs(config: TrainConfig, dist: distributed.Distributed) -> Inputs:
     )
     if chief:
         config.save(config.workdir)
+        write_split_file(os.path.join(config.workdir, "split.json"), train_items, val_items)
         write_json(os.path.join(config.workdir, "preprocessing.json"), prefix.config())
         write_json(
             os.path.join(config.workdir, "task.json"),

@@ -40,6 +40,13 @@ class TrainConfig:
     val_fraction: float = _f(
         0.2, "Validation fraction when num_val is 0 and no paper split applies."
     )
+    num_folds: int = _f(
+        0,
+        "Cross-validation folds K (0: no folds): the cases, permuted by --seed, are dealt into "
+        "K disjoint validation sets; --fold picks the one to validate on. Not with --split_file "
+        "or --num_val.",
+    )
+    fold: int = _f(0, "The cross-validation fold to validate on, in [0, num_folds).")
     spacing: tuple[float, ...] = _f((1.0, 1.0, 1.0), "Target voxel spacing in mm (paper: 1.0).")
     ct_percentiles: tuple[float, ...] = _f(
         (5.0, 95.0), "Training-foreground percentiles of the CT range (paper: 5, 95)."
@@ -109,6 +116,10 @@ class TrainConfig:
     val_mode: str = _f("constant", "Window blending: constant or gaussian.")
     val_sw_batch_size: int = _f(1, "Windows per forward pass in validation.")
     val_keep_largest: bool = _f(False, "Keep the largest connected component before scoring.")
+    val_tta: bool = _f(
+        False,
+        "Validate with test-time augmentation: the mean over the 8 flips of the three axes.",
+    )
     checkpoint_every: int = _f(1, "Checkpoint every N epochs (and at the end).")
     log_every: int = _f(
         10,
@@ -184,6 +195,22 @@ class TrainConfig:
             errors.append(
                 f"--distribution must be one of {', '.join(DISTRIBUTIONS)}, got "
                 f"{self.distribution!r}"
+            )
+        if self.num_folds < 0 or self.num_folds == 1:
+            errors.append(f"--num_folds must be 0 (no folds) or at least 2, got {self.num_folds}")
+        if self.fold and not self.num_folds:
+            errors.append(f"--fold={self.fold} needs --num_folds")
+        if self.num_folds >= 2 and not 0 <= self.fold < self.num_folds:
+            errors.append(
+                f"--fold must be in [0, {self.num_folds}) for --num_folds={self.num_folds}, "
+                f"got {self.fold}"
+            )
+        if self.num_folds and self.split_file:
+            errors.append("--num_folds and --split_file both choose the split; give one")
+        if self.num_folds and self.num_val:
+            errors.append(
+                f"--num_folds and --num_val={self.num_val} both choose the validation cases; "
+                "give --num_val=0 with --num_folds (a preset may set --num_val)"
             )
         if self.memory_budget_gb < 0:
             errors.append(f"--memory_budget_gb must be >= 0, got {self.memory_budget_gb}")
