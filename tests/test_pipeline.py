@@ -468,3 +468,32 @@ def test_pipeline_benchmark_runs_at_a_tiny_size(tmp_path):
     assert 0 <= results["smart"]["stall_fraction"] < 1
     assert results["peak_rss_bytes"] > 0
     assert "smart" in format_table(results)
+
+
+def test_balanced_centres_give_a_small_class_half_of_the_foreground_patches():
+    from tf_medseg.transforms.random import choose_centre
+
+    label = np.zeros((30, 30, 30), np.uint8)
+    label[:20, :20, :20] = 1
+    label[5:7, 5:7, 5:7] = 2  # 8 voxels of 8000
+    fg = np.argwhere(label > 0).astype(np.int32)
+    bg = np.argwhere(label == 0).astype(np.int32)
+    shape = tf.constant(label.shape, tf.int32)
+
+    def lesion_share(balance):
+        hits = []
+        for i in range(400):
+            seed = tf.constant([i, 7], tf.int64)
+            centre, from_fg = choose_centre(shape, fg, bg, 1.0, seed, balance)
+            assert bool(from_fg)
+            hits.append(label[tuple(centre.numpy())] == 2)
+        return np.mean(hits)
+
+    assert 0.4 < lesion_share(tf.constant(label)) < 0.6
+    assert lesion_share(None) < 0.02
+    one = (label > 0).astype(np.uint8)  # one class: the pooled draw, seed for seed
+    for i in range(20):
+        seed = tf.constant([i, 3], tf.int64)
+        a, _ = choose_centre(shape, fg, bg, 0.7, seed, tf.constant(one))
+        b, _ = choose_centre(shape, fg, bg, 0.7, seed)
+        np.testing.assert_array_equal(a.numpy(), b.numpy())

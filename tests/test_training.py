@@ -116,6 +116,21 @@ def test_resume_into_a_changed_run_says_what_changed_and_refills(
         assert said in line and line.endswith("the cache starts afresh")
 
 
+def test_val_tta_validates_with_the_mean_over_the_mirrored_windows(spleen_task_dir, tmp_path):
+    from tf_medseg.inference import flip_combinations
+
+    trainer, summary = _run(tiny_config(spleen_task_dir, tmp_path / "run", epochs=1, val_tta=True))
+    assert 0.0 <= summary["best_dice"] <= 1.0
+    windows = tf.random.stateless_normal((1, 16, 16, 16, 1), (4, 2))
+    mirrored = [
+        np.flip(trainer.model(np.flip(windows.numpy(), a), training=False).numpy(), a)
+        for a in flip_combinations()
+    ]
+    got = trainer._window_predictor(windows)
+    np.testing.assert_allclose(got, np.mean(mirrored, axis=0), atol=1e-5)
+    assert not np.allclose(got, mirrored[0], atol=1e-4)
+
+
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16", "mixed_float16"])
 def test_policies_run_with_finite_loss(spleen_task_dir, tmp_path, policy):
     trainer, summary = _run(

@@ -328,7 +328,7 @@ def test_foreground_indices_equal_the_listing_of_every_voxel(max_indices):
     label[0, 0, :3] = 2  # foreground at the first positions
     for layout in ("C", "F"):
         data = {"case": "case_7", "label": np.asarray(label, order=layout)}
-        out = ForegroundIndices(max_indices, seed=3)(data)
+        out = ForegroundIndices(max_indices, seed=3, per_class=False)(data)  # the pooled lists
         expected = _old_foreground_indices(label, "case_7", max_indices, seed=3)
         for key in ("fg_indices", "bg_indices"):
             assert out[key].dtype == np.int32
@@ -345,3 +345,21 @@ def test_normalize_ct_equals_the_expression_it_computes(dtype):
     expected = ((np.clip(image.astype(np.float32), lo, hi) - lo) / (hi - lo)).astype(np.float32)
     assert out.dtype == np.float32 and out.flags.c_contiguous
     np.testing.assert_array_equal(out, expected)
+
+
+def test_foreground_indices_per_class_keep_a_small_class_beside_a_large_one():
+    label = np.zeros((40, 40, 40), np.uint8)
+    label[:30, :30, :30] = 1  # 27000 voxels of organ
+    label[10:13, 10:13, 10:13] = 2  # 27 voxels of lesion inside it
+    data = {"case": "liver_0", "label": label}
+    per_class = ForegroundIndices(max_indices=500)(data)["fg_indices"]
+    classes = label[tuple(per_class.T)]
+    assert (classes == 2).sum() == 27 and (classes == 1).sum() == 500
+    pooled = ForegroundIndices(max_indices=500, per_class=False)(data)["fg_indices"]
+    assert len(pooled) == 500 and (label[tuple(pooled.T)] == 2).sum() < 5
+    single = {"case": "spleen_0", "label": (label > 0).astype(np.uint8)}
+    for key in ("fg_indices", "bg_indices"):  # one class: the same lists either way
+        np.testing.assert_array_equal(
+            ForegroundIndices(max_indices=500)(single)[key],
+            ForegroundIndices(max_indices=500, per_class=False)(single)[key],
+        )

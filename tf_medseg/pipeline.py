@@ -85,6 +85,8 @@ class TailOptions:
         prefetch_device: A device (``/gpu:0``) the batches are copied to ahead of the step
             (``tf.data.experimental.prefetch_to_device``; :class:`TrainStream` only); None keeps
             them on the host.
+        balance_classes: Draw a foreground centre's class uniformly among the classes the
+            item has, then a voxel of it (else a voxel of the pooled foreground).
 
     Raises:
         ValueError: On a patch size that is not three positive sizes, or a batch size or
@@ -101,6 +103,7 @@ class TailOptions:
     drop_remainder: bool = False
     prefetch: int = tf.data.AUTOTUNE
     prefetch_device: str | None = None
+    balance_classes: bool = False
 
     def __post_init__(self):
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
@@ -183,6 +186,7 @@ def _patch_batches(
             options.patch_size,
             options.flip,
             options.intensity_shift,
+            options.balance_classes,
         )
         return (image_patch, label_patch, epoch) if with_epoch else (image_patch, label_patch)
 

@@ -41,7 +41,7 @@ if __name__ == "__main__":  # python -m tf_medseg.cli.train: from before the imp
 from absl import app, flags, logging  # noqa: E402
 
 from tf_medseg import presets  # noqa: E402
-from tf_medseg.training.config import config_from_flags, define_flags  # noqa: E402
+from tf_medseg.training.config import config_from_flags, define_flags, split_of  # noqa: E402
 from tf_medseg.training.interrupts import (  # noqa: E402
     EXIT_INTERRUPTED,
     Interrupts,
@@ -191,20 +191,12 @@ def dry_run(config) -> int:
     """Everything before training that can fail on the user's input, without TensorFlow: the
     task folder and its files, the split; writes ``config.json`` and ``split.json``."""
     from tf_medseg.data.io import DataError
-    from tf_medseg.data.msd import load_task, task_split, write_split_file
+    from tf_medseg.data.msd import load_task, write_split_file
 
     try:
         task = load_task(config.data_dir)
-        train, val = task_split(
-            task,
-            split_file=config.split_file or None,
-            num_val=config.num_val or None,
-            val_fraction=config.val_fraction,
-            seed=config.seed,
-            num_folds=config.num_folds,
-            fold=config.fold,
-        )
-    except (DataError, ValueError) as err:
+        train, val = split_of(config, task)
+    except DataError as err:
         print(f"tf-medseg-train: {err}", file=sys.stderr)
         return 2
     os.makedirs(config.workdir, exist_ok=True)

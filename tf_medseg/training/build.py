@@ -17,14 +17,14 @@ import tensorflow as tf
 from absl import logging
 
 from tf_medseg import distributed, jsonio
-from tf_medseg.data.msd import MSDTask, load_task, task_split, write_split_file
+from tf_medseg.data.msd import MSDTask, load_task, write_split_file
 from tf_medseg.jsonio import write_json
 from tf_medseg.losses import get_loss
 from tf_medseg.models import MODELS, build_model
 from tf_medseg.optim import build_optimizer
 from tf_medseg.pipeline import Source, SourceOptions, TailOptions, TrainStream, make_source
 from tf_medseg.sampling import AdaptiveSampler
-from tf_medseg.training.config import TrainConfig, steps_upper_bound
+from tf_medseg.training.config import TrainConfig, split_of, steps_upper_bound
 from tf_medseg.training.state import RunState
 from tf_medseg.transforms.preprocessing import PreprocessingConfig, build_preprocessing
 
@@ -60,15 +60,7 @@ def build_inputs(config: TrainConfig, dist: distributed.Distributed) -> Inputs:
     """
     chief = dist.is_chief
     task = load_task(config.data_dir)
-    train_items, val_items = task_split(
-        task,
-        split_file=config.split_file or None,
-        num_val=config.num_val or None,
-        val_fraction=config.val_fraction,
-        seed=config.seed,
-        num_folds=config.num_folds,
-        fold=config.fold,
-    )
+    train_items, val_items = split_of(config, task)
     prefix = build_preprocessing(
         task,
         train_items,
@@ -130,6 +122,7 @@ def build_inputs(config: TrainConfig, dist: distributed.Distributed) -> Inputs:
         seed=config.seed,
         flip=config.flip,
         intensity_shift=config.intensity_shift,
+        balance_classes=config.balance_classes,
         # One GPU per worker (distributed pins it): batches are copied there ahead of time.
         prefetch_device="/gpu:0" if tf.config.list_logical_devices("GPU") else None,
     )

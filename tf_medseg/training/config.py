@@ -70,6 +70,12 @@ class TrainConfig:
     num_samples: int = _f(3, "Patches drawn from each cached volume per epoch.")
     intensity_shift: float = _f(0.1, "Maximum random intensity shift (0: off).")
     flip: bool = _f(True, "Random flips of the spatial axes.")
+    balance_classes: bool = _f(
+        True,
+        "A foreground-centred patch picks its class uniformly among the item's foreground "
+        "classes, then a voxel of it (a small class such as a lesion is not drowned by the organ "
+        "around it); false draws from the pooled foreground voxels (the paper's sampler).",
+    )
     # Adaptive sampling (paper section 5)
     adaptive_sampling: bool = _f(True, "Update the positive/negative ratio after each validation.")
     pos_fraction: float = _f(0.5, "Initial positive (foreground-centred) patch fraction (1:1).")
@@ -291,3 +297,30 @@ def steps_upper_bound(config: TrainConfig, patches_per_epoch: int) -> int:
     per_epoch = max(1, math.ceil(patches_per_epoch / config.batch_size))
     steps = per_epoch * config.epochs
     return min(steps, config.max_steps) if config.max_steps else steps
+
+
+def split_of(config: TrainConfig, task) -> tuple[list[dict], list[dict]]:
+    """The run's train/validation split of ``task`` (:func:`tf_medseg.data.msd.task_split`
+    with the run's split file, folds, count or fraction, and seed).
+
+    Raises:
+        DataError: A split the task's cases cannot give (too many folds or validation cases, a
+            split file naming unknown cases), one line naming the data folder.
+    """
+    from tf_medseg.data.io import DataError
+    from tf_medseg.data.msd import task_split
+
+    try:
+        return task_split(
+            task,
+            split_file=config.split_file or None,
+            num_val=config.num_val or None,
+            val_fraction=config.val_fraction,
+            seed=config.seed,
+            num_folds=config.num_folds,
+            fold=config.fold,
+        )
+    except DataError:
+        raise
+    except ValueError as err:
+        raise DataError(f"{config.data_dir}: {err}") from err

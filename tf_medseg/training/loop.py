@@ -33,7 +33,7 @@ from absl import logging
 
 from tf_medseg import distributed
 from tf_medseg.cache.smart_cache import peak_rss_bytes
-from tf_medseg.inference import overlap_from_flag
+from tf_medseg.inference import mean_predictor, overlap_from_flag
 from tf_medseg.training import hooks as hooks_lib
 from tf_medseg.training.build import (
     build_checkpoint,
@@ -319,9 +319,10 @@ class Trainer:
         """
         c = self.config
         if self._window_predictor is None:
-            self._window_predictor = make_window_predictor(
+            model = make_window_predictor(
                 self.model, c.val_roi_size, self.task.num_channels, c.val_sw_batch_size
             )
+            self._window_predictor = mean_predictor([model], tta=c.val_tta)
         return validate(
             self._window_predictor,
             self.validation_items(),

@@ -18,7 +18,9 @@ from tf_medseg.transforms.base import Transform
 
 class ForegroundIndices(Transform):
     """Adds ``fg_indices`` and ``bg_indices``: int32 (N, 3) voxel coordinates of label > 0 and
-    label == 0, each subsampled to at most ``max_indices`` rows.
+    label == 0, each subsampled to at most ``max_indices`` rows (the foreground: per class,
+    class after class, with ``per_class``, so that a small class keeps its voxels beside a large
+    one; with one class the lists are the same either way).
 
     An item without a label is passed through. A label with no foreground is allowed (a warning
     is logged) and gets an empty (0, 3) foreground list; the sampler then draws background only.
@@ -28,12 +30,13 @@ class ForegroundIndices(Transform):
         seed: Seed of the subsampling (combined with the case name).
     """
 
-    def __init__(self, max_indices: int = 20_000, seed: int = 0):
+    def __init__(self, max_indices: int = 20_000, seed: int = 0, per_class: bool = True):
         self.max_indices = int(max_indices)
         self.seed = int(seed)
+        self.per_class = bool(per_class)
 
     def config(self) -> dict:
-        return {"max_indices": self.max_indices, "seed": self.seed}
+        return {"max_indices": self.max_indices, "seed": self.seed, "per_class": self.per_class}
 
     def __call__(self, data: dict) -> dict:
         if "label" not in data:
@@ -44,10 +47,12 @@ class ForegroundIndices(Transform):
         fg = np.flatnonzero(label > 0)
         # The draws are those of ``np.sort(rng.choice(positions, n, replace=False))`` (a choice
         # from an array draws its indices as from its length), foreground first.
-        if fg.size > self.max_indices:
-            fg_rows = fg[np.sort(rng.choice(fg.size, self.max_indices, replace=False))]
-        else:
-            fg_rows = fg
+        groups = [fg]
+        if self.per_class:
+            classes = np.unique(label.flat[fg])
+            if classes.size > 1:
+                groups = [fg[label.flat[fg] == c] for c in classes]
+        fg_rows = np.concatenate([self._subsample(group, rng) for group in groups])
         num_bg = label.size - fg.size
         if num_bg > self.max_indices:
             # The k-th background voxel, without listing the background (most of the volume):
@@ -64,3 +69,8 @@ class ForegroundIndices(Transform):
                 data.get("label_path", data["case"]),
             )
         return out
+
+    def _subsample(self, positions: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if positions.size > self.max_indices:
+            return positions[np.sort(rng.choice(positions.size, self.max_indices, replace=False))]
+        return positions

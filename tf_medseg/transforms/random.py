@@ -32,8 +32,14 @@ def choose_centre(
     bg_indices: tf.Tensor,
     pos_fraction: tf.Tensor | tf.Variable | float,
     seed: tf.Tensor,
+    label: tf.Tensor | None = None,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Draws a patch centre: foreground with probability ``pos_fraction``, else background.
+
+    A foreground centre is a uniform draw from ``fg_indices``, or, given ``label``, first a
+    class drawn uniformly among the foreground classes present in the list and then a voxel of
+    that class (class-balanced: a small class such as a lesion inside an organ gets as many
+    foreground-centred patches as the organ, as nnU-Net samples).
 
     Args:
         shape: int32 (3,) spatial shape of the volume.
@@ -41,6 +47,8 @@ def choose_centre(
         bg_indices: int32 (Nb, 3) background voxels.
         pos_fraction: Probability of a foreground centre, ``pos / (pos + neg)``.
         seed: Stateless seed, shape (2,).
+        label: The item's (D, H, W) labels, to balance the foreground classes; None draws from
+            the pooled foreground list.
 
     Returns:
         (centre int32 (3,), from_foreground bool scalar). An empty list falls back to the other;
@@ -56,11 +64,31 @@ def choose_centre(
     pick = tf.random.stateless_uniform(
         [], pick_seed, minval=0, maxval=tf.maximum(size, 1), dtype=tf.int32
     )
+    if label is not None:
+        pick = tf.cond(use_fg, lambda: _balanced_pick(label, fg_indices, pick_seed), lambda: pick)
     uniform = tf.random.stateless_uniform(
         [3], voxel_seed, minval=0, maxval=tf.int32.max, dtype=tf.int32
     ) % tf.maximum(shape, 1)
     centre = tf.cond(size > 0, lambda: tf.gather(pool, pick), lambda: uniform)
     return tf.cast(centre, tf.int32), use_fg
+
+
+def _balanced_pick(label: tf.Tensor, fg_indices: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """A row of a non-empty ``fg_indices``: its class uniform over the classes present, the
+    voxel uniform within the class (each row weighted by one over its class's count). With one
+    class present it is the pooled draw itself (the same row for the same seed)."""
+    classes = tf.cast(tf.gather_nd(label, fg_indices), tf.int32)
+    counts = tf.math.bincount(classes, minlength=256, maxlength=256, dtype=tf.float32)
+
+    def balanced():
+        logits = -tf.math.log(tf.gather(counts, classes))
+        return tf.cast(tf.random.stateless_categorical(logits[None], 1, seed)[0, 0], tf.int32)
+
+    def pooled():
+        size = tf.shape(fg_indices)[0]
+        return tf.random.stateless_uniform([], seed, minval=0, maxval=size, dtype=tf.int32)
+
+    return tf.cond(tf.math.count_nonzero(counts) > 1, balanced, pooled)
 
 
 def crop_with_padding(
@@ -133,15 +161,18 @@ def sample_patch(
     patch_size: Sequence[int],
     flip: bool = True,
     intensity_shift: float = 0.1,
+    balance_classes: bool = False,
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """The random tail for one patch: centre, crop (with padding), flips, intensity shift.
+    """The random tail for one patch: centre (class-balanced with ``balance_classes``, see
+    :func:`choose_centre`), crop (with padding), flips, intensity shift.
 
     Returns:
         (image patch float32 (pd, ph, pw, C), label patch int32 (pd, ph, pw)).
     """
     centre_seed, flip_seed, shift_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
     shape = tf.shape(label, out_type=tf.int32)
-    centre, _ = choose_centre(shape, fg_indices, bg_indices, pos_fraction, centre_seed)
+    balance = label if balance_classes else None
+    centre, _ = choose_centre(shape, fg_indices, bg_indices, pos_fraction, centre_seed, balance)
     image_patch, label_patch = crop_with_padding(image, label, centre, patch_size)
     if flip:
         image_patch, label_patch = random_flip(image_patch, label_patch, flip_seed)
