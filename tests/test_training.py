@@ -235,6 +235,33 @@ def test_a_run_interrupted_in_the_middle_of_epochs_resumes_exactly(spleen_task_d
     assert summaries[0]["cache"]["items_replaced"] > 0
 
 
+def test_an_interrupt_while_the_graph_builds_stops_before_training_and_saves_nothing(
+    spleen_task_dir, tmp_path
+):
+    """A signal recorded while the step is traced (deferred there: raised inside TensorFlow's
+    C code it would be printed and lost) ends fit before the first step, as an interrupt
+    outside the loop: a plain KeyboardInterrupt, no checkpoint."""
+    trainer = Trainer(tiny_config(spleen_task_dir, tmp_path / "run"))
+    interrupts = Interrupts()
+    trace = trainer.trace_train_step
+
+    def trace_then_signal():
+        trace()
+        assert interrupts._defer  # tracing runs deferred
+        interrupts.signum = signal.SIGINT
+
+    trainer.trace_train_step = trace_then_signal
+    try:
+        with pytest.raises(KeyboardInterrupt, match="while building the graph") as raised:
+            trainer.fit(interrupts)
+    finally:
+        trainer.close()
+    assert type(raised.value) is KeyboardInterrupt and trainer.state.step == 0
+    assert not os.path.isdir(tmp_path / "run" / "checkpoints") or not os.listdir(
+        tmp_path / "run" / "checkpoints"
+    )
+
+
 def test_a_run_resumed_from_an_older_checkpoint_drops_the_later_validations(
     spleen_task_dir, tmp_path
 ):

@@ -190,7 +190,13 @@ class Trainer:
         """
         self.interrupts = interrupts or Interrupts()  # not installed: never records a signal
         state, epochs = self.state, self.config.epochs
-        self.trace_train_step()
+        # A KeyboardInterrupt raised inside TensorFlow's C code while it traces is turned into
+        # a SystemError that TensorFlow prints and goes past: trace with the signal deferred,
+        # then leave before training as an interrupt outside the loop (nothing new to save).
+        with self.interrupts.deferred():
+            self.trace_train_step()
+        if self.interrupts.requested:
+            raise KeyboardInterrupt(f"{self.interrupts.reason()} while building the graph")
         self._call("on_train_begin")
         self.dist.broadcast_variables(self.model.variables)
         logs = {"loss": float("nan"), "patches_per_s": 0.0}
