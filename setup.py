@@ -59,6 +59,7 @@ setup(
             "tf-medseg-synth=tf_medseg.cli.synth:run",
             "tf-medseg-plan=tf_medseg.cli.plan:run",
             "tf-medseg-launch=tf_medseg.cli.launch:run",
+            "tf-medseg-export=tf_medseg.cli.export:run",
         ]
     },
 )

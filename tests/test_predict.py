@@ -1,7 +1,7 @@
 """tf-medseg-predict end to end: train briefly on a synthetic spleen, segment its test volume.
 
-The trained workdir is shared by the tests of this module (one training: 15-40 s on the 2 shared
-cores, depending on their load).
+The trained workdir (conftest's ``trained``) is shared with tests/test_export.py (one training:
+15-40 s on the 2 shared cores, depending on their load).
 """
 
 from __future__ import annotations
@@ -15,12 +15,10 @@ import sys
 
 import numpy as np
 import pytest
-from tiny_config import tiny_config
 
 from tf_medseg.cli.predict import ModelError, list_inputs, window_settings
 from tf_medseg.data.io import DataError, read_nifti, write_nifti
 from tf_medseg.data.msd import load_task, split_items
-from tf_medseg.data.synthetic import generate_task
 from tf_medseg.metrics import dice_per_class
 from tf_medseg.training.config import TrainConfig
 from tf_medseg.transforms import PreprocessingConfig, build_preprocessing
@@ -35,47 +33,6 @@ def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
         timeout=300,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
     )
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A synthetic spleen task (64 voxels in-plane, 10 training cases, 1 test case) and a
-    workdir trained on it for 120 steps.
-
-    The settings were chosen by measurement on three data seeds (test Dice 0.85-0.88 after
-    120 steps): 24^3 patches at 2 mm, instance norm, validation
-    windows of the patch size with 50% overlap (windows larger than the patches shift the
-    instance-norm statistics), Adam 1e-2 with a cosine decay.
-    """
-    from tf_medseg.training.loop import Trainer
-
-    root = tmp_path_factory.mktemp("predict")
-    data = generate_task("spleen", str(root / "data"), num_train=10, num_test=1, size=64, seed=0)
-    config = tiny_config(
-        data,
-        root / "run",
-        num_val=1,
-        patch_size=(24, 24, 24),
-        val_roi_size=(24, 24, 24),
-        val_overlap=0.5,
-        num_samples=8,
-        cache="full",
-        optimizer="adam",
-        learning_rate=1e-2,
-        lr_schedule="cosine",
-        max_steps=120,
-        epochs=1000,
-        val_every=1000,
-        checkpoint_every=1000,
-        deterministic=True,
-        image_summaries=False,
-    )
-    trainer = Trainer(config)
-    try:
-        trainer.fit()
-    finally:
-        trainer.close()
-    return {"data": data, "workdir": config.workdir, "root": root}
 
 
 def test_predict_writes_labels_in_the_input_geometry_then_evaluate_scores_them(trained):

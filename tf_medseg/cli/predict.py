@@ -208,6 +208,7 @@ class Segmenter:
         self.modalities = tuple(modalities)
         self.tta = bool(tta)
         self.num_models = len(models)
+        self.models = models
         self.predictor = mean_predictor(
             [
                 make_window_predictor(
@@ -353,19 +354,9 @@ def _read_run(model: str) -> dict:
     }
 
 
-def define_flags() -> None:
-    """Declares the command's flags (at run time, so that importing this module declares none
-    and cannot clash with ``tf-medseg-train``'s ``--model`` in the same process)."""
-    flags.DEFINE_string(
-        "model",
-        None,
-        "Training workdir (uses best_model.keras) or a .keras file; several separated by commas "
-        "average their probabilities (an ensemble of folds or configurations).",
-    )
-    flags.DEFINE_string(
-        "input", None, "A NIfTI image, or a folder whose .nii/.nii.gz files are used."
-    )
-    flags.DEFINE_string("output", None, "Folder for the label files (<case>.nii.gz).")
+def define_window_flags() -> None:
+    """Declares the flags that override the run's window settings, and ``--tta`` (shared by
+    ``tf-medseg-predict`` and ``tf-medseg-export``)."""
     flags.DEFINE_bool(
         "keep_largest", None, "Keep the largest connected component per class (default: config)."
     )
@@ -380,6 +371,33 @@ def define_flags() -> None:
     flags.DEFINE_bool(
         "tta", False, "Test-time augmentation: the mean over the 8 flips of the three axes."
     )
+
+
+def window_overrides() -> dict:
+    """The window flags as :meth:`Segmenter.load` keywords (None: the run's setting)."""
+    return {
+        "roi_size": FLAGS.roi_size,
+        "overlap": FLAGS.overlap,
+        "mode": FLAGS.mode,
+        "sw_batch_size": FLAGS.sw_batch_size,
+        "keep_largest": FLAGS.keep_largest,
+    }
+
+
+def define_flags() -> None:
+    """Declares the command's flags (at run time, so that importing this module declares none
+    and cannot clash with ``tf-medseg-train``'s ``--model`` in the same process)."""
+    flags.DEFINE_string(
+        "model",
+        None,
+        "Training workdir (uses best_model.keras) or a .keras file; several separated by commas "
+        "average their probabilities (an ensemble of folds or configurations).",
+    )
+    flags.DEFINE_string(
+        "input", None, "A NIfTI image, or a folder whose .nii/.nii.gz files are used."
+    )
+    flags.DEFINE_string("output", None, "Folder for the label files (<case>.nii.gz).")
+    define_window_flags()
     flags.DEFINE_bool("progress", True, "Progress bar over files.")
 
 
@@ -391,15 +409,7 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError("--model, --input and --output are required")
     try:
         files = list_inputs(FLAGS.input)
-        segmenter = Segmenter.load(
-            FLAGS.model,
-            tta=FLAGS.tta,
-            roi_size=FLAGS.roi_size,
-            overlap=FLAGS.overlap,
-            mode=FLAGS.mode,
-            sw_batch_size=FLAGS.sw_batch_size,
-            keep_largest=FLAGS.keep_largest,
-        )
+        segmenter = Segmenter.load(FLAGS.model, tta=FLAGS.tta, **window_overrides())
         written = segmenter.segment_files(files, FLAGS.output, progress=FLAGS.progress)
     except (FileNotFoundError, DataError, ModelError) as error:
         # Bad input is the user's to fix: the message names the file, a traceback adds nothing.
