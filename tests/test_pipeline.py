@@ -13,11 +13,13 @@ from tf_medseg.pipeline import (
     build_train_dataset,
     choose_centre,
     crop_with_padding,
+    foreground_counts,
     make_source,
     random_flip,
     random_intensity_shift,
     sample_seed,
 )
+from tf_medseg.transforms.indices import ForegroundIndices
 
 
 def cached_item(case, shape, channels=1, box=None, seed=0):
@@ -471,29 +473,32 @@ def test_pipeline_benchmark_runs_at_a_tiny_size(tmp_path):
 
 
 def test_balanced_centres_give_a_small_class_half_of_the_foreground_patches():
-    from tf_medseg.transforms.random import choose_centre
-
     label = np.zeros((30, 30, 30), np.uint8)
     label[:20, :20, :20] = 1
     label[5:7, 5:7, 5:7] = 2  # 8 voxels of 8000
-    fg = np.argwhere(label > 0).astype(np.int32)
-    bg = np.argwhere(label == 0).astype(np.int32)
+    item = ForegroundIndices(max_indices=100_000)({"case": "c", "label": label})
+    fg, bg, counts = item["fg_indices"], item["bg_indices"], item["fg_counts"]
+    np.testing.assert_array_equal(counts, [8000 - 8, 8])  # class 1's rows, then class 2's
+    np.testing.assert_array_equal(foreground_counts(label, fg), counts)
     shape = tf.constant(label.shape, tf.int32)
 
-    def lesion_share(balance):
+    def lesion_share(fg_counts):
         hits = []
         for i in range(400):
             seed = tf.constant([i, 7], tf.int64)
-            centre, from_fg = choose_centre(shape, fg, bg, 1.0, seed, balance)
+            centre, from_fg = choose_centre(shape, fg, bg, 1.0, seed, fg_counts)
             assert bool(from_fg)
             hits.append(label[tuple(centre.numpy())] == 2)
         return np.mean(hits)
 
-    assert 0.4 < lesion_share(tf.constant(label)) < 0.6
+    assert 0.4 < lesion_share(tf.constant(counts)) < 0.6
     assert lesion_share(None) < 0.02
-    one = (label > 0).astype(np.uint8)  # one class: the pooled draw, seed for seed
+    one = tf.constant([len(fg)], tf.int32)  # one class: the pooled draw, seed for seed
     for i in range(20):
         seed = tf.constant([i, 3], tf.int64)
-        a, _ = choose_centre(shape, fg, bg, 0.7, seed, tf.constant(one))
+        a, _ = choose_centre(shape, fg, bg, 0.7, seed, one)
         b, _ = choose_centre(shape, fg, bg, 0.7, seed)
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+    mixed = fg[np.random.default_rng(0).permutation(len(fg))]  # classes not grouped: pooled
+    np.testing.assert_array_equal(foreground_counts(label, mixed), [len(fg)])
+    np.testing.assert_array_equal(foreground_counts(label, fg[:0]), [0])

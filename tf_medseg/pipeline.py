@@ -132,24 +132,42 @@ def _item_signature(channels: int) -> tuple[tf.TensorSpec, ...]:
         tf.TensorSpec([None, None, None], tf.uint8),
         tf.TensorSpec([None, 3], tf.int32),
         tf.TensorSpec([None, 3], tf.int32),
+        tf.TensorSpec([None], tf.int32),
         tf.TensorSpec([], tf.int64),
         tf.TensorSpec([], tf.int64),
     )
 
 
 def _item_elements(source: Source, epoch: int) -> Iterator[tuple]:
-    """One epoch of the source's items as ``(image, label, fg, bg, epoch, index)`` arrays."""
+    """One epoch of the source's items as ``(image, label, fg, bg, fg_counts, epoch, index)``
+    arrays (``fg_counts`` as :class:`~tf_medseg.transforms.indices.ForegroundIndices` stores
+    it; :func:`foreground_counts` for items without it)."""
     for index, item in source.epoch_items():
         if "label" not in item:
             raise ValueError(f"training item {item.get('case')} has no label")
+        fg = np.asarray(item["fg_indices"], np.int32)
+        counts = item.get("fg_counts")
+        counts = foreground_counts(item["label"], fg) if counts is None else counts
         yield (
             np.asarray(item["image"], np.float32),
             np.asarray(item["label"], np.uint8),
-            np.asarray(item["fg_indices"], np.int32),
+            fg,
             np.asarray(item["bg_indices"], np.int32),
+            np.asarray(counts, np.int32),
             np.int64(epoch),
             np.int64(index),
         )
+
+
+def foreground_counts(label: np.ndarray, fg_indices: np.ndarray) -> np.ndarray:
+    """The rows of each class in a foreground list that holds its classes one after the other;
+    one entry (the pooled draw) when the classes are mixed. For items made without
+    ``fg_counts`` (by hand, or cached before it was stored)."""
+    classes = np.asarray(label)[tuple(np.asarray(fg_indices).T)] if len(fg_indices) else []
+    classes = np.asarray(classes, np.int64)
+    if classes.size and np.all(np.diff(classes) >= 0):
+        return np.bincount(classes)[np.unique(classes)].astype(np.int32)
+    return np.array([classes.size], np.int32)
 
 
 def _patch_batches(
@@ -175,7 +193,7 @@ def _patch_batches(
         return tf.data.Dataset.zip((repeated, tf.data.Dataset.range(num_samples)))
 
     def patch(element, sample):
-        image, label, fg_indices, bg_indices, epoch, index = element
+        image, label, fg_indices, bg_indices, fg_counts, epoch, index = element
         image_patch, label_patch = sample_patch(
             image,
             label,
@@ -186,7 +204,7 @@ def _patch_batches(
             options.patch_size,
             options.flip,
             options.intensity_shift,
-            options.balance_classes,
+            fg_counts if options.balance_classes else None,
         )
         return (image_patch, label_patch, epoch) if with_epoch else (image_patch, label_patch)
 

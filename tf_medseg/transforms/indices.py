@@ -20,7 +20,10 @@ class ForegroundIndices(Transform):
     """Adds ``fg_indices`` and ``bg_indices``: int32 (N, 3) voxel coordinates of label > 0 and
     label == 0, each subsampled to at most ``max_indices`` rows (the foreground: per class,
     class after class, with ``per_class``, so that a small class keeps its voxels beside a large
-    one; with one class the lists are the same either way).
+    one; with one class the lists are the same either way), and ``fg_counts``: int32 (M,) the
+    foreground rows of each class in that order (one entry, all rows, without ``per_class`` or
+    with one class), which the class-balanced draw of the random tail reads instead of looking
+    the classes up again for every patch.
 
     An item without a label is passed through. A label with no foreground is allowed (a warning
     is logged) and gets an empty (0, 3) foreground list; the sampler then draws background only.
@@ -52,7 +55,9 @@ class ForegroundIndices(Transform):
             classes = np.unique(label.flat[fg])
             if classes.size > 1:
                 groups = [fg[label.flat[fg] == c] for c in classes]
-        fg_rows = np.concatenate([self._subsample(group, rng) for group in groups])
+        fg_groups = [self._subsample(group, rng) for group in groups]
+        fg_rows = np.concatenate(fg_groups)
+        out["fg_counts"] = np.array([group.size for group in fg_groups], np.int32)
         num_bg = label.size - fg.size
         if num_bg > self.max_indices:
             # The k-th background voxel, without listing the background (most of the volume):

@@ -32,14 +32,17 @@ def choose_centre(
     bg_indices: tf.Tensor,
     pos_fraction: tf.Tensor | tf.Variable | float,
     seed: tf.Tensor,
-    label: tf.Tensor | None = None,
+    fg_counts: tf.Tensor | None = None,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Draws a patch centre: foreground with probability ``pos_fraction``, else background.
 
-    A foreground centre is a uniform draw from ``fg_indices``, or, given ``label``, first a
-    class drawn uniformly among the foreground classes present in the list and then a voxel of
-    that class (class-balanced: a small class such as a lesion inside an organ gets as many
-    foreground-centred patches as the organ, as nnU-Net samples).
+    A foreground centre is a uniform draw from ``fg_indices``, or, given ``fg_counts`` (the
+    rows of each class, the list holding the classes one after the other, as
+    :class:`~tf_medseg.transforms.indices.ForegroundIndices` stores them), first a class drawn
+    uniformly among the classes of the list and then a row of that class (class-balanced: a
+    small class such as a lesion inside an organ gets as many foreground-centred patches as the
+    organ, as nnU-Net samples). With one class it is the pooled draw, the same row for the same
+    seed. The classes were counted once, in the deterministic prefix: here is only the draw.
 
     Args:
         shape: int32 (3,) spatial shape of the volume.
@@ -47,8 +50,8 @@ def choose_centre(
         bg_indices: int32 (Nb, 3) background voxels.
         pos_fraction: Probability of a foreground centre, ``pos / (pos + neg)``.
         seed: Stateless seed, shape (2,).
-        label: The item's (D, H, W) labels, to balance the foreground classes; None draws from
-            the pooled foreground list.
+        fg_counts: int32 (M,) rows per class of ``fg_indices``, in order; None draws from the
+            pooled list.
 
     Returns:
         (centre int32 (3,), from_foreground bool scalar). An empty list falls back to the other;
@@ -64,8 +67,9 @@ def choose_centre(
     pick = tf.random.stateless_uniform(
         [], pick_seed, minval=0, maxval=tf.maximum(size, 1), dtype=tf.int32
     )
-    if label is not None:
-        pick = tf.cond(use_fg, lambda: _balanced_pick(label, fg_indices, pick_seed), lambda: pick)
+    if fg_counts is not None:
+        balanced = use_fg & (tf.size(fg_counts) > 1)
+        pick = tf.cond(balanced, lambda: _balanced_pick(fg_counts, pick_seed), lambda: pick)
     uniform = tf.random.stateless_uniform(
         [3], voxel_seed, minval=0, maxval=tf.int32.max, dtype=tf.int32
     ) % tf.maximum(shape, 1)
@@ -73,22 +77,16 @@ def choose_centre(
     return tf.cast(centre, tf.int32), use_fg
 
 
-def _balanced_pick(label: tf.Tensor, fg_indices: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """A row of a non-empty ``fg_indices``: its class uniform over the classes present, the
-    voxel uniform within the class (each row weighted by one over its class's count). With one
-    class present it is the pooled draw itself (the same row for the same seed)."""
-    classes = tf.cast(tf.gather_nd(label, fg_indices), tf.int32)
-    counts = tf.math.bincount(classes, minlength=256, maxlength=256, dtype=tf.float32)
-
-    def balanced():
-        logits = -tf.math.log(tf.gather(counts, classes))
-        return tf.cast(tf.random.stateless_categorical(logits[None], 1, seed)[0, 0], tf.int32)
-
-    def pooled():
-        size = tf.shape(fg_indices)[0]
-        return tf.random.stateless_uniform([], seed, minval=0, maxval=size, dtype=tf.int32)
-
-    return tf.cond(tf.math.count_nonzero(counts) > 1, balanced, pooled)
+def _balanced_pick(fg_counts: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """A row of a foreground list holding ``fg_counts[k]`` rows of its k-th class after those of
+    the classes before: the class uniform, then the row uniform within the class."""
+    class_seed, row_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    k = tf.random.stateless_uniform(
+        [], class_seed, minval=0, maxval=tf.size(fg_counts), dtype=tf.int32
+    )
+    first = tf.gather(tf.math.cumsum(fg_counts, exclusive=True), k)
+    count = tf.maximum(tf.gather(fg_counts, k), 1)
+    return first + tf.random.stateless_uniform([], row_seed, minval=0, maxval=count, dtype=tf.int32)
 
 
 def crop_with_padding(
@@ -161,9 +159,9 @@ def sample_patch(
     patch_size: Sequence[int],
     flip: bool = True,
     intensity_shift: float = 0.1,
-    balance_classes: bool = False,
+    fg_counts: tf.Tensor | None = None,
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """The random tail for one patch: centre (class-balanced with ``balance_classes``, see
+    """The random tail for one patch: centre (class-balanced given ``fg_counts``, see
     :func:`choose_centre`), crop (with padding), flips, intensity shift.
 
     Returns:
@@ -171,8 +169,7 @@ def sample_patch(
     """
     centre_seed, flip_seed, shift_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
     shape = tf.shape(label, out_type=tf.int32)
-    balance = label if balance_classes else None
-    centre, _ = choose_centre(shape, fg_indices, bg_indices, pos_fraction, centre_seed, balance)
+    centre, _ = choose_centre(shape, fg_indices, bg_indices, pos_fraction, centre_seed, fg_counts)
     image_patch, label_patch = crop_with_padding(image, label, centre, patch_size)
     if flip:
         image_patch, label_patch = random_flip(image_patch, label_patch, flip_seed)
