@@ -430,39 +430,49 @@ def sliding_window(volume: tf.Tensor, predict, plan: GraphPlan) -> tf.Tensor:
 def _box_max(values: tf.Tensor) -> tf.Tensor:
     """The maximum over each voxel's 3 x 3 x 3 neighbourhood (zeros outside), separably."""
     for axis in range(3):
-        size = tf.shape(values)[axis]
         padded = tf.pad(values, [[1, 1] if a == axis else [0, 0] for a in range(3)])
-        before = tf.gather(padded, tf.range(size), axis=axis)
-        after = tf.gather(padded, tf.range(2, size + 2), axis=axis)
-        values = tf.maximum(values, tf.maximum(before, after))
+        cut = [slice(None)] * 3
+        before, after = list(cut), list(cut)
+        before[axis], after[axis] = slice(None, -2), slice(2, None)
+        values = tf.maximum(values, tf.maximum(padded[tuple(before)], padded[tuple(after)]))
     return values
 
 
 def largest_component(mask: tf.Tensor) -> tf.Tensor:
     """The largest 26-connected component of a boolean ``[D, H, W]`` mask (empty stays empty).
 
-    Each voxel of the mask starts with its own number (its flat index + 1) and takes the largest
-    number of its neighbourhood within the mask until nothing changes; then every component
+    Within the mask's bounding box, each voxel of the mask starts with its own number (its flat
+    index + 1) and takes the largest number of its neighbourhood within the mask until nothing
+    changes (as many rounds as the longest path inside a component); then every component
     carries its largest number and the most frequent number is the largest component. Ties of
-    size keep the component seen first in C order (SimpleITK's ``RelabelComponent`` keeps its
-    first-labelled one; ties are rare in segmentations and the two can then differ).
+    size keep the component with the largest number, last in C order (SimpleITK's
+    ``RelabelComponent`` keeps its first-labelled one; ties are rare in segmentations, and the
+    two can then differ).
     """
     shape = tf.shape(mask)
-    numbers = tf.reshape(tf.range(1, tf.reduce_prod(shape) + 1), shape)
-    labels = tf.where(mask, numbers, 0)
+    found = tf.cast(tf.where(mask), tf.int32)
+    some = tf.shape(found)[0] > 0
+    start = tf.where(some, tf.reduce_min(found, axis=0), 0)  # an empty mask: an empty box
+    stop = tf.where(some, tf.reduce_max(found, axis=0) + 1, 0)
+    box = tf.slice(mask, start, stop - start)
+    numbers = tf.reshape(tf.range(1, tf.reduce_prod(tf.shape(box)) + 1), tf.shape(box))
+    labels = tf.where(box, numbers, 0)
 
     def step(labels, _):
-        grown = tf.where(mask, _box_max(labels), 0)
+        grown = tf.where(box, _box_max(labels), 0)
         return grown, tf.reduce_any(grown != labels)
 
     labels, _ = tf.while_loop(
-        lambda _, changed: changed, step, (labels, tf.reduce_any(mask)), parallel_iterations=1
+        lambda _, changed: changed, step, (labels, tf.reduce_any(box)), parallel_iterations=1
     )
-    values = tf.boolean_mask(labels, mask)
+    values = tf.boolean_mask(labels, box)
     unique, _, counts = tf.unique_with_counts(tf.concat([values, [0]], 0))
     counts = tf.where(unique == 0, -1, counts)
-    winner = tf.gather(unique, tf.argmax(counts, output_type=tf.int32))
-    return mask & (labels == winner)
+    best = tf.reduce_max(counts)
+    winner = tf.reduce_max(tf.where(counts == best, unique, -1))
+    keep = box & (labels == winner)
+    pads = tf.stack([start, shape - stop], axis=1)
+    return tf.pad(keep, pads)
 
 
 def keep_largest(labels: tf.Tensor, num_classes: int) -> tf.Tensor:
