@@ -46,6 +46,30 @@ def _run(time_s, reached, dice, steps=10):
     }
 
 
+def test_per_class_dice_is_kept_as_curves_medians_and_a_plot(tmp_path):
+    def run(time_s, liver, cancer):
+        curves = {"liver": [[1.0, liver / 2, 4], [2.0, liver, 8]], "cancer": [[1.0, None, 4]]}
+        curves["cancer"].append([2.0, cancer, 8])
+        return {
+            **_run(time_s, True, (liver + cancer) / 2),
+            "class_curves": curves,
+            "best_class_dice": ttd.best_class_dice(curves),
+        }
+
+    assert ttd.best_class_dice({"a": [[1, None, 1]], "b": [[1, 0.2, 1], [2, 0.5, 2]]}) == {
+        "a": None,
+        "b": 0.5,
+    }
+    result = ttd.aggregate({0: run(10, 0.9, 0.5), 1: run(20, 0.96, 0.7), 2: run(30, 0.94, 0.6)})
+    assert result["best_class_dice"] == {"liver": pytest.approx(0.94), "cancer": 0.6}
+    table = ttd.markdown_table({"proposed": result}, "baseline", 0.7)
+    assert "| liver 0.9400, cancer 0.6000 |" in table
+    assert ttd.plot_class_curves({"proposed": result}, str(tmp_path / "c.png"), "liver")
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    one = {"proposed": {"class_curves": {"spleen": [[1.0, 0.5, 4]]}}}
+    assert not ttd.plot_class_curves(one, str(tmp_path / "d.png"), "spleen")
+
+
 def test_aggregate_takes_medians_and_counts_capped_runs():
     result = ttd.aggregate(
         {0: _run(40, True, 0.93), 1: _run(300, False, 0.85), 2: _run(60, True, 0.91)}
@@ -65,7 +89,7 @@ def test_aggregate_takes_medians_and_counts_capped_runs():
         0.9,
     )
     assert "60 (median of 40, 300 cap, 60)" in table
-    assert "| proposed | 0.9500 | 20 |" in table and "| 3.00x |" in table
+    assert "| proposed | 0.9500 | - | 20 |" in table and "| 3.00x |" in table
     assert "| baseline | 0.9100 |" in table and "| 1.00x |" in table
     assert "240 (cap, not reached)" in table and "| <= 0.25x |" in table
 
@@ -120,7 +144,9 @@ def test_the_cache_column_says_what_the_cache_really_did():
     assert table.splitlines()[-1].endswith("| smart: 12 of 24 items held, 5 replaced |")
 
 
-@pytest.mark.parametrize("name", ["synthetic_spleen_msd", "synthetic_heart_msd"])
+@pytest.mark.parametrize(
+    "name", ["synthetic_spleen_msd", "synthetic_heart_msd", "synthetic_liver_msd"]
+)
 def test_the_msd_preset_holds_part_of_the_training_set_and_replaces_items(name):
     preset = ttd.read_flagfile(presets.path(name))
     assert preset["cache"] == "smart" and float(preset["memory_budget_gb"]) > 0

@@ -34,6 +34,7 @@ def test_the_named_presets_ship():
     expected = {"msd_spleen", "msd_heart", "msd_liver", "msd_generic", "msd_spleen_baseline"}
     expected |= {"msd_heart_baseline", "msd_liver_baseline", "synthetic_spleen"}
     expected |= {"synthetic_heart", "synthetic_spleen_msd", "synthetic_heart_msd"}
+    expected |= {"synthetic_liver", "synthetic_liver_msd"}
     assert expected <= set(NAMES)
     assert presets.path("msd_spleen") == presets.path("msd_spleen.flags")
     with pytest.raises(presets.PresetError, match="unknown preset 'spleen'; the presets are: "):

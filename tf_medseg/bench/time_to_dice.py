@@ -121,11 +121,13 @@ def run_config(
         raise RuntimeError(f"{name} failed (exit {proc.returncode}); see {workdir}/train.log")
     with open(os.path.join(workdir, "summary.json")) as f:
         summary = json.load(f)
-    curve = []
+    curve, class_curves = [], {}
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         for line in f:
             entry = json.loads(line)
             curve.append([entry["wall_s"], entry["mean_dice"], entry["step"]])
+            for name, dice in (entry.get("dice") or {}).items():
+                class_curves.setdefault(name, []).append([entry["wall_s"], dice, entry["step"]])
     reached = summary["time_to_target_s"] is not None
     return {
         "overrides": overrides,
@@ -138,8 +140,19 @@ def run_config(
         "steady_patches_per_s": summary.get("steady_patches_per_s"),
         "wall_s": round(time.time() - start, 1),
         "curve": curve,
+        "class_curves": class_curves,
+        "best_class_dice": best_class_dice(class_curves),
         "cache": summary.get("cache"),
     }
+
+
+def best_class_dice(class_curves: dict[str, list]) -> dict[str, float | None]:
+    """Each class's best validation Dice over a run (None where it was never scored)."""
+    best = {}
+    for name, points in class_curves.items():
+        values = [dice for _, dice, _ in points if dice is not None]
+        best[name] = max(values) if values else None
+    return best
 
 
 def aggregate(per_seed: dict[int, dict]) -> dict:
@@ -152,12 +165,18 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
         return float(statistics.median(values)) if values else None
 
     steps = median("steps_to_target")
+    classes = {name: None for r in runs for name in r.get("best_class_dice", {})}
+    for name in classes:
+        values = [r["best_class_dice"].get(name) for r in runs]
+        values = [v for v in values if v is not None]
+        classes[name] = float(statistics.median(values)) if values else None
     return {
         "time_to_target_s": median("time_to_target_s"),
         "reached_target": all(r["reached_target"] for r in runs),
         "reached_count": sum(r["reached_target"] for r in runs),
         "steps_to_target": None if steps is None else round(steps),
         "best_dice": median("best_dice"),
+        "best_class_dice": classes,
         "steps": median("steps"),
         "patches_per_s": median("patches_per_s"),
         "cache": runs[0].get("cache"),
@@ -165,6 +184,7 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
         "per_seed": {str(seed): run for seed, run in per_seed.items()},
         # The first seed's curve for the plot; every seed's curve is in per_seed.
         "curve": runs[0]["curve"],
+        "class_curves": runs[0].get("class_curves", {}),
     }
 
 
@@ -175,9 +195,9 @@ def markdown_table(
     ``base_time_s``, a baseline time to target measured in another invocation)."""
     base = base_time_s or results.get(baseline, {}).get("time_to_target_s")
     lines = [
-        f"| configuration | best Dice | time to Dice {target:g} (s) | steps to target "
-        "| patches/s | speed-up vs baseline | what the cache did |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| configuration | best Dice | best Dice per class | time to Dice {target:g} (s) "
+        "| steps to target | patches/s | speed-up vs baseline | what the cache did |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in results.items():
         seeds = r.get("per_seed", {})
@@ -194,8 +214,13 @@ def markdown_table(
         speedup = f"{base / r['time_to_target_s']:.2f}x" if base else "-"
         if base and not r["reached_target"] and name != baseline:
             speedup = "<= " + speedup  # the cap stands for a longer time
+        per_class = ", ".join(
+            f"{c} {d:.4f}" if d is not None else f"{c} -"
+            for c, d in r.get("best_class_dice", {}).items()
+        )
         lines.append(
-            f"| {name} | {r['best_dice']:.4f} | {ttt} | {r['steps_to_target'] or '-'} "
+            f"| {name} | {r['best_dice']:.4f} | {per_class or '-'} | {ttt} "
+            f"| {r['steps_to_target'] or '-'} "
             f"| {r['patches_per_s']:.2f} | {speedup} | {cache_label(r.get('cache'))} |"
         )
     return "\n".join(lines)
@@ -236,6 +261,36 @@ def plot_curves(results: dict, path: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_class_curves(results: dict, path: str, title: str) -> bool:
+    """Validation Dice of each class against wall time, one panel per class and one line per
+    configuration; written only for tasks of more than one foreground class (returns whether)."""
+    classes = list(dict.fromkeys(c for r in results.values() for c in r.get("class_curves", {})))
+    if len(classes) < 2:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(classes), figsize=(5 * len(classes), 4), squeeze=False)
+    for ax, cls in zip(axes[0], classes, strict=True):
+        for name, r in results.items():
+            points = r.get("class_curves", {}).get(cls)
+            if points:
+                wall, dice, _ = zip(*points, strict=True)
+                dice = [d if d is not None else float("nan") for d in dice]
+                ax.plot(wall, dice, marker=".", label=name)
+        ax.set_xlabel("wall time (s)")
+        ax.set_ylabel(f"validation Dice, {cls}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 FLAGS = flags.FLAGS
@@ -348,6 +403,7 @@ def main(argv: list[str]) -> None:
         f.write(table + "\n")
     title = f"synthetic {FLAGS.task}{' (MSD geometry)' if msd else ''}, {os.cpu_count()}-core CPU"
     plot_curves(results, stem + ".png", title)
+    plot_class_curves(results, stem + "_classes.png", title)
     print(table)
     if "speedup" in output:
         capped = " (baseline capped: a lower bound)" if output["baseline_capped"] else ""
