@@ -222,6 +222,21 @@ def test_largest_component_is_simpleitks():
     labels[0, 0, 0], labels[1, 1, 1] = 1, 1  # two voxels joined by a corner
     got = export.keep_largest(tf.constant(labels), 3).numpy()
     np.testing.assert_array_equal(got, keep_largest_component(labels))
+    # A winding one-voxel path (the longest way a label travels) beside a compact blob 2 smaller.
+    snake = np.zeros((24, 24, 6), np.int32)
+    snake[::2, :22, 1] = 1
+    for row in range(0, 22, 2):
+        snake[row + 1, 21 if row % 4 == 0 else 0, 1] = 1
+    size = int(snake.sum())
+    snake[:, :, 4].flat[: size - 2] = 1  # a slab of 2 rows and a bit: one component
+    got = export.keep_largest(tf.constant(snake), 2).numpy()
+    np.testing.assert_array_equal(got, keep_largest_component(snake))
+    assert got[:, :, 1].sum() == size and not got[:, :, 4].any()
+    tie = np.zeros((10, 10, 10), np.int32)
+    tie[6:8, 1:3, 1:3], tie[1:3, 6:8, 6:8] = 1, 1  # equal sizes: the first in C order stays
+    np.testing.assert_array_equal(
+        export.keep_largest(tf.constant(tie), 2).numpy(), keep_largest_component(tie)
+    )
     assert not export.largest_component(tf.zeros((4, 4, 4), tf.bool)).numpy().any()
 
 

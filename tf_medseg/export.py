@@ -24,13 +24,13 @@ SimpleITK installed:
 4. **Normalisation** with the statistics stored in ``preprocessing.json`` (CT: clip to the
    training foreground's percentiles and scale; MRI: z-score of the non-zero voxels).
 5. **Sliding window**: MONAI's window corners and blending (:mod:`tf_medseg.inference`), the
-   importance map a constant, ``sw_batch_size`` windows per forward pass, windows added into the
-   output by ``tensor_scatter_nd_add``; several models (an ensemble) and the 8 mirrorings of
+   importance map a constant, ``sw_batch_size`` windows per forward pass, the windows added up
+   axis by axis with segment sums; several models (an ensemble) and the 8 mirrorings of
    test-time augmentation averaged before the argmax.
-6. **Largest connected component** per class when the run asked for it: each voxel of the class
-   starts with its own number and takes the largest number among its 26 neighbours of the class
-   until nothing changes (the 3 x 3 x 3 maximum is separable, three shifts per axis), then the
-   most frequent number is kept.
+6. **Largest connected component** per class when the run asked for it, on the list of the
+   class's voxels: each starts with its own number and takes the largest number among its 26
+   neighbours, with pointer jumping, until nothing changes; the biggest component stays (ties:
+   the first in C order, as SimpleITK's ``RelabelComponent``).
 7. **The way back**: the crop padded (background outside), the resampling undone by nearest
    neighbour (rounding half up, SimpleITK's), the orientation undone, all of it one gather per
    axis and one transposition.
@@ -366,9 +366,11 @@ def back_to_source_grid(
 # Sliding window and post-processing
 
 
-def window_corners(size: tf.Tensor, roi: Sequence[int], overlap: float | int) -> tf.Tensor:
-    """:func:`tf_medseg.inference.window_starts` in TensorFlow: int32 ``[N, 3]`` corners of the
-    windows tiling a (padded) volume of ``size`` >= ``roi`` per axis, first axis slowest."""
+def window_axis_starts(
+    size: tf.Tensor, roi: Sequence[int], overlap: float | int
+) -> list[tf.Tensor]:
+    """:func:`tf_medseg.inference.window_starts` per axis in TensorFlow: int32 window starts
+    along each axis of a (padded) volume of ``size`` >= ``roi``; the windows are their product."""
     per_axis = []
     for axis, window in enumerate(roi):
         if isinstance(overlap, int) and not isinstance(overlap, bool) and overlap != 0:
@@ -378,101 +380,139 @@ def window_corners(size: tf.Tensor, roi: Sequence[int], overlap: float | int) ->
         extra = size[axis] - window
         count = 1 + (extra + interval - 1) // interval
         per_axis.append(tf.minimum(tf.range(count) * interval, extra))
-    grids = tf.meshgrid(*per_axis, indexing="ij")
+    return per_axis
+
+
+def window_corners(size: tf.Tensor, roi: Sequence[int], overlap: float | int) -> tf.Tensor:
+    """All window corners, int32 ``[N, 3]``, first axis slowest (as ``window_starts``)."""
+    grids = tf.meshgrid(*window_axis_starts(size, roi, overlap), indexing="ij")
     return tf.stack([tf.reshape(g, [-1]) for g in grids], axis=1)
+
+
+def _overlap_add(parts: tf.Tensor, starts: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
+    """Sums parts ``[n, r, ...]`` placed at ``starts`` (``[n]``) along a new first axis of
+    ``size``: overlap-add along one axis, one segment sum (no volume-sized copy per part)."""
+    r = tf.shape(parts)[1]
+    ids = tf.reshape(starts[:, None] + tf.range(r)[None, :], [-1])
+    flat = tf.reshape(parts, tf.concat([[-1], tf.shape(parts)[2:]], 0))
+    return tf.math.unsorted_segment_sum(flat, ids, size)
 
 
 def sliding_window(volume: tf.Tensor, predict, plan: GraphPlan) -> tf.Tensor:
     """Blended window predictions of ``volume`` ``[D, H, W, C]`` as
     :func:`tf_medseg.inference.sliding_window_inference` (constant padding with 0 where the
-    volume is smaller than the window, split low/high as MONAI), float32 ``[D, H, W, K]``."""
+    volume is smaller than the window, split low/high as MONAI), float32 ``[D, H, W, K]``.
+
+    The windows are the product of per-axis starts, so the weighted predictions are added up
+    axis by axis: the windows of a row (fixed x and y start; ``sw_batch_size`` per forward
+    pass, the row's last pass padded) along z, the rows of a slab (fixed x start) along y, the
+    slabs along x, each by one segment sum. A scatter into one volume-sized sum would copy the
+    volume for every window batch (TensorFlow does not update a loop's tensor in place), which
+    was 3 times predict's time at Decathlon size.
+    """
     roi = plan.roi_size
     batch = plan.sw_batch_size
+    k1 = plan.num_classes + 1  # the classes, and the weight
     size = tf.shape(volume)[:3]
     padded = tf.maximum(size, roi)
     low = (padded - size) // 2
     paddings = tf.concat([tf.stack([low, padded - size - low], axis=1), [[0, 0]]], axis=0)
     volume = tf.pad(volume, paddings)
-    corners = window_corners(padded, roi, plan.overlap)
-    count = tf.shape(corners)[0]
+    s0, s1, s2 = window_axis_starts(padded, roi, plan.overlap)
+    n1, n2 = tf.size(s1), tf.size(s2)
+    passes = (n2 + batch - 1) // batch  # forward passes per row
     weights = compute_importance_map(roi, plan.mode)[..., None]
-    grid = np.stack(np.meshgrid(*[np.arange(r) for r in roi], indexing="ij"), -1).reshape(-1, 3)
-    grid = tf.constant(grid, tf.int32)
-    k = plan.num_classes
-    total = tf.zeros(tf.concat([padded, [k + 1]], axis=0), tf.float32)
+    weight_channel = np.broadcast_to(weights[None], (batch, *roi, 1))
+    slot_ids = tf.minimum(tf.range(passes * batch), n2 - 1)  # a padded slot repeats the last
 
-    def body(first, total):
-        rows = first + tf.range(batch)
-        valid = tf.cast(rows < count, tf.float32)
-        picked = tf.gather(corners, tf.minimum(rows, count - 1))
-        windows = tf.stack(
-            [
-                tf.slice(volume, tf.concat([picked[j], [0]], 0), [*roi, plan.num_channels])
-                for j in range(batch)
-            ]
-        )
-        probs = predict(windows) * weights[None]
-        update = tf.concat([probs, tf.broadcast_to(weights[None], [batch, *roi, 1])], -1)
-        update = update * valid[:, None, None, None, None]
-        indices = picked[:, None, :] + grid[None]
-        total = tf.tensor_scatter_nd_add(
-            total, tf.reshape(indices, [-1, 3]), tf.reshape(update, [-1, k + 1])
-        )
-        return first + batch, total
+    def row(x, y):
+        """The weighted predictions of one row, added along z: ``[P2, r0, r1, K + 1]``."""
 
-    _, total = tf.while_loop(
-        lambda first, _: first < count, body, (tf.constant(0), total), parallel_iterations=1
-    )
-    out = total[..., :k] / total[..., k:]
-    return tf.slice(out, tf.concat([low, [0]], 0), tf.concat([size, [k]], 0))
+        def one_pass(p, out):
+            slots = p * batch + tf.range(batch)
+            valid = tf.cast(slots < n2, tf.float32)[:, None, None, None, None]
+            z = tf.gather(s2, tf.minimum(slots, n2 - 1))
+            windows = tf.stack(
+                [
+                    tf.slice(volume, tf.stack([x, y, z[j], 0]), [*roi, plan.num_channels])
+                    for j in range(batch)
+                ]
+            )
+            update = tf.concat([predict(windows) * weights[None], weight_channel], -1) * valid
+            return p + 1, out.write(p, update)
+
+        preds = tf.TensorArray(tf.float32, size=passes, element_shape=[batch, *roi, k1])
+        _, preds = tf.while_loop(lambda p, _: p < passes, one_pass, (0, preds))
+        preds = tf.reshape(preds.stack(), [passes * batch, *roi, k1])
+        along_z = tf.transpose(preds, [0, 3, 1, 2, 4])  # [slot, r2, r0, r1, K + 1]
+        return _overlap_add(along_z, tf.gather(s2, slot_ids), padded[2])
+
+    def slab(i, slabs):
+        """The rows of one x start added along y: ``[P1, P2, r0, K + 1]``."""
+        x = s0[i]
+
+        def add_row(j, rows):
+            return j + 1, rows.write(j, row(x, s1[j]))
+
+        rows = tf.TensorArray(tf.float32, size=n1, element_shape=[None, roi[0], roi[1], k1])
+        _, rows = tf.while_loop(lambda j, _: j < n1, add_row, (0, rows))
+        along_y = tf.transpose(rows.stack(), [0, 3, 1, 2, 4])  # [n1, r1, P2, r0, K + 1]
+        return i + 1, slabs.write(i, _overlap_add(along_y, s1, padded[1]))
+
+    slabs = tf.TensorArray(tf.float32, size=tf.size(s0), element_shape=[None, None, roi[0], k1])
+    _, slabs = tf.while_loop(lambda i, _: i < tf.size(s0), slab, (0, slabs))
+    along_x = tf.transpose(slabs.stack(), [0, 3, 1, 2, 4])  # [n0, r0, P1, P2, K + 1]
+    total = _overlap_add(along_x, s0, padded[0])
+    out = total[..., :-1] / total[..., -1:]
+    return tf.slice(out, tf.concat([low, [0]], 0), tf.concat([size, [-1]], 0))
 
 
-def _box_max(values: tf.Tensor) -> tf.Tensor:
-    """The maximum over each voxel's 3 x 3 x 3 neighbourhood (zeros outside), separably."""
-    for axis in range(3):
-        padded = tf.pad(values, [[1, 1] if a == axis else [0, 0] for a in range(3)])
-        cut = [slice(None)] * 3
-        before, after = list(cut), list(cut)
-        before[axis], after[axis] = slice(None, -2), slice(2, None)
-        values = tf.maximum(values, tf.maximum(padded[tuple(before)], padded[tuple(after)]))
-    return values
+#: The 26 neighbours of a voxel.
+_NEIGHBOURS = np.array([d for d in np.ndindex(3, 3, 3) if d != (1, 1, 1)], np.int32) - np.int32(1)
 
 
 def largest_component(mask: tf.Tensor) -> tf.Tensor:
-    """The largest 26-connected component of a boolean ``[D, H, W]`` mask (empty stays empty).
+    """The largest 26-connected component of a boolean ``[D, H, W]`` mask (empty stays empty),
+    as SimpleITK's ``ConnectedComponent`` and ``RelabelComponent`` find it (ties of size: the
+    component that comes first in C order).
 
-    Within the mask's bounding box, each voxel of the mask starts with its own number (its flat
-    index + 1) and takes the largest number of its neighbourhood within the mask until nothing
-    changes (as many rounds as the longest path inside a component); then every component
-    carries its largest number and the most frequent number is the largest component. Ties of
-    size keep the component with the largest number, last in C order (SimpleITK's
-    ``RelabelComponent`` keeps its first-labelled one; ties are rare in segmentations, and the
-    two can then differ).
+    Works on the list of the mask's voxels, not the volume: each voxel's 26 neighbours are
+    looked up once in a volume of list positions, then every voxel starts with its own number
+    and takes the largest number among its neighbours and then the number of the voxel its
+    number names (pointer jumping: a number crosses a component in a few rounds rather than
+    its length), until nothing changes; every component then carries one number.
     """
     shape = tf.shape(mask)
-    found = tf.cast(tf.where(mask), tf.int32)
-    some = tf.shape(found)[0] > 0
-    start = tf.where(some, tf.reduce_min(found, axis=0), 0)  # an empty mask: an empty box
-    stop = tf.where(some, tf.reduce_max(found, axis=0) + 1, 0)
-    box = tf.slice(mask, start, stop - start)
-    numbers = tf.reshape(tf.range(1, tf.reduce_prod(tf.shape(box)) + 1), tf.shape(box))
-    labels = tf.where(box, numbers, 0)
+    coords = tf.cast(tf.where(mask), tf.int32)  # row-major: C order
+    count = tf.shape(coords)[0]
+    numbers = tf.range(1, count + 1)
+    positions = tf.scatter_nd(coords, numbers, shape)  # 0: not in the mask
+    neighbours = []
+    for offset in _NEIGHBOURS:
+        near = coords + offset
+        inside = tf.reduce_all((near >= 0) & (near < shape), axis=1)
+        found = tf.gather_nd(positions, tf.clip_by_value(near, 0, shape - 1))
+        neighbours.append(tf.where(inside, found, 0))
+    neighbours = tf.stack(neighbours, axis=1)  # [N, 26] numbers, 0: none
 
     def step(labels, _):
-        grown = tf.where(box, _box_max(labels), 0)
+        table = tf.concat([[0], labels], 0)
+        grown = tf.maximum(labels, tf.reduce_max(tf.gather(table, neighbours), axis=1))
+        for _ in range(2):
+            grown = tf.gather(tf.concat([[0], grown], 0), grown)
         return grown, tf.reduce_any(grown != labels)
 
     labels, _ = tf.while_loop(
-        lambda _, changed: changed, step, (labels, tf.reduce_any(box)), parallel_iterations=1
+        lambda _, changed: changed, step, (numbers, count > 0), parallel_iterations=1
     )
-    values = tf.boolean_mask(labels, box)
-    unique, _, counts = tf.unique_with_counts(tf.concat([values, [0]], 0))
-    counts = tf.where(unique == 0, -1, counts)
-    best = tf.reduce_max(counts)
-    winner = tf.reduce_max(tf.where(counts == best, unique, -1))
-    keep = box & (labels == winner)
-    pads = tf.stack([start, shape - stop], axis=1)
-    return tf.pad(keep, pads)
+    ids = labels - 1
+    sizes = tf.math.unsorted_segment_sum(tf.ones_like(ids), ids, count)
+    firsts = tf.math.unsorted_segment_min(tf.range(count), ids, count)
+    biggest = sizes == tf.reduce_max(tf.concat([sizes, [0]], 0))
+    first = tf.minimum(tf.reduce_min(tf.where(biggest, firsts, count)), count)
+    winner = tf.gather(tf.concat([labels, [0]], 0), first)
+    keep = tf.cast(labels == winner, tf.int32)
+    return tf.scatter_nd(coords, keep, shape) > 0
 
 
 def keep_largest(labels: tf.Tensor, num_classes: int) -> tf.Tensor:
