@@ -9,9 +9,10 @@ writes what ``tests/test_distributed.py`` compares into ``--out``:
 * ``rank<rank>.start.json``: the checkpoint restored and the step it starts from, written
   before training (a killed job still leaves it);
 * ``rank<rank>.json``: steps, per-step losses, stop reason, collective votes, after training;
-* ``rank<rank>.npz``: final weights ``w<i>``, validation ``case_dice`` / ``sums``, and with
-  ``--record`` the initial weights ``init<i>`` and every batch this rank trained on
-  (``images``, ``labels``, stacked by step).
+* ``rank<rank>.npz``: final weights ``w<i>`` (of the training model: with deep supervision its
+  auxiliary heads too; their names are in ``rank<rank>.json``), validation ``case_dice`` /
+  ``sums``, and with ``--record`` the initial weights ``init<i>`` and every batch this rank
+  trained on (``images``, ``labels``, stacked by step).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def main() -> None:
 
         def recording_step(batch_images, batch_labels):
             if not images:  # after fit()'s broadcast from rank 0, before the first update
-                for i, v in enumerate(trainer.model.weights):
+                for i, v in enumerate(trainer.train_model.weights):
                     arrays[f"init{i}"] = v.numpy()
             images.append(batch_images.numpy())
             labels.append(batch_labels.numpy())
@@ -96,7 +97,7 @@ def main() -> None:
     if args.record:
         arrays["images"] = np.stack(images)
         arrays["labels"] = np.stack(labels)
-    for i, v in enumerate(trainer.model.weights):
+    for i, v in enumerate(trainer.train_model.weights):
         arrays[f"w{i}"] = v.numpy()
     arrays["case_dice"] = result.case_dice
     arrays["sums"] = result.sums.to_array()
@@ -114,6 +115,7 @@ def main() -> None:
             "votes": votes,
             "local_val_cases": [item["case"] for item in local_items],
             "mean_dice": result.mean_dice,
+            "weight_names": [v.name for v in trainer.train_model.weights],
         },
     )
 

@@ -16,6 +16,7 @@ batch through the same train step, validation of the same weights) run in the py
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -369,3 +370,32 @@ def test_one_process_resumes_a_two_worker_checkpoint(resumed, task_dir, workdir,
     finally:
         trainer.close()
     assert "cache position is for 2 workers" in caplog.text
+
+
+def test_deep_supervision_on_two_workers_follows_one_process(backend, task_dir, tmp_path):
+    """--deep_supervision on two workers: the auxiliary head is broadcast and its gradients
+    averaged like every other weight, and the loss (the weighted sum over the outputs, of a
+    per-patch Dice) follows one process's on the same global batches."""
+    config = hvd_config(task_dir, tmp_path / "workdir", deep_supervision=True, epochs=2)
+    job = _run(Job(backend, config, tmp_path / "job", "--record"))
+    (info0, arr0), (info1, arr1) = job.rank(0), job.rank(1)
+    assert info0["losses"] == info1["losses"] and len(info0["losses"]) == 2 * STEPS_PER_EPOCH
+    names = info0["weight_names"]
+    heads = [i for i, name in enumerate(names) if name.startswith("ds1_logits/")]
+    assert len(heads) == 2  # kernel and bias
+    for i in range(len(names)):
+        np.testing.assert_array_equal(arr0[f"w{i}"], arr1[f"w{i}"], err_msg=names[i])
+    for i in heads:
+        assert not np.array_equal(arr0[f"w{i}"], arr0[f"init{i}"]), names[i]
+    single = Trainer(dataclasses.replace(config, workdir=str(tmp_path / "single"), batch_size=4))
+    try:
+        for i, v in enumerate(single.train_model.weights):
+            v.assign(arr0[f"init{i}"])
+        losses = []
+        for step in range(len(info0["losses"])):
+            images = np.concatenate([arr0["images"][step], arr1["images"][step]])
+            labels = np.concatenate([arr0["labels"][step], arr1["labels"][step]])
+            losses.append(float(single.train_step(tf.constant(images), tf.constant(labels))))
+    finally:
+        single.close()
+    np.testing.assert_allclose(info0["losses"], losses, rtol=0, atol=1e-6)

@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_medseg.losses import LOSSES, dice_ce_loss, get_loss, soft_dice_loss
+from tf_medseg.losses import (
+    LOSSES,
+    deep_supervision_loss,
+    deep_supervision_weights,
+    dice_ce_loss,
+    get_loss,
+    nearest_downsample,
+    soft_dice_loss,
+)
 
 SMOOTH = 1e-5
 
@@ -180,3 +188,61 @@ def test_works_inside_tf_function_with_dynamic_shapes():
     np.testing.assert_allclose(
         loss_fn(labels, probs).numpy(), numpy_dice_loss(labels, probs), rtol=1e-6
     )
+
+
+def test_deep_supervision_weights_halve_and_sum_to_one():
+    assert deep_supervision_weights(1) == [1.0]
+    weights = deep_supervision_weights(4)
+    np.testing.assert_allclose(weights, [8 / 15, 4 / 15, 2 / 15, 1 / 15], rtol=1e-12)
+    assert sum(weights) == pytest.approx(1.0, abs=1e-12)
+    for level in range(1, 4):
+        assert weights[level] == pytest.approx(weights[0] / 2**level, rel=1e-12)
+    with pytest.raises(ValueError, match="num_outputs must be >= 1"):
+        deep_supervision_weights(0)
+
+
+def test_nearest_downsample_takes_the_voxel_at_each_blocks_centre():
+    labels = np.arange(8, dtype=np.float32).reshape(1, 8, 1, 1, 1) * np.ones((1, 8, 4, 4, 1))
+    # Along the first axis: voxels 1, 3, 5, 7 for factor 2; 2, 6 for factor 4.
+    half = nearest_downsample(tf.constant(labels), 2).numpy()
+    assert half.shape == (1, 4, 2, 2, 1)
+    np.testing.assert_array_equal(half[0, :, 0, 0, 0], [1, 3, 5, 7])
+    quarter = nearest_downsample(tf.constant(labels), 4).numpy()
+    assert quarter.shape == (1, 2, 1, 1, 1)
+    np.testing.assert_array_equal(quarter[0, :, 0, 0, 0], [2, 6])
+    onehot, _ = random_case((2, 8, 8, 8))
+    np.testing.assert_array_equal(
+        nearest_downsample(tf.constant(onehot), 2).numpy(), onehot[:, 1::2, 1::2, 1::2]
+    )
+    assert nearest_downsample(onehot, 1) is onehot
+
+
+@pytest.mark.parametrize("name", ["dice", "dice_ce", "ce"])
+def test_deep_supervision_loss_is_the_weighted_sum_over_the_levels(name):
+    labels, full = random_case((2, 8, 8, 8), seed=1)
+    _, half = random_case((2, 4, 4, 4), seed=2)
+    _, quarter = random_case((2, 2, 2, 2), seed=3)
+    options = {} if name == "ce" else {"batch": True}
+    loss = deep_supervision_loss(get_loss(name, **options), 3)
+    got = loss(tf.constant(labels), [tf.constant(p) for p in (full, half, quarter)])
+    assert got.dtype == tf.float32 and got.shape == ()
+
+    def reference(g, p):
+        ce = numpy_cross_entropy(g, p)
+        dice = numpy_dice_loss(g, p, batch=True)
+        return {"dice": dice, "dice_ce": dice + ce, "ce": ce}[name]
+
+    # By hand: weights 4/7, 2/7, 1/7; targets every 2nd voxel from 1, every 4th from 2.
+    expected = (
+        4 / 7 * reference(labels, full)
+        + 2 / 7 * reference(labels[:, 1::2, 1::2, 1::2], half)
+        + 1 / 7 * reference(labels[:, 2::4, 2::4, 2::4], quarter)
+    )
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5)
+
+
+def test_deep_supervision_loss_needs_every_output():
+    labels, full = random_case((1, 4, 4, 4))
+    loss = deep_supervision_loss(soft_dice_loss, 2)
+    with pytest.raises(ValueError, match="over 2 outputs got 1"):
+        loss(labels, [full])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_medseg.models import MODELS, build_model
+from tf_medseg.models import MODELS, build_model, main_output_model
 from tf_medseg.models.blocks import GroupNorm, WeightNormConv3D
 
 # Tiny configurations: two downsamplings, so spatial sizes must be multiples of 4.
@@ -231,3 +231,46 @@ def test_weight_norm_conv_matches_plain_convolution(transpose):
     np.testing.assert_allclose(out, expected.numpy(), atol=1e-5)
     layer.g.assign(2.0 * layer.g)
     np.testing.assert_allclose(layer(x).numpy(), 2.0 * expected.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16"], indirect=True)
+def test_unet3d_deep_supervision_gives_depth_outputs_halving_in_size(policy):
+    model = build_model("unet3d", 3, IN_CHANNELS, depth=3, base_filters=4, deep_supervision=True)
+    outputs = model(random_images((2, 16, 24, 32)))
+    # The full-resolution output, then one per decoder level below it (the bottleneck has none).
+    assert [tuple(o.shape) for o in outputs] == [
+        (2, 16, 24, 32, 3),
+        (2, 8, 12, 16, 3),
+        (2, 4, 6, 8, 3),
+    ]
+    assert [o.name.split("/")[0] for o in model.outputs] == ["probs", "ds1_probs", "ds2_probs"]
+    for probs in outputs:
+        assert probs.dtype == tf.float32
+        np.testing.assert_allclose(probs.numpy().sum(-1), 1.0, atol=1e-3)
+    assert model.get_layer("ds1_logits").compute_dtype == policy.split("_")[-1]
+
+
+def test_the_one_output_model_shares_the_deep_supervision_models_weights(tmp_path):
+    train_model = tiny_model("unet3d", deep_supervision=True)
+    model = main_output_model(train_model)
+    images = random_images((1, 16, 16, 16))
+    assert len(train_model.outputs) == 2 and len(model.outputs) == 1
+    np.testing.assert_array_equal(model(images).numpy(), train_model(images)[0].numpy())
+    # The same variables, less the auxiliary head's kernel and bias.
+    shared = {id(v) for v in model.weights}
+    assert shared < {id(v) for v in train_model.weights}
+    extra = [v.name for v in train_model.weights if id(v) not in shared]
+    assert sorted(extra) == ["ds1_logits/bias:0", "ds1_logits/kernel:0"]
+    # A change to the training model's weights is a change to the one-output model.
+    kernel = train_model.get_layer("logits").kernel
+    kernel.assign(kernel * 2.0)
+    np.testing.assert_array_equal(model(images).numpy(), train_model(images)[0].numpy())
+    # Saved and loaded, it is an ordinary one-output model.
+    model.save(tmp_path / "model.keras")
+    loaded = tf.keras.models.load_model(tmp_path / "model.keras")
+    assert len(loaded.outputs) == 1 and loaded.output_shape == (None, None, None, None, 3)
+    assert not [layer.name for layer in loaded.layers if layer.name.startswith("ds")]
+    np.testing.assert_array_equal(loaded(images).numpy(), model(images).numpy())
+    # Without deep supervision there is nothing to cut.
+    plain = tiny_model("unet3d")
+    assert main_output_model(plain) is plain

@@ -449,3 +449,75 @@ def test_multi_worker_stop_votes_are_taken_only_at_sync_points(spleen_task_dir, 
     assert voted == expected
     interrupts = [step for name, step in votes if name == "interrupt"]
     assert set(interrupts) <= set(expected) and len(interrupts) < trainer.state.step + 4
+
+
+# Deep supervision: the tiny U-Net (depth 2) has one auxiliary output at half resolution.
+# 4 cached items x 2 samples / batch 2: 4 steps per epoch.
+DEEP = dict(deep_supervision=True, deterministic=True, cache="full")
+
+
+def test_deep_supervision_trains_validates_and_exports_a_one_output_model(
+    spleen_task_dir, tmp_path
+):
+    from tf_medseg.cli.predict import Segmenter
+
+    workdir = tmp_path / "run"
+    config = tiny_config(
+        spleen_task_dir, workdir, epochs=4, val_every=2, learning_rate=5e-3, **DEEP
+    )
+    trainer, summary = _run(config)
+    assert len(trainer.train_model.outputs) == 2 and len(trainer.model.outputs) == 1
+    losses = trainer.state.losses
+    assert len(losses) == 16 and np.all(np.isfinite(losses))
+    assert np.mean(losses[-4:]) < np.mean(losses[:4])
+    validations = _validations(workdir)
+    assert [line["step"] for line in validations] == [8, 16]
+    assert all(0.0 <= line["dice"]["spleen"] <= 1.0 for line in validations)
+    assert 0.0 <= summary["best_dice"] <= 1.0
+    best = tf.keras.models.load_model(os.path.join(workdir, "best_model.keras"))
+    assert len(best.outputs) == 1
+    segmenter = Segmenter.load(str(workdir))
+    (image,) = glob.glob(os.path.join(spleen_task_dir, "imagesTs", "*.nii.gz"))
+    labels, _ = segmenter.segment(image)
+    assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1}
+
+
+def test_a_deep_supervision_run_resumes_exactly(spleen_task_dir, tmp_path):
+    """A run of 2 epochs equals one of 1 epoch resumed for a second, auxiliary head included."""
+    whole, _ = _run(tiny_config(spleen_task_dir, tmp_path / "whole", epochs=2, **DEEP))
+    first, _ = _run(tiny_config(spleen_task_dir, tmp_path / "run", epochs=1, **DEEP))
+    aux = first.train_model.get_layer("ds1_logits").kernel.numpy()
+    second = Trainer(tiny_config(spleen_task_dir, tmp_path / "run", epochs=2, **DEEP))
+    try:
+        assert second.restored_from is not None and second.state.step == 4
+        np.testing.assert_array_equal(second.train_model.get_layer("ds1_logits").kernel, aux)
+        second.fit()
+    finally:
+        second.close()
+    assert first.state.losses + second.state.losses == whole.state.losses
+    assert _validations(tmp_path / "run") == _validations(tmp_path / "whole")
+
+
+def test_deep_supervision_is_refused_for_other_models_in_one_line(spleen_task_dir, tmp_path):
+    import subprocess
+    import sys
+
+    config = tiny_config(spleen_task_dir, tmp_path, deep_supervision=True)
+    assert config.validate() == []
+    (line,) = dataclasses.replace(config, model="vnet").validate()
+    assert line.startswith("--deep_supervision is implemented for --model=unet3d only")
+    assert line.endswith("not for --model=vnet")
+    (line,) = dataclasses.replace(config, depth=1, patch_size=(16, 16, 16)).validate()
+    assert line.startswith("--deep_supervision needs --depth >= 2")
+    result = subprocess.run(
+        [sys.executable, "-m", "tf_medseg.cli.train", "--noplan", "--model=segresnet"]
+        + ["--deep_supervision", f"--data_dir={spleen_task_dir}", f"--workdir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "tf-medseg-train: --deep_supervision is implemented for --model=unet3d only (auxiliary "
+        "outputs on its decoder levels), not for --model=segresnet"
+    ]

@@ -12,14 +12,16 @@ class (foreground classes unless ``include_background``) and averaged, in float3
 mixed-precision policy of the model that produced ``probs``.
 
 ``LOSSES`` is the registry (a plain dict); ``get_loss`` binds options and returns a callable
-``loss(labels_onehot, probs) -> scalar``.
+``loss(labels_onehot, probs) -> scalar``. ``deep_supervision_loss`` wraps such a loss for a
+model with auxiliary lower-resolution outputs (nnU-Net's deep supervision): the weighted sum of
+the same loss at every output, against the labels taken at that output's resolution.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
@@ -119,6 +121,94 @@ def dice_ce_loss(
     """
     dice = soft_dice_loss(labels_onehot, probs, include_background, batch, smooth)
     return dice + ce_weight * cross_entropy_loss(labels_onehot, probs)
+
+
+def deep_supervision_weights(num_outputs: int) -> list[float]:
+    """nnU-Net's weights of the outputs of a deep-supervision model.
+
+    Output ``i`` (0: full resolution, ``i``: ``2**i`` times coarser) weighs ``1 / 2**i``; the
+    weights are normalised to sum to 1, so the loss stays on the scale of the one-output loss.
+    (nnU-Net v2 also sets the weight of its coarsest decoder output to 0; here every output the
+    model has counts.)
+
+    Args:
+        num_outputs: Outputs of the model, the full-resolution one included (>= 1).
+
+    Returns:
+        ``num_outputs`` weights, halving from one to the next, that sum to 1.
+
+    Raises:
+        ValueError: If ``num_outputs < 1``.
+    """
+    if num_outputs < 1:
+        raise ValueError(f"num_outputs must be >= 1, got {num_outputs}")
+    raw = [0.5**i for i in range(num_outputs)]
+    return [w / sum(raw) for w in raw]
+
+
+def nearest_downsample(labels_onehot: tf.Tensor, factor: int) -> tf.Tensor:
+    """One-hot labels at ``1 / factor`` of their spatial size, by nearest neighbour.
+
+    Every ``factor``-th voxel along each spatial axis, starting at ``factor // 2``: the voxel at
+    (or just after) the centre of each ``factor``-cube, which is what nnU-Net v2 takes
+    (``torch.nn.functional.interpolate(mode="nearest-exact")``). Nearest neighbour rather than
+    a max-pool of the one-hot: a max-pool marks a block that holds several classes with all of
+    them (a liver voxel and a lesion voxel make both 1), a target no softmax can reach, which
+    biases the Dice towards dilated masks and gives the cross-entropy a target that sums to more
+    than 1. Nearest neighbour keeps one class per voxel, at the price that a structure thinner
+    than ``factor`` voxels may vanish from that level (whose weight is small).
+
+    Args:
+        labels_onehot: ``(N, spatial..., C)``, spatial sizes divisible by ``factor``.
+        factor: The downsampling factor (1: unchanged).
+
+    Returns:
+        ``(N, spatial / factor..., C)``.
+    """
+    if factor == 1:
+        return labels_onehot
+    spatial = (slice(factor // 2, None, factor),) * (len(labels_onehot.shape) - 2)
+    return labels_onehot[(slice(None), *spatial, slice(None))]
+
+
+def _weighted_over_outputs(
+    labels_onehot: tf.Tensor,
+    outputs: Sequence[tf.Tensor],
+    loss: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
+    weights: Sequence[float],
+) -> tf.Tensor:
+    if len(outputs) != len(weights):
+        raise ValueError(
+            f"deep supervision over {len(weights)} outputs got {len(outputs)} "
+            "(the model's outputs, full resolution first)"
+        )
+    terms = [
+        weight * loss(nearest_downsample(labels_onehot, 2**level), probs)
+        for level, (weight, probs) in enumerate(zip(weights, outputs, strict=True))
+    ]
+    return tf.add_n(terms)
+
+
+def deep_supervision_loss(
+    loss: Callable[[tf.Tensor, tf.Tensor], tf.Tensor], num_outputs: int
+) -> Callable[[tf.Tensor, Sequence[tf.Tensor]], tf.Tensor]:
+    """``loss`` over the outputs of a deep-supervision model, weighted as nnU-Net weighs them.
+
+    The returned callable takes the full-resolution one-hot labels and the model's list of
+    outputs (full resolution first, output ``i`` at ``1 / 2**i`` of it) and returns
+    ``sum_i w_i * loss(nearest_downsample(labels, 2**i), outputs[i])`` with the weights of
+    :func:`deep_supervision_weights`: the same loss (Dice, Dice + CE or CE, with its options)
+    at every level, in float32.
+
+    Args:
+        loss: A loss from :func:`get_loss`.
+        num_outputs: The model's outputs, the full-resolution one included.
+
+    Returns:
+        A callable ``loss(labels_onehot, outputs) -> float32 scalar``.
+    """
+    weights = tuple(deep_supervision_weights(num_outputs))
+    return functools.partial(_weighted_over_outputs, loss=loss, weights=weights)
 
 
 LOSSES: dict[str, Callable[..., tf.Tensor]] = {

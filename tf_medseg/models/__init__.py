@@ -1,8 +1,9 @@
 """Keras 3D segmentation models and their registry.
 
 ``MODELS`` maps a model name to its builder; ``build_model`` is the one entry point the CLI and
-training code use. Importing this package also registers the custom layers (package
-``tf_medseg``) that loading a saved model needs.
+training code use; ``main_output_model`` gives the one-output model of a model trained with
+auxiliary outputs (deep supervision). Importing this package also registers the custom layers
+(package ``tf_medseg``) that loading a saved model needs.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def build_model(name: str, num_classes: int, in_channels: int, **options) -> tf.
 
     Returns:
         A functional Keras model from ``(N, D, H, W, in_channels)`` to float32 softmax
-        probabilities ``(N, D, H, W, num_classes)``.
+        probabilities ``(N, D, H, W, num_classes)`` (with unet3d's ``deep_supervision``, a list
+        of outputs whose first is those probabilities: see :func:`main_output_model`).
 
     Raises:
         ValueError: If ``name`` is not registered or an option value is invalid.
@@ -43,3 +45,22 @@ def build_model(name: str, num_classes: int, in_channels: int, **options) -> tf.
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
     return MODELS[name](num_classes, in_channels, **options)
+
+
+def main_output_model(model: tf.keras.Model) -> tf.keras.Model:
+    """The model's first output alone: the one-output model of a deep-supervision model.
+
+    The returned model is built on the same layers (it shares their weights, and a training
+    step on ``model`` changes it too) and leaves the auxiliary heads out, so validation, the
+    saved ``best_model.keras`` and prediction see an ordinary one-output model.
+
+    Args:
+        model: A functional model; its first output is the full-resolution prediction.
+
+    Returns:
+        ``model`` itself when it has one output, else a ``tf.keras.Model`` from its inputs to
+        its first output, with the same name.
+    """
+    if len(model.outputs) == 1:
+        return model
+    return tf.keras.Model(model.input, model.outputs[0], name=model.name)

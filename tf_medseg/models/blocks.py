@@ -366,19 +366,25 @@ def conv_norm_act(
     return norm_act(x, norm, act, name, groups)
 
 
-def softmax_head(x: tf.Tensor, num_classes: int) -> tf.Tensor:
+def softmax_head(x: tf.Tensor, num_classes: int, prefix: str = "") -> tf.Tensor:
     """1x1x1 convolution to ``num_classes`` logits and a float32 softmax over channels.
 
     The softmax layer has ``dtype="float32"``, so probabilities (and the loss computed on them)
     are float32 whatever the global mixed-precision policy.
+
+    Args:
+        x: The features to classify.
+        num_classes: Output classes, background included.
+        prefix: Prepended to the layer names ``logits`` and ``probs`` (the model's main head
+            has none; auxiliary heads need their own names).
 
     Raises:
         ValueError: If ``num_classes < 2`` (a softmax over one class is constant).
     """
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2 (background included), got {num_classes}")
-    logits = tf.keras.layers.Conv3D(num_classes, 1, name="logits")(x)
-    return tf.keras.layers.Activation("softmax", dtype="float32", name="probs")(logits)
+    logits = tf.keras.layers.Conv3D(num_classes, 1, name=f"{prefix}logits")(x)
+    return tf.keras.layers.Activation("softmax", dtype="float32", name=f"{prefix}probs")(logits)
 
 
 @tf.keras.utils.register_keras_serializable(package="tf_medseg")

@@ -19,8 +19,8 @@ from absl import logging
 from tf_medseg import distributed, jsonio
 from tf_medseg.data.msd import MSDTask, load_task, write_split_file
 from tf_medseg.jsonio import write_json
-from tf_medseg.losses import get_loss
-from tf_medseg.models import MODELS, build_model
+from tf_medseg.losses import deep_supervision_loss, get_loss
+from tf_medseg.models import MODELS, build_model, main_output_model
 from tf_medseg.optim import build_optimizer
 from tf_medseg.pipeline import Source, SourceOptions, TailOptions, TrainStream, make_source
 from tf_medseg.sampling import AdaptiveSampler
@@ -134,23 +134,38 @@ def build_inputs(config: TrainConfig, dist: distributed.Distributed) -> Inputs:
 
 @dataclasses.dataclass
 class Learner:
-    """The model, its loss and its optimiser (with its slots built)."""
+    """The model, its loss and its optimiser (with its slots built).
+
+    Attributes:
+        model: The one-output model: validation, ``best_model.keras``, prediction.
+        train_model: The model the training step runs, the optimiser updates and the checkpoint
+            saves: ``model`` itself, or with ``--deep_supervision`` the U-Net with its auxiliary
+            outputs, on the same layers as ``model``.
+        loss_fn: ``loss(labels_onehot, train_model's output) -> float32 scalar``.
+        optimizer: The optimiser, its slots built for ``train_model``'s variables.
+    """
 
     model: tf.keras.Model
     loss_fn: object
     optimizer: tf.keras.optimizers.Optimizer
+    train_model: tf.keras.Model
 
 
 def build_learner(
     config: TrainConfig, task: MSDTask, dist: distributed.Distributed, patches_per_epoch: int
 ) -> Learner:
     """Builds the model, the loss and the optimiser (learning rate scaled for the workers)."""
-    model = build_model(config.model, task.num_classes, task.num_channels, **model_options(config))
+    train_model = build_model(
+        config.model, task.num_classes, task.num_channels, **model_options(config)
+    )
+    model = main_output_model(train_model)
     dice_options = {
         "batch": config.loss_batch,
         "include_background": config.loss_include_background,
     }
     loss_fn = get_loss(config.loss, **({} if config.loss == "ce" else dice_options))
+    if config.deep_supervision:
+        loss_fn = deep_supervision_loss(loss_fn, len(train_model.outputs))
     lr = dist.scaled_learning_rate(config.learning_rate, config.scale_lr, config.warmup_steps)
     optimizer = build_optimizer(
         config.optimizer,
@@ -164,8 +179,8 @@ def build_learner(
     # The slot variables now, so that a restore fills them at once.
     inner = getattr(optimizer, "inner_optimizer", optimizer)
     if hasattr(inner, "_create_all_weights"):
-        inner._create_all_weights(model.trainable_variables)
-    return Learner(model, loss_fn, optimizer)
+        inner._create_all_weights(train_model.trainable_variables)
+    return Learner(model, loss_fn, optimizer, train_model)
 
 
 def build_checkpoint(
@@ -173,7 +188,7 @@ def build_checkpoint(
 ) -> tf.train.CheckpointManager:
     """The checkpoint of model, optimiser, sampler and run state, in ``workdir/checkpoints``."""
     checkpoint = tf.train.Checkpoint(
-        model=learner.model,
+        model=learner.train_model,  # the auxiliary heads too: a resumed run goes on training them
         optimizer=learner.optimizer,
         sampler=sampler,
         **state.variables_by_name,
@@ -278,6 +293,7 @@ def model_options(config: TrainConfig) -> dict:
         "base_filters": config.base_filters,
         "norm": config.norm,
         "residual": config.residual,
+        "deep_supervision": config.deep_supervision,
     }
     accepted = inspect.signature(MODELS[config.model]).parameters
     return {k: v for k, v in wanted.items() if k in accepted}

@@ -87,6 +87,13 @@ class TrainConfig:
     depth: int = _f(4, "Downsampling steps; patch and window sizes must divide by 2^depth.")
     norm: str = _f("instance", "Normalisation: instance, batch, group, layer or weight.")
     residual: bool = _f(False, "Residual blocks in the U-Net.")
+    deep_supervision: bool = _f(
+        False,
+        "U-Net only: train with an auxiliary softmax output on each decoder level below full "
+        "resolution, the loss the weighted sum over the outputs (weights 1/2^i, normalised; "
+        "labels downsampled by nearest neighbour), as nnU-Net. Validation, the best model and "
+        "prediction use the full-resolution output alone.",
+    )
     # Optimisation
     optimizer: str = _f("novograd", "Optimizer: novograd (paper), adam (baseline) or sgd.")
     learning_rate: float = _f(5e-4, "Peak learning rate (paper: NovoGrad 5e-4, Adam 1e-4).")
@@ -217,6 +224,16 @@ class TrainConfig:
             errors.append(
                 f"--num_folds and --num_val={self.num_val} both choose the validation cases; "
                 "give --num_val=0 with --num_folds (a preset may set --num_val)"
+            )
+        if self.deep_supervision and self.model != "unet3d":
+            errors.append(
+                "--deep_supervision is implemented for --model=unet3d only (auxiliary outputs on "
+                f"its decoder levels), not for --model={self.model}"
+            )
+        elif self.deep_supervision and self.depth < 2:
+            errors.append(
+                f"--deep_supervision needs --depth >= 2 (with --depth={self.depth} no decoder "
+                "level is below full resolution)"
             )
         if self.memory_budget_gb < 0:
             errors.append(f"--memory_budget_gb must be >= 0, got {self.memory_budget_gb}")

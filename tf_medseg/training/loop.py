@@ -100,6 +100,7 @@ class Trainer:
 
         learner = build_learner(config, self.task, self.dist, self.patches_per_epoch)
         self.model, self.loss_fn, self.optimizer = learner.model, learner.loss_fn, learner.optimizer
+        self.train_model = learner.train_model  # self.model, or it with deep supervision's outputs
         self.manager = build_checkpoint(config, learner, self.sampler, self.state)
         self.restored_from = restore_latest(self.manager, self.state, self.train_source, self.dist)
         self.dist.check_same(self.state.step, "restored step (is --workdir shared?)")
@@ -144,16 +145,18 @@ class Trainer:
 
         ``self.train_step`` is this as a ``tf.function`` with an input signature whose batch
         dimension is free: a short last batch reuses the graph instead of tracing another.
-        Labels are uint8 class indices, one-hot encoded here, on the device.
+        Labels are uint8 class indices, one-hot encoded here, on the device. With deep
+        supervision the model's outputs are a list and the loss their weighted sum
+        (:func:`tf_medseg.losses.deep_supervision_loss`); the losses compute in float32.
         """
         onehot = tf.one_hot(labels, self.task.num_classes, dtype=tf.float32)
         fp16 = isinstance(self.optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
         with tf.GradientTape() as tape:
-            probs = self.model(images, training=True)
-            loss = self.loss_fn(onehot, tf.cast(probs, tf.float32))
+            outputs = self.train_model(images, training=True)
+            loss = self.loss_fn(onehot, outputs)
             scaled = self.optimizer.get_scaled_loss(loss) if fp16 else loss
         tape = self.dist.gradient_tape(tape)
-        variables = self.model.trainable_variables
+        variables = self.train_model.trainable_variables
         grads = tape.gradient(scaled, variables)
         if fp16:
             grads = self.optimizer.get_unscaled_gradients(grads)
@@ -198,7 +201,7 @@ class Trainer:
         if self.interrupts.requested:
             raise KeyboardInterrupt(f"{self.interrupts.reason()} while building the graph")
         self._call("on_train_begin")
-        self.dist.broadcast_variables(self.model.variables)
+        self.dist.broadcast_variables(self.train_model.variables)
         logs = {"loss": float("nan"), "patches_per_s": 0.0}
         with self.interrupts.deferred():
             try:
