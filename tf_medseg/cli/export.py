@@ -56,6 +56,7 @@ def check_export(segmenter: Segmenter, export: str, files: Sequence[str]) -> lis
     Returns:
         Per file: ``file``, ``agreement`` (share of equal voxels), ``foreground_agreement``
         (the same within the union of the two foregrounds; 1 when both are empty),
+        ``predict_foreground_voxels``,
         ``predict_seconds``, ``export_seconds``.
     """
     serve = tf.saved_model.load(export).signatures["serving_default"]
@@ -73,6 +74,7 @@ def check_export(segmenter: Segmenter, export: str, files: Sequence[str]) -> lis
             {
                 "file": path,
                 "agreement": float(np.mean(labels == expected)),
+                "predict_foreground_voxels": int((expected > 0).sum()),
                 "foreground_agreement": float(np.mean(labels[union] == expected[union]))
                 if union.any()
                 else 1.0,
