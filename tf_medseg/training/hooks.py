@@ -62,7 +62,6 @@ class ProgressHook(Hook):
         self.val_every = max(1, int(val_every))
         self.bar = None
         self.epoch_start = None
-        self.first = 0
 
     def on_step_end(self, trainer, logs):
         if not self.show_bar:
@@ -78,8 +77,7 @@ class ProgressHook(Hook):
                 dynamic_ncols=True,
             )
             self.epoch_start = time.time()
-            self.first = trainer.state.epoch_step
-        done = trainer.state.epoch_step - self.first + 1  # steps timed in this bar
+        done = self.bar.n - self.bar.initial + 1  # steps timed in this bar (before update())
         left = steps_to_validation(
             trainer.state.epoch + 1,
             trainer.state.epoch_step,
