@@ -218,6 +218,11 @@ class TensorBoardHook(Hook):
                     tf.summary.scalar(f"val/dice_{name.replace(' ', '_')}", dice)
                 tf.summary.scalar("val/r_fp", v.r_fp)
                 tf.summary.scalar("val/r_fn", v.r_fn)
+                for name, r_fp, r_fn in zip(
+                    trainer.task.labels[1:], v.r_fp_per_class, v.r_fn_per_class, strict=True
+                ):
+                    tf.summary.scalar(f"val/r_fp_{name.replace(' ', '_')}", r_fp)
+                    tf.summary.scalar(f"val/r_fn_{name.replace(' ', '_')}", r_fn)
                 tf.summary.scalar("val/seconds", logs["validation_s"])
                 if self.images and v.example is not None:
                     overlay = contour_overlay(*v.example)
@@ -300,14 +305,21 @@ class MetricsLogHook(Hook):
         if "validation" in logs:
             v = logs["validation"]
             sampler = logs.get("sampler", {})
+            names = trainer.task.labels[1:]
+
+            def per_class(values):
+                return {n: _num(x) for n, x in zip(names, values, strict=True)}
+
             line = {
                 "step": trainer.state.step,
                 "epoch": trainer.state.epoch,
                 "wall_s": round(trainer.state.wall_seconds(), 3),
-                "dice": {n: _num(d) for n, d in zip(trainer.task.labels[1:], v.dice, strict=True)},
+                "dice": per_class(v.dice),
                 "mean_dice": _num(v.mean_dice),
                 "r_fp": _num(v.r_fp),
                 "r_fn": _num(v.r_fn),
+                "r_fp_per_class": per_class(v.r_fp_per_class),
+                "r_fn_per_class": per_class(v.r_fn_per_class),
                 "positive_fraction": _num(sampler.get("positive_fraction")),
                 "ratio": _num(sampler.get("ratio")),
                 "validation_s": round(logs["validation_s"], 3),
