@@ -22,3 +22,10 @@ def heart_task_dir(tmp_path_factory) -> str:
     return generate_task(
         "heart", str(out), num_train=3, num_test=1, size=24, seed=1, num_modalities=2
     )
+
+
+@pytest.fixture(scope="session")
+def liver_task_dir(tmp_path_factory) -> str:
+    """A small synthetic liver task (CT, liver and lesions, 8 training cases, 64 in-plane)."""
+    out = tmp_path_factory.mktemp("synthetic") / "liver"
+    return generate_task("liver", str(out), num_train=8, num_test=0, size=64, seed=1)
