@@ -14,6 +14,7 @@ import tensorflow as tf
 from tiny_config import tiny_config
 
 from tf_medseg.training import hooks as hooks_lib
+from tf_medseg.training.config import PAPER_SAMPLER
 from tf_medseg.training.interrupts import Interrupts
 from tf_medseg.training.loop import ConfigError, Trainer
 
@@ -48,6 +49,11 @@ def test_end_to_end_writes_every_output(spleen_task_dir, tmp_path):
     for line in lines:
         assert set(line) >= {"step", "epoch", "wall_s", "dice", "mean_dice", "r_fp", "r_fn"}
         assert "spleen" in line["dice"]
+        # Per class beside the average (issue #17); one class: the same numbers.
+        assert line["r_fp_per_class"] == {"spleen": line["r_fp"]}
+        assert line["r_fn_per_class"] == {"spleen": line["r_fn"]}
+        assert {"positive_fraction", "equation_4_fraction", "sampler_updated"} <= set(line)
+    assert lines[0]["sampler_updated"] is False  # the default warm-up: one validation
     assert glob.glob(os.path.join(workdir, "checkpoints", "ckpt-4.index"))
     assert os.path.isfile(os.path.join(workdir, "best_model.keras"))
     config = json.load(open(os.path.join(workdir, "config.json")))
@@ -59,6 +65,7 @@ def test_end_to_end_writes_every_output(spleen_task_dir, tmp_path):
         for value in event.summary.value:
             tags.add(value.tag)
     assert {"val/mean_dice", "val/dice_spleen", "val/r_fp", "sampler/positive_fraction"} <= tags
+    assert {"val/r_fp_spleen", "val/r_fn_spleen", "sampler/equation_4_fraction"} <= tags
     assert {"train/patches_per_s", "cache/swaps"} <= tags
     assert "val/slice_true_red_pred_green" in tags
     loaded = tf.keras.models.load_model(os.path.join(workdir, "best_model.keras"))
@@ -203,8 +210,10 @@ def test_a_run_interrupted_in_the_middle_of_epochs_resumes_exactly(spleen_task_d
     """Ctrl-C in the middle of an epoch, twice, each time restarted with the same settings:
     with --deterministic and a replacing smart cache (cache_rate=0.5, replace_rate=0.5) the
     losses, the validations, the sampler's fraction and the best Dice equal those of a run that
-    never stopped (3 steps per epoch; stops after steps 5 and 13)."""
-    settings = dict(REPLACING, deterministic=True, num_samples=3)
+    never stopped (3 steps per epoch; stops after steps 5 and 13). The sampler's warm-up spans
+    the first validation (at step 6), so the run resumed at step 13 must restore it to update
+    the fraction at step 18 as the whole run does."""
+    settings = dict(REPLACING, deterministic=True, num_samples=3, sampler_warmup_dice=0.0)
     whole, _ = _run(tiny_config(spleen_task_dir, tmp_path / "whole", **settings))
     assert whole.steps_per_epoch == 3 and whole.state.step == 18
     workdir = tmp_path / "stopped"
@@ -228,6 +237,7 @@ def test_a_run_interrupted_in_the_middle_of_epochs_resumes_exactly(spleen_task_d
     assert losses == whole.state.losses
     assert _validations(workdir) == _validations(tmp_path / "whole")
     assert [line["step"] for line in _validations(workdir)] == [6, 12, 18]
+    assert [line["sampler_updated"] for line in _validations(workdir)] == [False, True, True]
     summaries = [json.load(open(w / "summary.json")) for w in (workdir, tmp_path / "whole")]
     for key in ("best_dice", "best_step", "steps", "epochs"):
         assert summaries[0][key] == summaries[1][key]
@@ -308,6 +318,58 @@ def test_contradictory_flags_are_rejected_one_line_each(spleen_task_dir, tmp_pat
         ).validate()
         == []
     )
+
+
+def test_sampler_flags_are_checked_one_line_each(spleen_task_dir, tmp_path):
+    config = tiny_config(
+        spleen_task_dir,
+        tmp_path,
+        pos_fraction=0.2,  # below the default floor of 1/3
+        sampler_warmup_validations=-1,
+        sampler_warmup_dice=1.5,
+        sampler_damping=0.0,
+    )
+    lines = config.validate()
+    for flag in ("--pos_fraction=0.2 is outside", "--sampler_warmup_validations"):
+        assert any(flag in line for line in lines), lines
+    for flag in ("--sampler_warmup_dice", "--sampler_damping"):
+        assert any(flag in line for line in lines), lines
+    assert len(lines) == 4
+    paper = dataclasses.replace(config, **PAPER_SAMPLER)
+    assert paper.validate() == []  # 0.2 is inside the paper's 0.1-0.9
+
+
+def _dry_run(data_dir, workdir, *flags):
+    import subprocess
+    import sys
+
+    from tiny_config import TINY_FLAGS
+
+    return subprocess.run(
+        [sys.executable, "-m", "tf_medseg.cli.train", *TINY_FLAGS, "--dry_run", *flags]
+        + [f"--data_dir={data_dir}", f"--workdir={workdir}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_sampler_paper_is_the_papers_sampler_and_refuses_a_contradicting_flag(
+    spleen_task_dir, tmp_path
+):
+    names = list(PAPER_SAMPLER)
+    default = _dry_run(spleen_task_dir, tmp_path / "default")
+    assert default.returncode == 0, default.stderr[-2000:]
+    config = json.load(open(tmp_path / "default" / "config.json"))
+    assert [config[n] for n in names] == [1, 0.1, 0.5, [1 / 3, 0.9]]
+    paper = _dry_run(spleen_task_dir, tmp_path / "paper", "--sampler=paper", "--sampler_damping=1")
+    assert paper.returncode == 0, paper.stderr[-2000:]
+    config = json.load(open(tmp_path / "paper" / "config.json"))
+    assert [config[n] for n in names] == [0, 0.0, 1.0, [0.1, 0.9]]
+    refused = _dry_run(spleen_task_dir, tmp_path / "x", "--sampler=paper", "--sampler_damping=0.5")
+    assert refused.returncode == 2
+    line = refused.stderr.strip().splitlines()[-1]
+    assert "--sampler=paper sets --sampler_damping=1, but --sampler_damping=0.5" in line
 
 
 def test_profile_steps_write_a_trace_that_names_the_step_ops(spleen_task_dir, tmp_path):

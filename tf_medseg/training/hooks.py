@@ -152,11 +152,13 @@ class ValidationHook(Hook):
 
 
 class SamplerHook(Hook):
-    """Updates the positive/negative sampling ratio from the validation sums (equations 4-6)."""
+    """Updates the positive/negative sampling ratio from the validation sums (equations 4-6);
+    the validation's mean Dice ends the sampler's warm-up."""
 
     def on_epoch_end(self, trainer, logs):
         if "validation" in logs:
-            logs["sampler"] = trainer.sampler.update_from_sums(logs["validation"].sums)
+            v = logs["validation"]
+            logs["sampler"] = trainer.sampler.update_from_sums(v.sums, mean_dice=v.mean_dice)
 
     on_train_end = on_epoch_end
 
@@ -230,6 +232,8 @@ class TensorBoardHook(Hook):
             tf.summary.scalar(
                 "sampler/positive_fraction", float(trainer.sampler.positive_fraction.numpy())
             )
+            if "sampler" in logs:
+                tf.summary.scalar("sampler/equation_4_fraction", logs["sampler"]["target_fraction"])
         self.writer.flush()
 
     def on_train_end(self, trainer, logs):
@@ -322,6 +326,8 @@ class MetricsLogHook(Hook):
                 "r_fn_per_class": per_class(v.r_fn_per_class),
                 "positive_fraction": _num(sampler.get("positive_fraction")),
                 "ratio": _num(sampler.get("ratio")),
+                "equation_4_fraction": _num(sampler.get("target_fraction")),
+                "sampler_updated": sampler.get("updated"),
                 "validation_s": round(logs["validation_s"], 3),
             }
             with open(self.metrics_path, "a") as f:
