@@ -372,6 +372,74 @@ def test_sampler_paper_is_the_papers_sampler_and_refuses_a_contradicting_flag(
     assert "--sampler=paper sets --sampler_damping=1, but --sampler_damping=0.5" in line
 
 
+class _StopWhenLearned(hooks_lib.Hook):
+    """Stops the run at the first validation where class ``index`` reaches Dice ``dice``."""
+
+    def __init__(self, index: int, dice: float):
+        self.index, self.dice = index, dice
+
+    def on_epoch_end(self, trainer, logs):
+        v = logs.get("validation")
+        if v is not None and v.dice[self.index] >= self.dice:
+            trainer.state.stop(f"class {self.index} reached Dice {self.dice}")
+
+
+#: The lesion's Dice that counts as learned, and the steps allowed (issue #19's evidence test).
+LESION_DICE, LESION_STEPS = 0.3, 336
+
+
+def small_lesion_config(data_dir, workdir, **overrides):
+    """The default settings (the plan's loss and largest-component rule for the data, the
+    sampler's defaults) at a size that trains in seconds: 24^3 patches of 1 mm, validation
+    every 48 steps."""
+    from tf_medseg import plan
+    from tf_medseg.data.msd import load_task
+
+    fp = plan.fingerprint(load_task(data_dir), folders=[str(workdir) + "_plan"], num_workers=2)
+    planned = plan.make_plan(fp, plan.describe_machine("cpu")).flags
+    settings = dict(
+        spacing=(1.0, 1.0, 1.0),
+        patch_size=(24, 24, 24),
+        val_roi_size=(24, 24, 24),
+        val_sw_batch_size=4,
+        depth=3,
+        base_filters=8,
+        learning_rate=5e-3,
+        cache="full",
+        cache_num=0,
+        epochs=1000,
+        max_steps=LESION_STEPS,
+        val_every=8,
+        checkpoint_every=1000,
+        image_summaries=False,
+        deterministic=True,
+        loss=planned["loss"],
+        val_keep_largest=planned["val_keep_largest"] == "true",
+    )
+    return tiny_config(data_dir, workdir, **{**settings, **overrides})
+
+
+def test_a_small_lesion_is_learned_within_a_few_hundred_steps_by_default(liver_task_dir, tmp_path):
+    """Issue #19: on the synthetic liver (lesions of 4-7 voxels across, 1% of the foreground)
+    the default settings (Dice + cross-entropy, as the plan chooses for a small class; the
+    sampler's warm-up, damping and floor) learn the lesion: its validation Dice reaches 0.3
+    within 336 steps. The run stops there. Measured on 2 cores over seeds 0-19 (the numerics of
+    another CPU behave as another seed): reached at step 96-240. With the soft Dice alone, the
+    lesion Dice stayed at about 0.001 for 120 steps (lesions predicted everywhere) in 3 of 3
+    seeds, with either sampler."""
+    config = small_lesion_config(liver_task_dir, tmp_path / "run")
+    assert config.loss == "dice_ce" and not config.val_keep_largest
+    trainer = Trainer(config)
+    trainer.hooks.insert(1, _StopWhenLearned(index=1, dice=LESION_DICE))  # after validation
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    lines = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    lesion = [line["dice"]["cancer"] for line in lines]
+    assert max(lesion) >= LESION_DICE, [(line["step"], line["dice"]) for line in lines]
+
+
 def test_profile_steps_write_a_trace_that_names_the_step_ops(spleen_task_dir, tmp_path):
     from tf_medseg.bench.step_profile import format_summary, newest_trace, summarise
 
