@@ -64,3 +64,10 @@ def trained(tmp_path_factory):
     finally:
         trainer.close()
     return {"data": data, "workdir": config.workdir, "root": root}
+
+
+@pytest.fixture(scope="session")
+def liver_task_dir(tmp_path_factory) -> str:
+    """A small synthetic liver task (CT, liver and lesions, 8 training cases, 64 in-plane)."""
+    out = tmp_path_factory.mktemp("synthetic") / "liver"
+    return generate_task("liver", str(out), num_train=8, num_test=0, size=64, seed=1)

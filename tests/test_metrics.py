@@ -12,6 +12,7 @@ from tf_medseg.metrics import (
     dice_from_sums,
     dice_per_class,
     fp_fn_from_sums,
+    fp_fn_per_class,
     mean_dice,
     mean_dice_per_class,
 )
@@ -99,6 +100,9 @@ def test_fp_fn_hand_computed():
     r_fp, r_fn = fp_fn_from_sums(sums)
     assert r_fp == pytest.approx((1.0 + 0.25 + 1.0) / 3, abs=1e-12)
     assert r_fn == pytest.approx((0.5 + 0.75 + 1.0) / 3, abs=1e-12)
+    per_fp, per_fn = fp_fn_per_class(sums)
+    np.testing.assert_allclose(per_fp, [1.0, 0.25, 1.0], atol=1e-12)
+    np.testing.assert_allclose(per_fn, [0.5, 0.75, 1.0], atol=1e-12)
 
 
 def test_fp_fn_extremes():

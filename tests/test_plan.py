@@ -26,9 +26,12 @@ def _gpu(cc, memory):
                                              "memory_gb": memory}]}  # fmt: skip
 
 
-def _fingerprint(spacing, shape, extent, classes=2, components=1, cases=20, modality="CT"):
+def _fingerprint(
+    spacing, shape, extent, classes=2, components=1, cases=20, modality="CT", class_voxels=None
+):
     case = {"spacing": spacing, "shape": shape, "foreground_extent_mm": extent}
-    case |= {"components": components, "class_voxels": [1000] + [10] * (classes - 1)}
+    voxels = class_voxels or [1000] + [10] * (classes - 1)
+    case |= {"components": components, "class_voxels": voxels}
     return plan.summarise(
         {
             "task": "t",
@@ -101,6 +104,53 @@ def test_largest_component_only_for_one_single_component_class():
     assert plan.make_plan(many, CPU).flags["val_keep_largest"] == "false"
     mri = _fingerprint([1, 1, 1], [100, 100, 100], [30, 30, 30], modality="MRI")
     assert "ct_percentiles" not in plan.make_plan(mri, CPU).flags
+
+
+def test_class_fractions_pool_the_cases_and_count_a_missing_class_as_zero():
+    fp = _fingerprint([1, 1, 1], [10, 10, 10], [5, 5, 5], classes=3)
+    # np.bincount of a case without lesions stops at the liver: a short list.
+    fp["cases"] = [dict(fp["cases"][0], class_voxels=v) for v in ([700, 280, 20], [900, 100])]
+    fractions = plan.class_fractions(fp)
+    assert fractions["of_image"] == pytest.approx({"c1": 380 / 2000, "c2": 20 / 2000})
+    assert fractions["of_foreground"] == pytest.approx({"c1": 380 / 400, "c2": 20 / 400})
+    assert plan.smallest_class(fp)[:2] == ("c2", True)  # 5% of the foreground
+
+
+@pytest.mark.parametrize(
+    "class_voxels, small",
+    [
+        ([10**6, 8000], False),  # a spleen: 0.8% of the voxels
+        ([10**6, 3000], False),  # a left atrium: 0.3%
+        ([10**6, 500], True),  # a tumour on its own: 0.05%
+        ([10**6, 50000, 2500], True),  # liver and lesions: 5% of the foreground
+        ([10**6, 50000, 20000], False),  # two classes of similar size
+    ],
+)
+def test_a_small_class_gets_dice_ce_and_no_largest_component(class_voxels, small):
+    classes = len(class_voxels)
+    fp = _fingerprint([1, 1, 1], [100] * 3, [30] * 3, classes=classes, class_voxels=class_voxels)
+    planned = plan.make_plan(fp, CPU)
+    assert planned.flags["loss"] == ("dice_ce" if small else "dice")
+    assert ("not small" in planned.reasons["loss"]) == (not small)
+    single_organ = len(class_voxels) == 2 and not small
+    assert planned.flags["val_keep_largest"] == ("true" if single_organ else "false")
+
+
+def test_the_synthetic_liver_plans_dice_ce(liver_task_dir, tmp_path):
+    fp = plan.fingerprint(load_task(liver_task_dir), folders=[str(tmp_path)], num_workers=2)
+    assert plan.smallest_class(fp)[:2] == ("cancer", True)
+    planned = plan.make_plan(fp, CPU)
+    assert planned.flags["loss"] == "dice_ce" and planned.flags["val_keep_largest"] == "false"
+
+
+def test_a_fingerprint_stored_before_the_class_fractions_gains_them(spleen_task_dir, tmp_path):
+    task = load_task(spleen_task_dir)
+    fp = plan.fingerprint(task, folders=[str(tmp_path)], num_workers=2)
+    stored = json.loads((tmp_path / plan.FINGERPRINT_FILE).read_text())
+    del stored["stats"]["class_fractions"]
+    (tmp_path / plan.FINGERPRINT_FILE).write_text(json.dumps(stored))
+    again = plan.fingerprint(task, folders=[str(tmp_path)])
+    assert again["class_fractions"] == fp["class_fractions"]
 
 
 _PEAK = textwrap.dedent(

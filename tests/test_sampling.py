@@ -7,7 +7,13 @@ import pytest
 import tensorflow as tf
 
 from tf_medseg import metrics
-from tf_medseg.sampling import AdaptiveSampler, fp_fn_indices, next_positive_fraction
+from tf_medseg.sampling import (
+    AdaptiveSampler,
+    damped_fraction,
+    fp_fn_indices,
+    next_positive_fraction,
+)
+from tf_medseg.training.config import PAPER_SAMPLER, TrainConfig
 
 
 def two_class_case() -> tuple[np.ndarray, np.ndarray]:
@@ -158,17 +164,57 @@ def test_sampler_rejects_initial_fraction_outside_bounds():
         AdaptiveSampler(gamma=-1.0)
 
 
-def test_checkpoint_round_trip_of_the_fraction(tmp_path):
-    sampler = AdaptiveSampler()
+def test_checkpoint_round_trip_of_the_fraction_and_the_warm_up(tmp_path):
+    sampler = AdaptiveSampler(warmup_validations=1)
     sampler.positive_fraction.assign(0.73)
+    sampler.update_from_sums(_sums(r_fp=0.996, r_fn=0.009))  # the warm-up's one validation
     path = tf.train.Checkpoint(sampler=sampler).save(str(tmp_path / "ckpt"))
     sampler.positive_fraction.assign(0.2)
+    sampler.update_from_sums(_sums(r_fp=0.5, r_fn=0.5))
 
-    restored = AdaptiveSampler()
+    restored = AdaptiveSampler(warmup_validations=1)
     tf.train.Checkpoint(sampler=restored).restore(path).assert_consumed()
     assert float(restored.positive_fraction.numpy()) == pytest.approx(0.73)
+    assert int(restored.validations_seen.numpy()) == 1 and not restored.warmed_up.numpy()
     tf.train.Checkpoint(sampler=sampler).restore(path).assert_consumed()
     assert float(sampler.positive_fraction.numpy()) == pytest.approx(0.73)
+    assert int(sampler.validations_seen.numpy()) == 1 and not sampler.warmed_up.numpy()
+    # The next validation is the second: past the warm-up, it updates, as it would have.
+    assert restored.update_from_sums(_sums(r_fp=0.5, r_fn=1.0))["updated"]
+
+
+def test_a_checkpoint_without_the_warm_up_state_restores_with_a_fresh_warm_up(tmp_path, caplog):
+    """Checkpoints written before the sampler kept its warm-up state held its fraction alone."""
+    from tf_medseg.training.build import _restore
+    from tf_medseg.training.state import RunState
+
+    def parts():
+        model, optimizer = tf.Module(), tf.Module()
+        model.w, optimizer.m = tf.Variable([1.0, 2.0]), tf.Variable(0.0)
+        return model, optimizer
+
+    model, optimizer = parts()
+    old_sampler = tf.train.Checkpoint(positive_fraction=tf.Variable(0.27))
+    state = RunState()
+    state.step = 40
+    state.store()
+    old = tf.train.Checkpoint(
+        model=model, optimizer=optimizer, sampler=old_sampler, **state.variables_by_name
+    )
+    path = old.save(str(tmp_path / "ckpt"))
+    model, optimizer = parts()
+    sampler, state = AdaptiveSampler(warmup_validations=1), RunState()
+    now = tf.train.Checkpoint(
+        model=model, optimizer=optimizer, sampler=sampler, **state.variables_by_name
+    )
+    with pytest.raises(AssertionError):  # what a plain restore says
+        now.restore(path).assert_existing_objects_matched()
+    caplog.set_level("WARNING")
+    _restore(now, path, state)
+    state.load()
+    assert state.step == 40 and float(sampler.positive_fraction.numpy()) == pytest.approx(0.27)
+    assert int(sampler.validations_seen.numpy()) == 0 and not sampler.warmed_up.numpy()
+    assert any("warm-up starts again" in r.getMessage() for r in caplog.records)
 
 
 def test_the_fraction_lives_on_the_host_whatever_the_default_device():
@@ -194,3 +240,87 @@ def test_the_fraction_lives_on_the_host_whatever_the_default_device():
     ).stdout.split()
     assert out[-2].endswith("device:CPU:1")  # the default device does move a plain variable
     assert out[-1].endswith("device:CPU:0")
+
+
+def _sums(r_fp: float, r_fn: float, union: int = 1000) -> metrics.ConfusionSums:
+    """One class's sums with the given indices: pred = r_fp * union, label = r_fn * union."""
+    pred, label = round(r_fp * union), round(r_fn * union)
+    return metrics.ConfusionSums([pred + label - union], [pred], [label])
+
+
+@pytest.mark.parametrize(
+    "current, target, damping, expected",
+    [
+        (0.5, 0.2, 1.0, 0.2),  # the paper: straight there
+        (0.5, 0.2, 0.5, 1 / 3),  # r' 1 -> 1/4: the geometric mean 1/2, fraction 1/3
+        (0.5, 0.8, 0.5, 2 / 3),  # r' 1 -> 4: 2
+        (0.5, 0.8, 0.25, math.sqrt(2) / (1 + math.sqrt(2))),  # r' 4 ** 0.25
+        (0.3, 0.3, 0.5, 0.3),
+    ],
+)
+def test_damped_fraction_moves_in_log_odds(current, target, damping, expected):
+    assert damped_fraction(current, target, damping) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("args", [(0.5, 0.5, 0.0), (0.5, 0.5, 1.5), (0.0, 0.5, 0.5), (0.5, 1.0, 1)])
+def test_damped_fraction_rejects_bad_arguments(args):
+    with pytest.raises(ValueError):
+        damped_fraction(*args)
+
+
+def test_warm_up_counts_validations_then_waits_for_the_dice_and_stays_over():
+    sampler = AdaptiveSampler(warmup_validations=2, warmup_dice=0.1)
+    over = _sums(r_fp=0.996, r_fn=0.009)  # an untrained model: foreground nearly everywhere
+    steps = [(over, 0.5), (over, 0.5), (over, 0.05), (_sums(0.5, 1.0), 0.3), (over, 0.0)]
+    seen = [sampler.update_from_sums(sums, mean_dice=dice) for sums, dice in steps]
+    assert [s["updated"] for s in seen] == [False, False, False, True, True]
+    assert [s["positive_fraction"] for s in seen[:3]] == [0.5, 0.5, 0.5]
+    assert seen[3]["positive_fraction"] == pytest.approx(2 / 3, rel=1e-6)  # r' = 2
+    assert seen[4]["positive_fraction"] == pytest.approx(0.1)  # once over, Dice no longer counts
+    assert seen[2]["target_fraction"] == pytest.approx(0.1)  # reported during the warm-up too
+    # A NaN Dice (no validation case with foreground) does not end the warm-up.
+    nan = AdaptiveSampler(warmup_dice=0.1)
+    assert not nan.update_from_sums(over, mean_dice=math.nan)["updated"]
+    # Without a Dice only the count is checked.
+    assert AdaptiveSampler(warmup_dice=0.1).update_from_sums(_sums(0.5, 1.0))["updated"]
+
+
+def _sampler_of(config: TrainConfig) -> AdaptiveSampler:
+    return AdaptiveSampler(
+        config.pos_fraction,
+        config.sampling_gamma,
+        tuple(config.pos_fraction_bounds),
+        warmup_validations=config.sampler_warmup_validations,
+        warmup_dice=config.sampler_warmup_dice,
+        damping=config.sampler_damping,
+    )
+
+
+def test_the_reported_start_starves_the_foreground_with_the_papers_sampler_only():
+    """Issue #19: the first validation of an untrained model (r_FP 0.996, r_FN 0.009)."""
+    over = _sums(r_fp=0.996, r_fn=0.009)
+    paper = _sampler_of(TrainConfig(**PAPER_SAMPLER))
+    assert paper.update_from_sums(over, mean_dice=0.01)["positive_fraction"] == pytest.approx(0.1)
+    default = _sampler_of(TrainConfig())
+    fractions = [default.update_from_sums(over, mean_dice=0.01)["positive_fraction"]]
+    fractions += [default.update_from_sums(over, mean_dice=0.5)["positive_fraction"]]
+    fractions += [default.update_from_sums(over, mean_dice=0.5)["positive_fraction"]]
+    assert fractions[0] == 0.5  # the first validation: warm-up
+    # Then half the way in log-odds to the floor 1/3 (r' = 1/2) each time: r' = 2 ** -0.5, and
+    # 2 ** -0.75; never below the floor.
+    assert fractions[1] == pytest.approx(2**-0.5 / (1 + 2**-0.5), rel=1e-6)
+    assert fractions[2] == pytest.approx(2**-0.75 / (1 + 2**-0.75), rel=1e-6)
+
+
+def test_the_papers_settings_are_equation_4_at_every_validation():
+    paper = _sampler_of(TrainConfig(**PAPER_SAMPLER))
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        r_fp, r_fn = rng.uniform(0.05, 1.0, size=2)
+        stats = paper.update_from_sums(_sums(r_fp, r_fn, union=10**6), mean_dice=0.0)
+        expected = next_positive_fraction(stats["r_fp"], stats["r_fn"])
+        assert stats["updated"] and stats["positive_fraction"] == pytest.approx(expected, rel=1e-6)
+    # The constructor's defaults are the paper's.
+    default = AdaptiveSampler()
+    assert (default.warmup_validations, default.warmup_dice, default.damping) == (0, 0.0, 1.0)
+    assert default.bounds == PAPER_SAMPLER["pos_fraction_bounds"]

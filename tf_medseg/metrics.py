@@ -145,6 +145,24 @@ def dice_from_sums(sums: ConfusionSums) -> np.ndarray:
     return dice
 
 
+def fp_fn_per_class(sums: ConfusionSums) -> tuple[np.ndarray, np.ndarray]:
+    """FP and FN indices of equations 5 and 6 of the paper for each foreground class.
+
+    Args:
+        sums: Confusion sums (typically of all validation cases added together).
+
+    Returns:
+        ``(r_fp, r_fn)``, float64 arrays of shape ``(num_classes - 1,)``; a class with nothing
+        predicted and nothing labelled has ``r_fp = r_fn = 1``.
+    """
+    union = (sums.pred_volume + sums.label_volume - sums.intersection).astype(np.float64)
+    empty = union == 0
+    safe_union = np.where(empty, 1.0, union)
+    r_fp = np.where(empty, 1.0, sums.pred_volume / safe_union)
+    r_fn = np.where(empty, 1.0, sums.label_volume / safe_union)
+    return r_fp, r_fn
+
+
 def fp_fn_from_sums(sums: ConfusionSums) -> tuple[float, float]:
     """FP and FN indices of equations 5 and 6 of the paper, averaged over foreground classes.
 
@@ -152,14 +170,10 @@ def fp_fn_from_sums(sums: ConfusionSums) -> tuple[float, float]:
         sums: Confusion sums (typically of all validation cases added together).
 
     Returns:
-        ``(r_fp, r_fn)``; both are 1 for a perfect prediction, ``r_fp > r_fn`` means more
-        false positives than false negatives.
+        ``(r_fp, r_fn)``, the means of :func:`fp_fn_per_class`; both are 1 for a perfect
+        prediction, ``r_fp > r_fn`` means more false positives than false negatives.
     """
-    union = (sums.pred_volume + sums.label_volume - sums.intersection).astype(np.float64)
-    empty = union == 0
-    safe_union = np.where(empty, 1.0, union)
-    r_fp = np.where(empty, 1.0, sums.pred_volume / safe_union)
-    r_fn = np.where(empty, 1.0, sums.label_volume / safe_union)
+    r_fp, r_fn = fp_fn_per_class(sums)
     return float(np.mean(r_fp)), float(np.mean(r_fn))
 
 

@@ -31,8 +31,16 @@ The rules (:func:`make_plan`), each measured or taken from the paper:
   here), twice the patch on a GPU (the paper: 224 for 112); every so many epochs that validation
   takes about a third of the time, by a cost model calibrated on this CPU.
 * **Cache**: the smart cache with a memory budget of half the available RAM per worker (the
-  cache holds what fits, measured on the first items); ``val_keep_largest`` for a single class
-  that is one connected component in most cases.
+  cache holds what fits, measured on the first items).
+* **Small structures** (issue #19): the smallest foreground class is *small* when it is under
+  :data:`SMALL_CLASS_SHARE` of the labelled foreground (a lesion in an organ) or under
+  :data:`SMALL_CLASS_FRACTION` of all voxels (a tumour on its own), over all labelled cases
+  (:func:`class_fractions`). Then the loss is Dice + cross-entropy (``dice_ce``): a batch with
+  no voxel of the class gives the batch Dice of that class no gradient at all (its intersection
+  is 0 whatever is predicted), so its false positives are never corrected, while the
+  cross-entropy of every voxel is. Otherwise the paper's soft Dice. ``val_keep_largest`` only
+  for a single organ: one class, not small, one connected component in most cases (for a
+  lesion class it would delete every lesion but one).
 """
 
 from __future__ import annotations
@@ -57,6 +65,12 @@ COMPONENT_FRACTION = 0.05
 #: Validation of V voxels costs about this many training steps of B x P^3 voxels per V/(B P^3),
 #: on this CPU (6 MSD-size spleens at 2 mm: 26 s, as long as ~144 steps of 2 x 32^3).
 VALIDATION_COST = 0.25
+#: A foreground class under this share of the labelled foreground is small (liver lesions: a few
+#: percent of the liver; the synthetic liver's lesions: 0.6-1.1% of it).
+SMALL_CLASS_SHARE = 0.1
+#: A foreground class under this fraction of all voxels is small (the Decathlon's spleen and left
+#: atrium: 0.3-0.8%; lung and colon tumours: hundredths of a percent).
+SMALL_CLASS_FRACTION = 0.001
 #: Peak memory of a training step over the stored activations counted below: the backward pass
 #: holds gradient tensors beside them. Measured on this CPU (2 x 64^3 and 2 x 96^3, U-Net depth 3
 #: with 8 filters, peak RSS less a 16^3 run's): 1.56 and 1.52.
@@ -119,11 +133,49 @@ def fingerprint(task, folders: list[str] | None = None, num_workers: int | None 
             }
         )
 
-    return stored_or_computed(items, folders, FINGERPRINT_FILE, compute)
+    # Summarised again: a fingerprint stored by an earlier version lacks the newer summaries.
+    return summarise(stored_or_computed(items, folders, FINGERPRINT_FILE, compute))
+
+
+def class_fractions(fp: dict) -> dict[str, dict[str, float]]:
+    """Each foreground class's voxels over all labelled cases, as a fraction of all their
+    voxels (``of_image``) and of their foreground voxels (``of_foreground``).
+
+    Returns:
+        ``{"of_image": {label: fraction}, "of_foreground": {label: fraction}}`` for the
+        foreground labels (0 for a class no case contains).
+    """
+    labels = fp["labels"]
+    counts = np.zeros(len(labels), np.float64)
+    for case in fp["cases"]:
+        voxels = np.asarray(case["class_voxels"], np.float64)[: len(labels)]
+        counts[: len(voxels)] += voxels  # bincount: a case without the last classes is short
+    total, foreground = max(counts.sum(), 1.0), max(counts[1:].sum(), 1.0)
+    named = list(zip(labels[1:], counts[1:], strict=True))
+    return {
+        "of_image": {n: float(c / total) for n, c in named},
+        "of_foreground": {n: float(c / foreground) for n, c in named},
+    }
+
+
+def smallest_class(fp: dict) -> tuple[str, bool, str]:
+    """The smallest foreground class, whether it is small (the module's rule), and why."""
+    fractions = class_fractions(fp)
+    of_image, of_foreground = fractions["of_image"], fractions["of_foreground"]
+    name = min(of_image, key=of_image.get)
+    share, fraction = of_foreground[name], of_image[name]
+    small = share < SMALL_CLASS_SHARE or fraction < SMALL_CLASS_FRACTION
+    why = (
+        f"smallest class {name!r}: {100 * share:.2g}% of the foreground, "
+        f"{100 * fraction:.2g}% of the voxels ("
+        + ("small" if small else "not small")
+        + f": under {100 * SMALL_CLASS_SHARE:g}% or {100 * SMALL_CLASS_FRACTION:g}% is small)"
+    )
+    return name, small, why
 
 
 def summarise(fp: dict) -> dict:
-    """Adds the medians the rules use to a fingerprint's per-case facts."""
+    """Adds the medians and class fractions the rules use to a fingerprint's per-case facts."""
     cases = fp["cases"]
 
     def median(key):
@@ -141,6 +193,7 @@ def summarise(fp: dict) -> dict:
         "median_foreground_extent_mm": median("foreground_extent_mm"),
         "median_components": float(np.median([c["components"] for c in cases])),
         "foreground_fraction": fg / max(total, 1),
+        "class_fractions": class_fractions(fp),
     }
 
 
@@ -354,9 +407,23 @@ def make_plan(fp: dict, machine: dict, workers: int = 1, local_workers: int | No
     reasons["memory_budget_gb"] = (
         f"half of {machine['ram_available_gb']:g} GB available RAM over {local_workers} worker(s)"
     )
-    single = classes == 2 and fp["median_components"] <= 1
-    reasons["val_keep_largest"] = (
-        "one class, one component in most cases" if single else "several classes or components"
+    # Small structures.
+    _, small, why_small = smallest_class(fp)
+    single = classes == 2 and fp["median_components"] <= 1 and not small
+    if single:
+        reasons["val_keep_largest"] = "a single organ: one class, one component in most cases"
+    elif classes > 2:
+        reasons["val_keep_largest"] = "several classes: largest-component only for single organs"
+    else:
+        reasons["val_keep_largest"] = (
+            "a small class (largest-component only for single organs)"
+            if small
+            else "several components in most cases"
+        )
+    reasons["loss"] = (
+        f"soft Dice + cross-entropy: {why_small}; a batch without it gives its Dice no gradient"
+        if small
+        else f"the paper's soft Dice (equation 1): {why_small}"
     )
 
     flags.update(
@@ -371,7 +438,7 @@ def make_plan(fp: dict, machine: dict, workers: int = 1, local_workers: int | No
         precision=precision,
         optimizer="novograd",
         learning_rate="5e-4" if gpu else "5e-3",
-        loss="dice",
+        loss="dice_ce" if small else "dice",
         cache="smart",
         cache_rate="1.0",
         memory_budget_gb=f"{budget:g}",
@@ -396,7 +463,6 @@ def make_plan(fp: dict, machine: dict, workers: int = 1, local_workers: int | No
             "depth": same,
             "base_filters": same,
             "optimizer": "the paper's NovoGrad",
-            "loss": "the paper's soft Dice (equation 1)",
             "cache": "the paper's smart cache",
             "cache_rate": "as much as the memory budget holds",
             "replace_rate": "a quarter of the cache per epoch (gradual replacement)",

@@ -41,12 +41,27 @@ if __name__ == "__main__":  # python -m tf_medseg.cli.train: from before the imp
 from absl import app, flags, logging  # noqa: E402
 
 from tf_medseg import presets  # noqa: E402
-from tf_medseg.training.config import config_from_flags, define_flags, split_of  # noqa: E402
+from tf_medseg.training.config import (  # noqa: E402
+    PAPER_SAMPLER,
+    TrainConfig,
+    config_from_flags,
+    define_flags,
+    split_of,
+)
 from tf_medseg.training.interrupts import (  # noqa: E402
     EXIT_INTERRUPTED,
     Interrupts,
     TrainingInterrupted,
 )
+
+
+def _flag_text(value) -> str:
+    return ",".join(f"{v:.4g}" for v in value) if isinstance(value, tuple) else f"{value:.4g}"
+
+
+def _sampler_flags(values: dict) -> str:
+    return ", ".join(f"--{name}={_flag_text(values[name])}" for name in PAPER_SAMPLER)
+
 
 define_flags()
 flags.DEFINE_string(
@@ -67,6 +82,17 @@ flags.DEFINE_bool(
     "Plan the settings that no flag or flagfile gives for this data and this machine "
     "(tf-medseg-plan's rules; the plan is written to the workdir). Default: on when neither "
     "--preset nor --flagfile is given.",
+)
+flags.DEFINE_enum(
+    "sampler",
+    "default",
+    ["default", "paper"],
+    "The adaptive sampler's settings. default: equation 4 after a warm-up, damped, and at "
+    "least a third of the patches foreground-centred (the flags' defaults, "
+    + _sampler_flags({f.name: f.default for f in dataclasses.fields(TrainConfig)})
+    + "). paper: the paper's sampler exactly, "
+    + _sampler_flags(PAPER_SAMPLER)
+    + " (a flag given with a different value is refused).",
 )
 flags.DEFINE_bool(
     "allow_cpu_float16",
@@ -99,6 +125,29 @@ def apply_plan(data_dir: str, workdir: str):
     return result
 
 
+def apply_sampler(name: str) -> list[str]:
+    """``--sampler=paper`` sets the sampler's flags to the paper's values; returns one line per
+    flag that was given with another value (nothing is set then)."""
+    if name != "paper":
+        return []
+    errors = []
+    for flag, value in PAPER_SAMPLER.items():
+        given = FLAGS[flag]
+        if given.present and _flag_text(_parsed(given.value)) != _flag_text(value):
+            errors.append(
+                f"--sampler=paper sets --{flag}={_flag_text(value)}, but "
+                f"--{flag}={_flag_text(_parsed(given.value))} was given"
+            )
+    if not errors:
+        for flag, value in PAPER_SAMPLER.items():
+            FLAGS[flag].parse(_flag_text(value))
+    return errors
+
+
+def _parsed(value):
+    return tuple(float(v) for v in value) if isinstance(value, list) else value
+
+
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -114,6 +163,11 @@ def main(argv: list[str]) -> int:
         except DataError as err:
             print(f"tf-medseg-train: {err}", file=sys.stderr)
             return 2
+    sampler_errors = apply_sampler(FLAGS.sampler)
+    if sampler_errors:
+        for line in sampler_errors:
+            print(f"tf-medseg-train: {line}", file=sys.stderr)
+        return 2
     config = config_from_flags()
     errors = config.validate()
     if errors:

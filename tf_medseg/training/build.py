@@ -114,6 +114,9 @@ def build_inputs(config: TrainConfig, dist: distributed.Distributed) -> Inputs:
         config.sampling_gamma,
         tuple(config.pos_fraction_bounds),
         adaptive=config.adaptive_sampling,
+        warmup_validations=config.sampler_warmup_validations,
+        warmup_dice=config.sampler_warmup_dice,
+        damping=config.sampler_damping,
     )
     tail = TailOptions(
         config.batch_size,
@@ -220,7 +223,7 @@ def restore_latest(
     """
     for path in reversed(manager.checkpoints):
         try:
-            manager.checkpoint.restore(path).assert_existing_objects_matched()
+            _restore(manager.checkpoint, path, state)
         except Exception as err:  # noqa: BLE001  (truncated files raise IndexError, too)
             logging.warning("checkpoint %s is unreadable (%s); trying the previous one", path, err)
             continue
@@ -245,6 +248,32 @@ def restore_latest(
             f"{len(manager.checkpoints)}); move it away to start afresh"
         )
     return None
+
+
+#: A variable of the sampler's warm-up state, which checkpoints have held since issue #19.
+_WARMUP_KEY = "sampler/warmed_up/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def _restore(checkpoint: tf.train.Checkpoint, path: str, state: RunState) -> None:
+    """Restores ``path`` into ``checkpoint`` (every object must be matched). A checkpoint
+    written before the sampler kept its warm-up state is restored without it: the warm-up
+    starts again, with a warning."""
+    if _WARMUP_KEY in {name for name, _ in tf.train.list_variables(path)}:
+        checkpoint.restore(path).assert_existing_objects_matched()
+        return
+    sampler = tf.train.Checkpoint(positive_fraction=checkpoint.sampler.positive_fraction)
+    older = tf.train.Checkpoint(
+        model=checkpoint.model,
+        optimizer=checkpoint.optimizer,
+        sampler=sampler,
+        **state.variables_by_name,
+    )
+    older.restore(path).assert_existing_objects_matched()
+    logging.warning(
+        "%s holds no sampler warm-up state (written before it was saved): the warm-up starts "
+        "again",
+        path,
+    )
 
 
 def source_state_json(source: Source, dist: distributed.Distributed) -> str:

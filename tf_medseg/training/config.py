@@ -20,6 +20,14 @@ from tf_medseg.jsonio import write_text
 
 POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
 DISTRIBUTIONS = ("auto", "horovod", "tf", "none")  # tf_medseg.distributed.BACKENDS
+#: The paper's adaptive sampler exactly: the neutral values of the warm-up, the damping and the
+#: floor (``dataclasses.replace(config, **PAPER_SAMPLER)``; ``tf-medseg-train --sampler=paper``).
+PAPER_SAMPLER = {
+    "sampler_warmup_validations": 0,
+    "sampler_warmup_dice": 0.0,
+    "sampler_damping": 1.0,
+    "pos_fraction_bounds": (0.1, 0.9),
+}
 
 
 def _f(default, help_text: str, **kw):
@@ -76,11 +84,33 @@ class TrainConfig:
         "classes, then a voxel of it (a small class such as a lesion is not drowned by the organ "
         "around it); false draws from the pooled foreground voxels (the paper's sampler).",
     )
-    # Adaptive sampling (paper section 5)
+    # Adaptive sampling (paper section 5). The defaults add a warm-up, damping and a floor of
+    # 1/3 to the paper's update (issue #19); PAPER_SAMPLER, or --sampler=paper, is the paper's.
     adaptive_sampling: bool = _f(True, "Update the positive/negative ratio after each validation.")
     pos_fraction: float = _f(0.5, "Initial positive (foreground-centred) patch fraction (1:1).")
     sampling_gamma: float = _f(1.0, "Exponent gamma of the ratio update, equation 4.")
-    pos_fraction_bounds: tuple[float, ...] = _f((0.1, 0.9), "Clamp of the positive fraction.")
+    pos_fraction_bounds: tuple[float, ...] = _f(
+        (1 / 3, 0.9),
+        "Clamp of the positive fraction, LOW,HIGH. Default 1/3,0.9: at least a third of the "
+        "patches foreground-centred, as nnU-Net, so a small class is never starved; the paper: "
+        "0.1,0.9.",
+    )
+    sampler_warmup_validations: int = _f(
+        1,
+        "The first N validations do not change the positive fraction (the first validation "
+        "sees an untrained model, which may mark foreground everywhere). The paper: 0.",
+    )
+    sampler_warmup_dice: float = _f(
+        0.1,
+        "No validation changes the positive fraction before one whose mean Dice reaches this "
+        "(once reached, the warm-up is over for good). The paper: 0 (no condition).",
+    )
+    sampler_damping: float = _f(
+        0.5,
+        "Share of the way from the current positive fraction to equation 4's that a validation "
+        "moves it, in log-odds (0.5: the ratio r' goes to the geometric mean of the two), in "
+        "(0, 1]. The paper: 1 (straight to equation 4's value).",
+    )
     # Model
     model: str = _f("unet3d", "Network: unet3d, segresnet or vnet.")
     base_filters: int = _f(16, "Filters of the first level.")
@@ -194,8 +224,22 @@ class TrainConfig:
         lo, hi = (self.pos_fraction_bounds + (None, None))[:2]
         if lo is None or hi is None or not 0.0 < lo <= hi < 1.0:
             errors.append(f"--pos_fraction_bounds must satisfy 0 < lo <= hi < 1, got {lo}, {hi}")
+        elif not lo <= self.pos_fraction <= hi:
+            errors.append(
+                f"--pos_fraction={self.pos_fraction} is outside --pos_fraction_bounds={lo:g},{hi:g}"
+            )
         if not 0.0 <= self.pos_fraction <= 1.0:
             errors.append(f"--pos_fraction must be in [0, 1], got {self.pos_fraction}")
+        if self.sampler_warmup_validations < 0:
+            errors.append(
+                f"--sampler_warmup_validations must be >= 0, got {self.sampler_warmup_validations}"
+            )
+        if not 0.0 <= self.sampler_warmup_dice <= 1.0:
+            errors.append(
+                f"--sampler_warmup_dice must be in [0, 1], got {self.sampler_warmup_dice}"
+            )
+        if not 0.0 < self.sampler_damping <= 1.0:
+            errors.append(f"--sampler_damping must be in (0, 1], got {self.sampler_damping}")
         if self.val_overlap < 0 or (1.0 <= self.val_overlap and self.val_overlap % 1):
             errors.append("--val_overlap must be a fraction in [0, 1) or whole voxels >= 1")
         if self.batch_size < 1 or self.num_samples < 1 or self.val_every < 1:

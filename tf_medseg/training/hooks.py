@@ -150,11 +150,13 @@ class ValidationHook(Hook):
 
 
 class SamplerHook(Hook):
-    """Updates the positive/negative sampling ratio from the validation sums (equations 4-6)."""
+    """Updates the positive/negative sampling ratio from the validation sums (equations 4-6);
+    the validation's mean Dice ends the sampler's warm-up."""
 
     def on_epoch_end(self, trainer, logs):
         if "validation" in logs:
-            logs["sampler"] = trainer.sampler.update_from_sums(logs["validation"].sums)
+            v = logs["validation"]
+            logs["sampler"] = trainer.sampler.update_from_sums(v.sums, mean_dice=v.mean_dice)
 
     on_train_end = on_epoch_end
 
@@ -216,6 +218,11 @@ class TensorBoardHook(Hook):
                     tf.summary.scalar(f"val/dice_{name.replace(' ', '_')}", dice)
                 tf.summary.scalar("val/r_fp", v.r_fp)
                 tf.summary.scalar("val/r_fn", v.r_fn)
+                for name, r_fp, r_fn in zip(
+                    trainer.task.labels[1:], v.r_fp_per_class, v.r_fn_per_class, strict=True
+                ):
+                    tf.summary.scalar(f"val/r_fp_{name.replace(' ', '_')}", r_fp)
+                    tf.summary.scalar(f"val/r_fn_{name.replace(' ', '_')}", r_fn)
                 tf.summary.scalar("val/seconds", logs["validation_s"])
                 if self.images and v.example is not None:
                     overlay = contour_overlay(*v.example)
@@ -223,6 +230,8 @@ class TensorBoardHook(Hook):
             tf.summary.scalar(
                 "sampler/positive_fraction", float(trainer.sampler.positive_fraction.numpy())
             )
+            if "sampler" in logs:
+                tf.summary.scalar("sampler/equation_4_fraction", logs["sampler"]["target_fraction"])
         self.writer.flush()
 
     def on_train_end(self, trainer, logs):
@@ -298,16 +307,25 @@ class MetricsLogHook(Hook):
         if "validation" in logs:
             v = logs["validation"]
             sampler = logs.get("sampler", {})
+            names = trainer.task.labels[1:]
+
+            def per_class(values):
+                return {n: _num(x) for n, x in zip(names, values, strict=True)}
+
             line = {
                 "step": trainer.state.step,
                 "epoch": trainer.state.epoch,
                 "wall_s": round(trainer.state.wall_seconds(), 3),
-                "dice": {n: _num(d) for n, d in zip(trainer.task.labels[1:], v.dice, strict=True)},
+                "dice": per_class(v.dice),
                 "mean_dice": _num(v.mean_dice),
                 "r_fp": _num(v.r_fp),
                 "r_fn": _num(v.r_fn),
+                "r_fp_per_class": per_class(v.r_fp_per_class),
+                "r_fn_per_class": per_class(v.r_fn_per_class),
                 "positive_fraction": _num(sampler.get("positive_fraction")),
                 "ratio": _num(sampler.get("ratio")),
+                "equation_4_fraction": _num(sampler.get("target_fraction")),
+                "sampler_updated": sampler.get("updated"),
                 "validation_s": round(logs["validation_s"], 3),
             }
             with open(self.metrics_path, "a") as f:

@@ -6,7 +6,8 @@ true volumes per foreground class), and the per-case sums are all-reduced. Every
 holds the same numbers as a single process would: per-class Dice per case, their means per
 class over the cases that contain the class and the overall mean over classes
 (:func:`tf_medseg.metrics.mean_dice`, as ``tf-medseg-evaluate``), the FP/FN indices of
-equations 5 and 6 over the whole set, and the pooled sums that feed the adaptive sampler.
+equations 5 and 6 over the whole set (per class, and averaged over the classes as the paper
+does), and the pooled sums that feed the adaptive sampler.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ class ValidationResult:
         mean_dice: Mean of ``dice`` over classes (NaN excluded): the overall mean.
         case_dice: (num_cases, num_classes - 1) per-case Dice, NaN where a label is empty.
         sums: Confusion sums pooled over all cases.
-        r_fp: False positive index (equation 5) of the pooled sums.
-        r_fn: False negative index (equation 6).
+        r_fp: False positive index (equation 5) of the pooled sums, averaged over classes.
+        r_fn: False negative index (equation 6), averaged over classes.
+        r_fp_per_class: Equation 5 per foreground class, before the average.
+        r_fn_per_class: Equation 6 per foreground class.
         example: For image summaries: (image slice, true slice, predicted slice) of the first
             case this worker predicted, or None.
     """
@@ -43,6 +46,8 @@ class ValidationResult:
     sums: metrics.ConfusionSums
     r_fp: float
     r_fn: float
+    r_fp_per_class: np.ndarray
+    r_fn_per_class: np.ndarray
     example: tuple[np.ndarray, np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
 
@@ -136,7 +141,7 @@ def validate(
         [metrics.dice_from_sums(metrics.ConfusionSums.from_array(s)) for s in per_case]
     )
     pooled = metrics.ConfusionSums.from_array(per_case.sum(axis=0))
-    r_fp, r_fn = metrics.fp_fn_from_sums(pooled)
+    r_fp_per_class, r_fn_per_class = metrics.fp_fn_per_class(pooled)
     dice = metrics.mean_dice_per_class(case_dice)  # a class empty in every case: NaN
     mean_dice = metrics.mean_dice(case_dice)
     return ValidationResult(
@@ -144,7 +149,9 @@ def validate(
         mean_dice=mean_dice,
         case_dice=case_dice,
         sums=pooled,
-        r_fp=float(r_fp),
-        r_fn=float(r_fn),
+        r_fp=float(np.mean(r_fp_per_class)),
+        r_fn=float(np.mean(r_fn_per_class)),
+        r_fp_per_class=r_fp_per_class,
+        r_fn_per_class=r_fn_per_class,
         example=example,
     )
