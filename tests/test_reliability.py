@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 import pytest
-from tiny_config import TINY_FLAGS, tiny_config
+from tiny_config import TINY_FLAGS, tiny_config, validations
 
 from tf_medseg.cache import CacheBudgetError, CachePrefixError
 from tf_medseg.data.io import DataError
@@ -57,13 +57,6 @@ def _checkpoint_steps(workdir):
         int(os.path.basename(p).split("-")[1].split(".")[0])
         for p in glob.glob(os.path.join(workdir, "checkpoints", "ckpt-*.index"))
     )
-
-
-def _validations(workdir):
-    """metrics.jsonl without its timings."""
-    lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    timings = ("wall_s", "validation_s")
-    return [{k: v for k, v in line.items() if k not in timings} for line in lines]
 
 
 def test_sigkill_at_a_random_moment_then_resume_equals_a_run_never_killed(
@@ -107,8 +100,8 @@ def test_sigkill_at_a_random_moment_then_resume_equals_a_run_never_killed(
     assert summaries[0]["best_dice"] == summaries[1]["best_dice"]
     assert summaries[0]["best_step"] == summaries[1]["best_step"]
     assert summaries[0]["cache"]["items_replaced"] > 0
-    assert _validations(workdir) == _validations(folder)
-    assert [line["step"] for line in _validations(workdir)] == list(range(2, 61, 2))
+    assert validations(workdir) == validations(folder)
+    assert [line["step"] for line in validations(workdir)] == list(range(2, 61, 2))
 
 
 def _signal_at(command, signum, delay, timeout=20.0):

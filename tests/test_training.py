@@ -11,7 +11,7 @@ import signal
 import numpy as np
 import pytest
 import tensorflow as tf
-from tiny_config import tiny_config
+from tiny_config import tiny_config, validations
 
 from tf_medseg.training import hooks as hooks_lib
 from tf_medseg.training.config import PAPER_SAMPLER
@@ -198,14 +198,6 @@ class _SignalAfter(hooks_lib.Hook):
             self.interrupts.signum = signal.SIGINT
 
 
-def _validations(workdir):
-    """metrics.jsonl without its timings."""
-    lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    return [
-        {k: v for k, v in line.items() if k not in ("wall_s", "validation_s")} for line in lines
-    ]
-
-
 def test_a_run_interrupted_in_the_middle_of_epochs_resumes_exactly(spleen_task_dir, tmp_path):
     """Ctrl-C in the middle of an epoch, twice, each time restarted with the same settings:
     with --deterministic and a replacing smart cache (cache_rate=0.5, replace_rate=0.5) the
@@ -235,9 +227,9 @@ def test_a_run_interrupted_in_the_middle_of_epochs_resumes_exactly(spleen_task_d
         losses += trainer.state.losses
     assert resumed_at == [(0, 0), (5, 2), (13, 1)]  # (step, steps of its epoch already taken)
     assert losses == whole.state.losses
-    assert _validations(workdir) == _validations(tmp_path / "whole")
-    assert [line["step"] for line in _validations(workdir)] == [6, 12, 18]
-    assert [line["sampler_updated"] for line in _validations(workdir)] == [False, True, True]
+    assert validations(workdir) == validations(tmp_path / "whole")
+    assert [line["step"] for line in validations(workdir)] == [6, 12, 18]
+    assert [line["sampler_updated"] for line in validations(workdir)] == [False, True, True]
     summaries = [json.load(open(w / "summary.json")) for w in (workdir, tmp_path / "whole")]
     for key in ("best_dice", "best_step", "steps", "epochs"):
         assert summaries[0][key] == summaries[1][key]
@@ -272,7 +264,7 @@ def test_an_interrupt_while_the_graph_builds_stops_before_training_and_saves_not
     )
 
 
-def test_a_run_resumed_from_an_older_checkpoint_drops_the_later_validations(
+def test_a_run_resumed_from_an_older_checkpoint_drops_the_latervalidations(
     spleen_task_dir, tmp_path
 ):
     """A run killed after its checkpoint at step 6 had validated up to step 12 (the files left
@@ -280,7 +272,7 @@ def test_a_run_resumed_from_an_older_checkpoint_drops_the_later_validations(
     validations after step 6 and writes them again, one line per validation, equal."""
     settings = dict(deterministic=True, seed=3, epochs=6, val_every=2, keep_checkpoints=10)
     whole, _ = _run(tiny_config(spleen_task_dir, tmp_path / "run", **settings))
-    expected = _validations(tmp_path / "run")
+    expected = validations(tmp_path / "run")
     checkpoints = str(tmp_path / "run" / "checkpoints")
     listed = tf.train.get_checkpoint_state(checkpoints)
     paths = list(listed.all_model_checkpoint_paths)
@@ -294,7 +286,7 @@ def test_a_run_resumed_from_an_older_checkpoint_drops_the_later_validations(
     resumed, _ = _run(tiny_config(spleen_task_dir, tmp_path / "run", **settings))
     assert resumed.restored_from.endswith("ckpt-6")
     assert resumed.state.losses == whole.state.losses[6:]
-    assert _validations(tmp_path / "run") == expected
+    assert validations(tmp_path / "run") == expected
 
 
 def test_contradictory_flags_are_rejected_one_line_each(spleen_task_dir, tmp_path):
@@ -600,9 +592,9 @@ def test_deep_supervision_trains_validates_and_exports_a_one_output_model(
     losses = trainer.state.losses
     assert len(losses) == 16 and np.all(np.isfinite(losses))
     assert np.mean(losses[-4:]) < np.mean(losses[:4])
-    validations = _validations(workdir)
-    assert [line["step"] for line in validations] == [8, 16]
-    assert all(0.0 <= line["dice"]["spleen"] <= 1.0 for line in validations)
+    lines = validations(workdir)
+    assert [line["step"] for line in lines] == [8, 16]
+    assert all(0.0 <= line["dice"]["spleen"] <= 1.0 for line in lines)
     assert 0.0 <= summary["best_dice"] <= 1.0
     best = tf.keras.models.load_model(os.path.join(workdir, "best_model.keras"))
     assert len(best.outputs) == 1
@@ -625,7 +617,7 @@ def test_a_deep_supervision_run_resumes_exactly(spleen_task_dir, tmp_path):
     finally:
         second.close()
     assert first.state.losses + second.state.losses == whole.state.losses
-    assert _validations(tmp_path / "run") == _validations(tmp_path / "whole")
+    assert validations(tmp_path / "run") == validations(tmp_path / "whole")
 
 
 def test_deep_supervision_is_refused_for_other_models_in_one_line(spleen_task_dir, tmp_path):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 from tf_medseg.training.config import TrainConfig
 
 
@@ -46,3 +49,11 @@ TINY_FLAGS = [
     "--progress=false",
     "--noplan",  # these exact settings, not tf_medseg.plan's for the data (the default here)
 ]
+
+
+def validations(workdir) -> list[dict]:
+    """A run's ``metrics.jsonl`` lines without their timings (what must equal between runs)."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    timings = ("wall_s", "validation_s")
+    return [{k: v for k, v in line.items() if k not in timings} for line in lines]
