@@ -96,6 +96,8 @@ bench: venv
 		--json=runs/bench/time_to_dice_spleen_ablations.json
 	$(TTD) --task=heart --configs=baseline,proposed --seeds=$(BENCH_SEEDS) \
 		--json=runs/bench/time_to_dice_heart.json
+	$(TTD) --task=liver --configs=baseline,proposed --seeds=$(BENCH_SEEDS) \
+		--json=runs/bench/time_to_dice_liver.json
 	$(TTD_MSD) --task=spleen --configs=baseline,proposed,baseline+cache \
 		--json=runs/bench/time_to_dice_spleen_msd.json
 	$(PY) -m tf_medseg.bench.pipeline --data_dir=runs/bench/time_to_dice/data_spleen_msd \
