@@ -68,8 +68,9 @@ VALIDATION_COST = 0.25
 #: A foreground class under this share of the labelled foreground is small (liver lesions: a few
 #: percent of the liver; the synthetic liver's lesions: 0.6-1.1% of it).
 SMALL_CLASS_SHARE = 0.1
-#: A foreground class under this fraction of all voxels is small (the Decathlon's spleen and left
-#: atrium: 0.3-0.8%; lung and colon tumours: hundredths of a percent).
+#: A foreground class under this fraction of all voxels is small (spleens and left atria: 0.3-0.8%
+#: in the MSD-size phantoms, sized as the Decathlon's; lung and colon tumours are typically far
+#: smaller).
 SMALL_CLASS_FRACTION = 0.001
 #: Peak memory of a training step over the stored activations counted below: the backward pass
 #: holds gradient tensors beside them. Measured on this CPU (2 x 64^3 and 2 x 96^3, U-Net depth 3
