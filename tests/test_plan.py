@@ -81,6 +81,24 @@ def test_cpu_spacing_gives_the_patch_context_but_keeps_the_object_resolved():
     assert 12 / float(tiny.flags["spacing"]) >= plan.MIN_OBJECT_VOXELS
 
 
+def test_a_small_class_keeps_four_voxels_across_on_a_cpu():
+    # A large organ plans 4 mm (above); lesions of 300 voxels of 0.8 x 0.8 x 5 mm (~12 mm
+    # across) keep 4 voxels: 3 mm at most.
+    args = ([0.8, 0.8, 5.0], [512, 512, 60], [70, 85, 110])
+    lesions = _fingerprint(*args, classes=3, class_voxels=[10**7, 200_000, 300])
+    diameter = (6 * 300 * 0.8 * 0.8 * 5.0 / np.pi) ** (1 / 3)
+    assert lesions["class_diameters_mm"]["c2"] == pytest.approx(diameter)
+    planned = plan.make_plan(lesions, CPU)
+    assert float(planned.flags["spacing"]) <= diameter / plan.MIN_SMALL_CLASS_VOXELS
+    assert float(planned.flags["spacing"]) == 3.0  # the coarsest of the grid within it
+    assert "smallest class 'c2' ~12 mm across" in planned.reasons["spacing"]
+    # Two classes of similar size: no small class, the organ's rule alone.
+    similar = _fingerprint(*args, classes=3, class_voxels=[10**7, 200_000, 100_000])
+    assert float(plan.make_plan(similar, CPU).flags["spacing"]) == 4.0
+    assert plan.class_diameters({"labels": ["b", "x"], "cases": [
+        {"spacing": [1, 1, 1], "class_voxels": [5]}]}) == {"x": 0.0}  # fmt: skip
+
+
 def test_gpu_plan_fits_the_memory_and_keeps_the_papers_spacing():
     fp = _fingerprint([0.8, 0.8, 2.5], [512, 512, 100], [70, 85, 110])
     for memory in (16, 32, 80):

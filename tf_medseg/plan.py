@@ -24,7 +24,8 @@ The rules (:func:`make_plan`), each measured or taken from the paper:
   a CPU, whose patches are small, it is coarsened (x1.25 ... x4) until a patch spans 2.5 times the
   median foreground size (measured here: the synthetic heart's 32^3 patches oscillated between
   Dice 0 and 0.9 at 48 mm and passed 0.95 at 80 mm, 2.5-3 times the atrium), but never so far
-  that the foreground's smallest median extent drops below 8 voxels.
+  that the foreground's smallest median extent drops below 8 voxels, nor a small class's size
+  (:func:`class_diameters`) below 4.
 * **Normalisation**: instance (the paper's) when the patch spans that context; batch when it
   cannot (at MSD size on a CPU instance norm stalled at Dice 0.3 with 64 mm patches).
 * **Validation**: windows of the patch size on a CPU (larger ones barely changed its time
@@ -60,6 +61,8 @@ FINGERPRINT_FILE = "fingerprint.json"
 CONTEXT_FACTOR = 2.5
 #: The foreground's smallest extent keeps at least this many voxels.
 MIN_OBJECT_VOXELS = 8
+#: A small class (see :func:`smallest_class`) keeps at least this many voxels across.
+MIN_SMALL_CLASS_VOXELS = 4
 #: A component counts when it holds at least this fraction of a case's foreground.
 COMPONENT_FRACTION = 0.05
 #: Validation of V voxels costs about this many training steps of B x P^3 voxels per V/(B P^3),
@@ -175,6 +178,24 @@ def smallest_class(fp: dict) -> tuple[str, bool, str]:
     return name, small, why
 
 
+def class_diameters(fp: dict) -> dict[str, float]:
+    """Each foreground class's size (mm): per case, the diameter of the sphere of its voxels'
+    volume, the median over the cases that contain it (0 for a class no case contains). A case
+    with several lesions counts them as one: the figure bounds the single lesion's from above.
+    """
+    labels = fp["labels"]
+    per_class: list[list[float]] = [[] for _ in labels[1:]]
+    for case in fp["cases"]:
+        voxel_mm3 = float(np.prod(case["spacing"]))
+        for c, count in enumerate(case["class_voxels"][1 : len(labels)]):
+            if count > 0:
+                per_class[c].append((6.0 * count * voxel_mm3 / np.pi) ** (1.0 / 3.0))
+    return {
+        name: float(np.median(sizes)) if sizes else 0.0
+        for name, sizes in zip(labels[1:], per_class, strict=True)
+    }
+
+
 def summarise(fp: dict) -> dict:
     """Adds the medians and class fractions the rules use to a fingerprint's per-case facts."""
     cases = fp["cases"]
@@ -195,6 +216,7 @@ def summarise(fp: dict) -> dict:
         "median_components": float(np.median([c["components"] for c in cases])),
         "foreground_fraction": fg / max(total, 1),
         "class_fractions": class_fractions(fp),
+        "class_diameters_mm": class_diameters(fp),
     }
 
 
@@ -371,16 +393,27 @@ def make_plan(fp: dict, machine: dict, workers: int = 1, local_workers: int | No
     base = max(1.0, round(float(np.median(in_plane)), 2))
     obj = [e for e in fp["median_foreground_extent_mm"] if e > 0] or fp["median_extent_mm"]
     obj_size = float(np.exp(np.mean(np.log(obj))))
-    finest_allowed = min(obj) / MIN_OBJECT_VOXELS
+    coarsest = min(obj) / MIN_OBJECT_VOXELS
+    # A small class (a lesion) keeps MIN_SMALL_CLASS_VOXELS across, whatever the organ's size.
+    small_name, small, _ = smallest_class(fp)
+    small_size = fp.get("class_diameters_mm", class_diameters(fp)).get(small_name, 0.0)
+    small_note = ""
+    if small and small_size > 0:
+        coarsest = min(coarsest, small_size / MIN_SMALL_CLASS_VOXELS)
+        small_note = (
+            f"; smallest class {small_name!r} ~{small_size:.0f} mm across "
+            f"(>= {MIN_SMALL_CLASS_VOXELS} voxels)"
+        )
     spacing = base
     if not gpu:
         wanted = CONTEXT_FACTOR * obj_size / patch
-        allowed = [s for s in _spacing_grid(base) if s <= max(finest_allowed, base)]
+        allowed = [s for s in _spacing_grid(base) if s <= max(coarsest, base)]
         spacing = next((s for s in allowed if s >= wanted), allowed[-1])
     context = patch * spacing
     reasons["spacing"] = (
         f"base {base:g} mm; patch {context:.0f} mm vs foreground ~{obj_size:.0f} mm"
         + ("" if gpu else f" (wants {CONTEXT_FACTOR:g}x, >= {MIN_OBJECT_VOXELS} voxels across)")
+        + small_note
     )
     instance = gpu or context >= CONTEXT_FACTOR * obj_size * 0.95
     reasons["norm"] = (
