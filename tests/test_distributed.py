@@ -239,6 +239,19 @@ def single(task_dir, tmp_path_factory):
     trainer.close()
 
 
+def _one_process_losses(single, info0, arr0, arr1) -> list[float]:
+    """The losses of one process trained on the two ranks' batches of each step, concatenated,
+    from the ranks' initial weights."""
+    for i, v in enumerate(single.train_model.weights):
+        v.assign(arr0[f"init{i}"])
+    losses = []
+    for step in range(len(info0["losses"])):
+        images = np.concatenate([arr0["images"][step], arr1["images"][step]])
+        labels = np.concatenate([arr0["labels"][step], arr1["labels"][step]])
+        losses.append(float(single.train_step(tf.constant(images), tf.constant(labels))))
+    return losses
+
+
 # ---------------------------------------------------------------------------- the assertions
 def test_ranks_train_on_different_data_and_end_with_identical_weights(trained):
     (info0, arr0), (info1, arr1) = trained.rank(0), trained.rank(1)
@@ -266,13 +279,7 @@ def test_loss_curve_matches_one_process_on_the_same_global_batch(trained, single
     rounding (the all-reduce adds in another order).
     """
     (info0, arr0), (_, arr1) = trained.rank(0), trained.rank(1)
-    for i, v in enumerate(single.model.weights):
-        v.assign(arr0[f"init{i}"])
-    losses = []
-    for step in range(len(info0["losses"])):
-        images = np.concatenate([arr0["images"][step], arr1["images"][step]])
-        labels = np.concatenate([arr0["labels"][step], arr1["labels"][step]])
-        losses.append(float(single.train_step(tf.constant(images), tf.constant(labels))))
+    losses = _one_process_losses(single, info0, arr0, arr1)
     np.testing.assert_allclose(info0["losses"], losses, rtol=0, atol=1e-6)
     assert losses[-1] < losses[0] - 5e-3  # the curve moves far more than the tolerance
     # oneDNN picks its convolution kernels by batch size (4 here, 2 per rank), so sums are
@@ -389,13 +396,7 @@ def test_deep_supervision_on_two_workers_follows_one_process(backend, task_dir, 
         assert not np.array_equal(arr0[f"w{i}"], arr0[f"init{i}"]), names[i]
     single = Trainer(dataclasses.replace(config, workdir=str(tmp_path / "single"), batch_size=4))
     try:
-        for i, v in enumerate(single.train_model.weights):
-            v.assign(arr0[f"init{i}"])
-        losses = []
-        for step in range(len(info0["losses"])):
-            images = np.concatenate([arr0["images"][step], arr1["images"][step]])
-            labels = np.concatenate([arr0["labels"][step], arr1["labels"][step]])
-            losses.append(float(single.train_step(tf.constant(images), tf.constant(labels))))
+        losses = _one_process_losses(single, info0, arr0, arr1)
     finally:
         single.close()
     np.testing.assert_allclose(info0["losses"], losses, rtol=0, atol=1e-6)

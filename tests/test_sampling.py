@@ -13,6 +13,7 @@ from tf_medseg.sampling import (
     fp_fn_indices,
     next_positive_fraction,
 )
+from tf_medseg.training.build import build_sampler
 from tf_medseg.training.config import PAPER_SAMPLER, TrainConfig
 
 
@@ -285,23 +286,12 @@ def test_warm_up_counts_validations_then_waits_for_the_dice_and_stays_over():
     assert AdaptiveSampler(warmup_dice=0.1).update_from_sums(_sums(0.5, 1.0))["updated"]
 
 
-def _sampler_of(config: TrainConfig) -> AdaptiveSampler:
-    return AdaptiveSampler(
-        config.pos_fraction,
-        config.sampling_gamma,
-        tuple(config.pos_fraction_bounds),
-        warmup_validations=config.sampler_warmup_validations,
-        warmup_dice=config.sampler_warmup_dice,
-        damping=config.sampler_damping,
-    )
-
-
 def test_the_reported_start_starves_the_foreground_with_the_papers_sampler_only():
     """Issue #19: the first validation of an untrained model (r_FP 0.996, r_FN 0.009)."""
     over = _sums(r_fp=0.996, r_fn=0.009)
-    paper = _sampler_of(TrainConfig(**PAPER_SAMPLER))
+    paper = build_sampler(TrainConfig(**PAPER_SAMPLER))
     assert paper.update_from_sums(over, mean_dice=0.01)["positive_fraction"] == pytest.approx(0.1)
-    default = _sampler_of(TrainConfig())
+    default = build_sampler(TrainConfig())
     fractions = [default.update_from_sums(over, mean_dice=0.01)["positive_fraction"]]
     fractions += [default.update_from_sums(over, mean_dice=0.5)["positive_fraction"]]
     fractions += [default.update_from_sums(over, mean_dice=0.5)["positive_fraction"]]
@@ -313,7 +303,7 @@ def test_the_reported_start_starves_the_foreground_with_the_papers_sampler_only(
 
 
 def test_the_papers_settings_are_equation_4_at_every_validation():
-    paper = _sampler_of(TrainConfig(**PAPER_SAMPLER))
+    paper = build_sampler(TrainConfig(**PAPER_SAMPLER))
     rng = np.random.default_rng(0)
     for _ in range(6):
         r_fp, r_fn = rng.uniform(0.05, 1.0, size=2)

@@ -52,6 +52,19 @@ class Inputs:
     stream: TrainStream
 
 
+def build_sampler(config: TrainConfig) -> AdaptiveSampler:
+    """The adaptive positive/negative sampler the configuration describes."""
+    return AdaptiveSampler(
+        config.pos_fraction,
+        config.sampling_gamma,
+        tuple(config.pos_fraction_bounds),
+        adaptive=config.adaptive_sampling,
+        warmup_validations=config.sampler_warmup_validations,
+        warmup_dice=config.sampler_warmup_dice,
+        damping=config.sampler_damping,
+    )
+
+
 def build_inputs(config: TrainConfig, dist: distributed.Distributed) -> Inputs:
     """Reads the task, splits it, fits the prefix, and builds the sources and the stream.
 
@@ -109,15 +122,7 @@ def build_inputs(config: TrainConfig, dist: distributed.Distributed) -> Inputs:
         val_options = SourceOptions(shuffle=False, seed=config.seed, cache_dir=disk, progress=False)
         val_mode = "none" if config.cache == "none" else "full"
         val_source = make_source(val_mode, my_val_items, prefix, val_options)
-    sampler = AdaptiveSampler(
-        config.pos_fraction,
-        config.sampling_gamma,
-        tuple(config.pos_fraction_bounds),
-        adaptive=config.adaptive_sampling,
-        warmup_validations=config.sampler_warmup_validations,
-        warmup_dice=config.sampler_warmup_dice,
-        damping=config.sampler_damping,
-    )
+    sampler = build_sampler(config)
     tail = TailOptions(
         config.batch_size,
         tuple(config.patch_size),
