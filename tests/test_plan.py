@@ -215,8 +215,11 @@ def test_memory_estimate_against_the_measured_peak_on_this_cpu(tmp_path):
     # The difference of two peaks is the step's activations; TensorFlow's runtime cancels.
     measured = peak(96) - peak(16)
     estimated = plan.estimate_memory_gb(96, 2, 3, 8) - plan.estimate_memory_gb(16, 2, 3, 8)
-    # Measured here when the constant was set: 1.52-1.56x the stored activations, i.e. 1.0x.
-    assert 0.75 * estimated <= measured <= 1.33 * estimated, (measured, estimated)
+    # The plan relies on the estimate not falling short (a GPU plan must fit its memory); how
+    # far above the peak it is depends on the CPU's convolution kernels. Measured: 1.0x of it
+    # on the 2-core AVX2 EPYC the constant was set on (1.52-1.56x the stored activations);
+    # 0.69x on a 2-core AVX-512/AMX Xeon (1.12 of 1.61 GB, 2026-12-01).
+    assert 0.5 * estimated <= measured <= 1.33 * estimated, (measured, estimated)
 
 
 def _cli(*args, cwd=None):
