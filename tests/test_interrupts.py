@@ -101,3 +101,64 @@ def test_a_run_that_does_not_stop_within_the_grace_period_prints_stacks_and_exit
     assert 0.9 < time.time() - start < 10
     assert "did not stop within 1 s" in stderr
     assert "time.sleep" in stderr or "in <module>" in stderr, "the threads' stacks are printed"
+
+
+_SIGNAL_IN_A_FINALIZER = textwrap.dedent(
+    """
+    import sys, time, weakref
+    from tf_medseg.training.interrupts import Interrupts
+
+    def busy(*_):
+        print("in the finalizer", flush=True)
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end:
+            pass
+
+    class Slow:
+        # A __del__ as TensorFlow's checkpoint objects have (recognised by the handler), or a
+        # weakref callback (not recognised: its exception reaches sys.unraisablehook).
+        if sys.argv[1] == "__del__":
+            __del__ = busy
+
+    with Interrupts(grace_s=0) as interrupts:
+        try:
+            print("ready", flush=True)
+            input()
+            obj = Slow()
+            if sys.argv[1] == "callback":
+                ref = weakref.ref(obj, busy)
+            del obj
+            for _ in range(200):
+                time.sleep(0.01)
+            print("not raised", flush=True)
+        except KeyboardInterrupt:
+            print("raised after the finalizer", flush=True)
+        time.sleep(0.5)  # the watchdog reads the pipe
+        print("signals counted:", interrupts._count, flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("finalizer", ["__del__", "callback"])
+def test_a_signal_in_a_finalizer_is_raised_after_it_without_a_traceback(finalizer):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SIGNAL_IN_A_FINALIZER, finalizer],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "in the finalizer"
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "raised after the finalizer" in stdout, stdout
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+    assert "signals counted: 1" in stdout, "raising it again is not a second signal"

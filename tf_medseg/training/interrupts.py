@@ -17,10 +17,19 @@ exits 130.
 
 SIGTERM, which batch schedulers (SLURM, Kubernetes) send before killing a job, is handled as a
 first Ctrl-C.
+
+Before the loop the first signal must not be raised inside a finalizer (a ``__del__`` that the
+garbage collector runs, such as TensorFlow's checkpoint objects', or a ``weakref.finalize``):
+CPython would print "Exception ignored" with a traceback and go on as if nothing had happened.
+The handler sees such a frame on the stack and raises nothing there, and ``sys.unraisablehook``
+catches the exception if it was raised in a finalizer the handler did not recognise. In both
+cases the watchdog raises the signal again through ``_thread.interrupt_main`` 10 ms later, until
+it lands outside a finalizer (and does not count it as a second signal).
 """
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import faulthandler
 import os
@@ -28,11 +37,14 @@ import signal
 import sys
 import threading
 import time
+import weakref
 
 #: The exit status of a run ended by a signal, as shells report one ended by SIGINT.
 EXIT_INTERRUPTED = 130
 
 _HANDLED = (signal.SIGINT, signal.SIGTERM)
+_AGAIN = 0  # the byte that asks the watchdog to raise the first signal again
+_RETRY_S = 0.01
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -61,6 +73,9 @@ class Interrupts:
         self._stream = stream
         self._defer = 0
         self._count = 0  # signals seen by the watchdog
+        self._echoes = 0  # signals raised again by the watchdog (not the user's)
+        self._again = False  # the first signal is still to be raised outside a finalizer
+        self._previous_hook = None
         self._first_at: float | None = None
         self._previous: dict[int, object] = {}
         self._previous_fd = -1
@@ -103,6 +118,8 @@ class Interrupts:
         for signum in _HANDLED:
             self._previous[signum] = signal.signal(signum, self._handle)
         self._previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        self._previous_hook = sys.unraisablehook
+        sys.unraisablehook = self._unraisable
         self._watchdog = threading.Thread(
             target=self._watch, name="interrupt-watchdog", daemon=True
         )
@@ -114,6 +131,7 @@ class Interrupts:
         if self._pipe is None:
             return
         signal.set_wakeup_fd(self._previous_fd)
+        sys.unraisablehook = self._previous_hook
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._closing.set()
@@ -132,10 +150,28 @@ class Interrupts:
     def _handle(self, signum: int, frame) -> None:
         # Runs in the main thread between bytecodes. Records the first signal; raises only
         # outside deferred blocks. (The second signal is the watchdog's: it exits at once.)
-        if self.signum is None:
-            self.signum = signum
-            if not self._defer:
-                raise KeyboardInterrupt(self.reason())
+        if self.signum is not None and not self._again:
+            return
+        self.signum = self.signum or signum
+        self._again = False
+        if self._defer:
+            return
+        if _in_finalizer(frame):
+            self._raise_later()
+            return
+        raise KeyboardInterrupt(self.reason())
+
+    def _unraisable(self, unraisable) -> None:
+        # Our KeyboardInterrupt, lost in a finalizer _in_finalizer did not recognise.
+        if isinstance(unraisable.exc_value, KeyboardInterrupt) and self.signum is not None:
+            self._raise_later()
+            return
+        self._previous_hook(unraisable)
+
+    def _raise_later(self) -> None:
+        self._again = True
+        with contextlib.suppress(OSError, TypeError):
+            os.write(self._pipe[1], bytes([_AGAIN]))
 
     def _say(self, text: str) -> None:
         stream = self._stream or sys.stderr
@@ -148,18 +184,27 @@ class Interrupts:
     def _watch(self) -> None:
         read_fd = self._pipe[0]
         while not self._closing.is_set():
-            timeout = None
+            deadline = None
             if self._first_at is not None and self.grace_s > 0:
-                timeout = max(0.0, self._first_at + self.grace_s - time.monotonic())
+                deadline = self._first_at + self.grace_s
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if self._again:
+                timeout = _RETRY_S if timeout is None else min(timeout, _RETRY_S)
             if not _readable(read_fd, timeout):
                 if self._closing.is_set():
                     return
-                self._say(
-                    f"the run did not stop within {self.grace_s:g} s of the interrupt; the "
-                    "threads' stacks follow; exiting without a checkpoint"
-                )
-                faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
-                os._exit(EXIT_INTERRUPTED)
+                if deadline is not None and time.monotonic() >= deadline:
+                    self._say(
+                        f"the run did not stop within {self.grace_s:g} s of the interrupt; the "
+                        "threads' stacks follow; exiting without a checkpoint"
+                    )
+                    faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
+                    os._exit(EXIT_INTERRUPTED)
+                if self._again:
+                    # The main thread was in a finalizer: raise the first signal again.
+                    self._echoes += 1
+                    _thread.interrupt_main(self.signum)
+                continue
             try:
                 data = os.read(read_fd, 64)
             except OSError:
@@ -169,12 +214,25 @@ class Interrupts:
             for signum in data:
                 if signum not in _HANDLED:
                     continue
+                if self._echoes:
+                    self._echoes -= 1
+                    continue
                 self._count += 1
                 if self._count == 1:
                     self._first_at = time.monotonic()
                 else:
                     self._say("second interrupt: exiting now, without a checkpoint")
                     os._exit(EXIT_INTERRUPTED)
+
+
+def _in_finalizer(frame) -> bool:
+    """Whether ``frame`` runs inside a ``__del__`` or a ``weakref.finalize`` callback."""
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "__del__" or code is weakref.finalize.__call__.__code__:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _readable(fd: int, timeout: float | None) -> bool:
