@@ -192,52 +192,66 @@ def orientation(affine: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return tf.stack(axes), tf.stack(flips)
 
 
-def _sample_along(volume: tf.Tensor, axis: int, coords: tf.Tensor, flip: tf.Tensor) -> tuple:
-    """Linear and nearest-neighbour samples of ``volume`` along ``axis`` at continuous indices
-    ``coords`` of the axis (reversed first where ``flip``), as SimpleITK takes them.
+def _stored_index(index: tf.Tensor, last: tf.Tensor, flip: tf.Tensor) -> tf.Tensor:
+    """An index of the axis reversed where ``flip``, as an index of the stored axis."""
+    return tf.where(flip, last - index, index)
 
-    SimpleITK interpolates linearly where the point is inside the buffer (``-0.5 <= c <
-    n - 0.5`` on every axis; the neighbour past the last voxel is the last voxel) and takes the
-    nearest voxel (rounding half up, clamped) on all axes where it is outside on any: returns
-    both, with the per-position ``outside`` flags, for :func:`_resample` to choose.
-    """
-    size = tf.shape(volume)[axis]
-    last = size - 1
+
+def _linear_along(volume: tf.Tensor, axis: int, coords: tf.Tensor, flip: tf.Tensor) -> tf.Tensor:
+    """SimpleITK's linear samples of ``volume`` along ``axis`` at continuous indices ``coords``
+    of the axis (reversed first where ``flip``); the neighbour past the last voxel is the last
+    voxel, and positions outside the buffer are clamped (:func:`_resample` replaces them)."""
+    last = tf.shape(volume)[axis] - 1
     clipped = tf.clip_by_value(coords, 0.0, tf.cast(last, tf.float64))
     low = tf.floor(clipped)
     weight = tf.cast(clipped - low, volume.dtype)
     low = tf.cast(low, tf.int32)
     high = tf.minimum(low + 1, last)
-    nearest = tf.clip_by_value(tf.cast(tf.floor(coords + 0.5), tf.int32), 0, last)
-
-    def index(i):  # an index of the reversed axis, as an index of the stored one
-        return tf.where(flip, last - i, i)
-
     shape = [1] * len(volume.shape)
     shape[axis] = -1
-    a = tf.gather(volume, index(low), axis=axis)
-    b = tf.gather(volume, index(high), axis=axis)
-    linear = a + (b - a) * tf.reshape(weight, shape)
-    outside = (coords < -0.5) | (coords >= tf.cast(size, tf.float64) - 0.5)
-    return linear, tf.gather(volume, index(nearest), axis=axis), outside
+    a = tf.gather(volume, _stored_index(low, last, flip), axis=axis)
+    b = tf.gather(volume, _stored_index(high, last, flip), axis=axis)
+    return a + (b - a) * tf.reshape(weight, shape)
+
+
+def _nearest_along(volume: tf.Tensor, axis: int, coords: tf.Tensor, flip: tf.Tensor) -> tf.Tensor:
+    """SimpleITK's nearest-neighbour samples along ``axis`` (rounding half up, clamped), as
+    :func:`_linear_along` takes its positions."""
+    last = tf.shape(volume)[axis] - 1
+    nearest = tf.clip_by_value(tf.cast(tf.floor(coords + 0.5), tf.int32), 0, last)
+    return tf.gather(volume, _stored_index(nearest, last, flip), axis=axis)
 
 
 def _resample(volume: tf.Tensor, coords: Sequence[tf.Tensor], flips: tf.Tensor) -> tf.Tensor:
     """SimpleITK's linear resampling with the nearest-neighbour extrapolator, of the first three
     axes of ``volume`` at the given per-axis continuous indices (axis ``r`` reversed first where
-    ``flips[r] < 0``): separable on an axis-aligned grid, three gathers for the linear part and
-    three for the nearest part outside the buffer."""
-    linear, nearest, outside = volume, volume, []
+    ``flips[r] < 0``): separable on an axis-aligned grid.
+
+    SimpleITK interpolates linearly where the point is inside the buffer (``-0.5 <= c <
+    n - 0.5`` on every axis) and takes the nearest voxel on all axes where it is outside on any.
+    Three gathers (pairs) for the linear part; three more for the nearest part, only when some
+    position is outside.
+    """
+    linear = volume
+    outside = []
     for r in range(3):
-        linear, _, out = _sample_along(linear, r, coords[r], flips[r] < 0)
-        _, nearest, _ = _sample_along(nearest, r, coords[r], flips[r] < 0)
-        outside.append(out)
-    mask = (
-        outside[0][:, None, None, None]
-        | outside[1][None, :, None, None]
-        | outside[2][None, None, :, None]
-    )
-    return tf.where(mask, nearest, linear)
+        linear = _linear_along(linear, r, coords[r], flips[r] < 0)
+        size = tf.cast(tf.shape(volume)[r], tf.float64)
+        outside.append((coords[r] < -0.5) | (coords[r] >= size - 0.5))
+
+    def with_nearest():
+        nearest = volume
+        for r in range(3):
+            nearest = _nearest_along(nearest, r, coords[r], flips[r] < 0)
+        mask = (
+            outside[0][:, None, None, None]
+            | outside[1][None, :, None, None]
+            | outside[2][None, None, :, None]
+        )
+        return tf.where(mask, nearest, linear)
+
+    any_outside = tf.reduce_any(tf.concat(outside, axis=0))
+    return tf.cond(any_outside, with_nearest, lambda: linear)
 
 
 def resampled_shape(
@@ -315,10 +329,7 @@ def body_box(
         last = tf.where(found, tf.reduce_max(where), shape[axis] - 1)
         starts.append(tf.where(found, tf.maximum(0, first - margin), 0))
         stops.append(tf.where(found, tf.minimum(shape[axis], last + 1 + margin), shape[axis]))
-    any_body = tf.reduce_any(body)
-    start = tf.where(any_body, tf.stack(starts), tf.zeros([3], tf.int32))
-    stop = tf.where(any_body, tf.stack(stops), shape)
-    return start, stop
+    return tf.stack(starts), tf.stack(stops)
 
 
 def normalise(volume: tf.Tensor, plan: GraphPlan) -> tf.Tensor:
