@@ -15,6 +15,7 @@ import pytest
 import tensorflow as tf
 
 from tf_medseg import export
+from tf_medseg.cli.export import serving_inputs
 from tf_medseg.cli.predict import WindowSettings
 from tf_medseg.data.msd import load_task, split_items
 from tf_medseg.inference import (
@@ -76,12 +77,6 @@ SETTINGS = WindowSettings(
 )
 
 
-def _inputs(path):
-    image = nib.load(path)
-    data = np.asarray(image.get_fdata(dtype=np.float32))
-    return (data[..., None] if data.ndim == 3 else data), np.asarray(image.affine, np.float64)
-
-
 def _rotation(axis, degrees):
     c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
     m = np.eye(3)
@@ -124,7 +119,7 @@ def test_preprocessing_and_the_way_back_equal_predicts(request, task_fixture, sp
     plan = export.plan_from_chain(chain, SETTINGS)
     item = task.training[0]
     expected = chain({"case": item["case"], "image": item["image"]})
-    image, affine = _inputs(item["image"])
+    image, affine = serving_inputs(item["image"])
     volume, geometry = export.ServingModule([], plan).preprocess(
         tf.constant(image), tf.constant(affine)
     )
