@@ -396,7 +396,7 @@ def make_plan(fp: dict, machine: dict, workers: int = 1, local_workers: int | No
     coarsest = min(obj) / MIN_OBJECT_VOXELS
     # A small class (a lesion) keeps MIN_SMALL_CLASS_VOXELS across, whatever the organ's size.
     small_name, small, _ = smallest_class(fp)
-    small_size = fp.get("class_diameters_mm", class_diameters(fp)).get(small_name, 0.0)
+    small_size = fp["class_diameters_mm"].get(small_name, 0.0)
     small_note = ""
     if small and small_size > 0:
         coarsest = min(coarsest, small_size / MIN_SMALL_CLASS_VOXELS)
