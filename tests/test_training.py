@@ -643,3 +643,24 @@ def test_deep_supervision_is_refused_for_other_models_in_one_line(spleen_task_di
         "tf-medseg-train: --deep_supervision is implemented for --model=unet3d only (auxiliary "
         "outputs on its decoder levels), not for --model=segresnet"
     ]
+
+
+def test_resuming_with_another_network_names_the_flags_in_one_line_each(spleen_task_dir, tmp_path):
+    """A checkpoint restores only into the network and optimiser that wrote it: a changed
+    --deep_supervision or --depth is named, not reported as an unreadable checkpoint."""
+    first, _ = _run(tiny_config(spleen_task_dir, tmp_path, epochs=1))
+    checkpoints = os.path.join(str(tmp_path), "checkpoints")
+    changed = tiny_config(spleen_task_dir, tmp_path, deep_supervision=True, depth=3, epochs=2)
+    with pytest.raises(ConfigError) as err:
+        Trainer(changed)
+    assert str(err.value).splitlines() == [
+        f"--depth=3 differs from the --depth=2 of the run whose checkpoints are in "
+        f"{checkpoints}: resume with that value, or train in another --workdir",
+        f"--deep_supervision=true differs from the --deep_supervision=false of the run whose "
+        f"checkpoints are in {checkpoints}: resume with that value, or train in another --workdir",
+    ]
+    resumed = Trainer(tiny_config(spleen_task_dir, tmp_path, epochs=2))  # the same: resumes
+    try:
+        assert resumed.restored_from is not None and resumed.state.step == first.state.step > 0
+    finally:
+        resumed.close()

@@ -30,6 +30,19 @@ PAPER_SAMPLER = {
 }
 
 
+#: The settings that shape the checkpoint's variables (the network and the optimiser's slots): a
+#: run resumes only with the values its checkpoints were written with.
+CHECKPOINT_FIELDS = (
+    "model",
+    "base_filters",
+    "depth",
+    "norm",
+    "residual",
+    "deep_supervision",
+    "optimizer",
+)
+
+
 def _f(default, help_text: str, **kw):
     return field(default=default, metadata={"help": help_text, **kw})
 
@@ -351,6 +364,41 @@ def config_from_flags(flag_values=None) -> TrainConfig:
         raw = flag_values[f.name].value
         values[f.name] = _coerce(TrainConfig, f.name, raw)
     return TrainConfig(**values)
+
+
+def _flag_value(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return str(value)
+
+
+def resume_conflicts(config: TrainConfig) -> list[str]:
+    """The settings in :data:`CHECKPOINT_FIELDS` that differ from those of the run whose
+    checkpoints are in ``workdir/checkpoints`` (its ``config.json``), one line each; empty when
+    there are no checkpoints or no readable ``config.json`` beside them.
+
+    Without this check the restore fails on every checkpoint with TensorFlow's shape or
+    object-matching errors, which do not name the flag.
+    """
+    if not config.workdir:
+        return []
+    checkpoints = os.path.join(config.workdir, "checkpoints")
+    try:
+        with open(os.path.join(config.workdir, "config.json")) as f:
+            saved = TrainConfig.from_json(f.read())
+    except (OSError, ValueError, TypeError):
+        return []
+    if not os.path.isfile(os.path.join(checkpoints, "checkpoint")):
+        return []
+    return [
+        f"--{name}={_flag_value(getattr(config, name))} differs from the "
+        f"--{name}={_flag_value(getattr(saved, name))} of the run whose checkpoints are in "
+        f"{checkpoints}: resume with that value, or train in another --workdir"
+        for name in CHECKPOINT_FIELDS
+        if getattr(config, name) != getattr(saved, name)
+    ]
 
 
 def steps_upper_bound(config: TrainConfig, patches_per_epoch: int) -> int:

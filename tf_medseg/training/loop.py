@@ -42,7 +42,7 @@ from tf_medseg.training.build import (
     restore_latest,
     source_state_json,
 )
-from tf_medseg.training.config import TrainConfig
+from tf_medseg.training.config import TrainConfig, resume_conflicts
 from tf_medseg.training.interrupts import Interrupts, TrainingInterrupted
 from tf_medseg.training.state import RunState
 from tf_medseg.training.validation import ValidationResult, make_window_predictor, validate
@@ -66,12 +66,13 @@ class Trainer:
         dist: The workers (default: :func:`tf_medseg.distributed.setup`).
 
     Raises:
-        ConfigError: The configuration is contradictory (every problem listed).
+        ConfigError: The configuration is contradictory, or changes the network or optimiser of
+            the run whose checkpoints are in the workdir (every problem listed).
         DataError: The data folder or a file in it is bad.
     """
 
     def __init__(self, config: TrainConfig, dist: distributed.Distributed | None = None):
-        errors = config.validate()
+        errors = config.validate() + resume_conflicts(config)
         if errors:
             raise ConfigError("\n".join(errors))
         start = time.time()  # the run's wall time counts the set-up
