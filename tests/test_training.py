@@ -7,11 +7,13 @@ import glob
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from tiny_config import tiny_config, validations
+from tiny_config import TINY_FLAGS, tiny_config, validations
 
 from tf_medseg.training import hooks as hooks_lib
 from tf_medseg.training.config import PAPER_SAMPLER
@@ -658,6 +660,19 @@ def test_resuming_with_another_network_names_the_flags_in_one_line_each(spleen_t
         f"{checkpoints}: resume with that value, or train in another --workdir",
         f"--deep_supervision=true differs from the --deep_supervision=false of the run whose "
         f"checkpoints are in {checkpoints}: resume with that value, or train in another --workdir",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "tf_medseg.cli.train", *TINY_FLAGS, "--optimizer=sgd"]
+        + [f"--data_dir={spleen_task_dir}", f"--workdir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"tf-medseg-train: --optimizer=sgd differs from the --optimizer={first.config.optimizer} "
+        f"of the run whose checkpoints are in {checkpoints}: resume with that value, or train in "
+        "another --workdir"
     ]
     resumed = Trainer(tiny_config(spleen_task_dir, tmp_path, epochs=2))  # the same: resumes
     try:

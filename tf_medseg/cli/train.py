@@ -46,6 +46,7 @@ from tf_medseg.training.config import (  # noqa: E402
     TrainConfig,
     config_from_flags,
     define_flags,
+    resume_conflicts,
     split_of,
 )
 from tf_medseg.training.interrupts import (  # noqa: E402
@@ -169,7 +170,7 @@ def main(argv: list[str]) -> int:
             print(f"tf-medseg-train: {line}", file=sys.stderr)
         return 2
     config = config_from_flags()
-    errors = config.validate()
+    errors = config.validate() + resume_conflicts(config)
     if errors:
         for line in errors:
             print(f"tf-medseg-train: {line}", file=sys.stderr)
