@@ -652,13 +652,22 @@ def test_resuming_with_another_network_names_the_flags_in_one_line_each(spleen_t
     --deep_supervision or --depth is named, not reported as an unreadable checkpoint."""
     first, _ = _run(tiny_config(spleen_task_dir, tmp_path, epochs=1))
     checkpoints = os.path.join(str(tmp_path), "checkpoints")
-    changed = tiny_config(spleen_task_dir, tmp_path, deep_supervision=True, depth=3, epochs=2)
+    changed = tiny_config(
+        spleen_task_dir,
+        tmp_path,
+        deep_supervision=True,
+        depth=3,
+        precision="mixed_float16",  # a loss scale the checkpoints do not hold
+        epochs=2,
+    )
     with pytest.raises(ConfigError) as err:
         Trainer(changed)
     assert str(err.value).splitlines() == [
         f"--depth=3 differs from the --depth=2 of the run whose checkpoints are in "
         f"{checkpoints}: resume with that value, or train in another --workdir",
         f"--deep_supervision=true differs from the --deep_supervision=false of the run whose "
+        f"checkpoints are in {checkpoints}: resume with that value, or train in another --workdir",
+        f"--precision=mixed_float16 differs from the --precision=float32 of the run whose "
         f"checkpoints are in {checkpoints}: resume with that value, or train in another --workdir",
     ]
     result = subprocess.run(

@@ -377,7 +377,10 @@ def _flag_value(value) -> str:
 def resume_conflicts(config: TrainConfig) -> list[str]:
     """The settings in :data:`CHECKPOINT_FIELDS` that differ from those of the run whose
     checkpoints are in ``workdir/checkpoints`` (its ``config.json``), one line each; empty when
-    there are no checkpoints or no readable ``config.json`` beside them.
+    there are no checkpoints or no readable ``config.json`` beside them. Also
+    ``--precision=mixed_float16`` after another precision: its ``LossScaleOptimizer`` expects a
+    loss scale those checkpoints do not hold (the other way round resumes, the loss scale
+    dropped).
 
     Without this check the restore fails on every checkpoint with TensorFlow's shape or
     object-matching errors, which do not name the flag.
@@ -392,12 +395,14 @@ def resume_conflicts(config: TrainConfig) -> list[str]:
         return []
     if not os.path.isfile(os.path.join(checkpoints, "checkpoint")):
         return []
+    changed = [name for name in CHECKPOINT_FIELDS if getattr(config, name) != getattr(saved, name)]
+    if config.precision == "mixed_float16" != saved.precision:
+        changed.append("precision")
     return [
         f"--{name}={_flag_value(getattr(config, name))} differs from the "
         f"--{name}={_flag_value(getattr(saved, name))} of the run whose checkpoints are in "
         f"{checkpoints}: resume with that value, or train in another --workdir"
-        for name in CHECKPOINT_FIELDS
-        if getattr(config, name) != getattr(saved, name)
+        for name in changed
     ]
 
 
