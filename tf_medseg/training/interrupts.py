@@ -130,11 +130,13 @@ class Interrupts:
         """Restores the previous handlers and stops the watchdog."""
         if self._pipe is None:
             return
+        # First: the watchdog raises no signal again (through interrupt_main) once the previous
+        # handlers are back.
+        self._closing.set()
         signal.set_wakeup_fd(self._previous_fd)
         sys.unraisablehook = self._previous_hook
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
-        self._closing.set()
         os.close(self._pipe[1])  # the watchdog's read returns b""
         self._watchdog.join(timeout=5)
         os.close(self._pipe[0])
