@@ -2,6 +2,7 @@
 resume, the lock (the schedule alone: test_cache_schedule.py)."""
 
 import json
+import logging
 import os
 import sys
 import threading
@@ -16,6 +17,7 @@ from tf_medseg.cache import (
     SmartCache,
     item_nbytes,
 )
+from tf_medseg.cache.sources import SourceOptions, make_source
 
 SIDE = 4
 
@@ -311,15 +313,21 @@ def test_each_rank_caches_its_own_shard():
     assert not (held[0] & held[1] or held[0] & held[2] or held[1] & held[2])
 
 
-def test_memory_budget_sizes_the_cache_and_refuses_what_does_not_fit():
+def test_memory_budget_sizes_the_cache_and_refuses_what_does_not_fit(caplog):
     one = item_nbytes(index_prefix(make_items(1)[0]))
     assert one == SIDE**3 * 4 + SIDE**3 + (8 + 56) * 3 * 4
     items = make_items(10)
     kwargs = dict(progress=False, shuffle=False)
-    with SmartCache(
-        items, index_prefix, replace_rate=0.0, memory_budget_bytes=3.5 * one, **kwargs
-    ) as c:
-        assert c.cache_num == 3 and c.item_bytes == one
+    # A fixed subset (no replacement) is said in one warning.
+    with caplog.at_level(logging.WARNING):
+        with SmartCache(
+            items, index_prefix, replace_rate=0.0, memory_budget_bytes=3.5 * one, **kwargs
+        ) as c:
+            assert c.cache_num == 3 and c.item_bytes == one
+    assert [r.getMessage() for r in caplog.records if "replaces none" in r.getMessage()] == [
+        "the cache holds 3 of the 10 items of the training set and replace_rate=0 replaces "
+        "none: training sees only those 3; raise replace_rate to cycle the others through"
+    ]
     # With replacements in flight: n + ceil(n / 2) <= 3 gives n = 2.
     with SmartCache(
         items, index_prefix, replace_rate=0.5, memory_budget_bytes=3 * one, **kwargs
@@ -476,3 +484,26 @@ def test_cache_dir_lets_a_second_cache_skip_the_prefix(tmp_path):
             np.testing.assert_array_equal(item["image"], reference[index])
             assert item["image"].ctypes.data % 64 == 0
     assert (first.calls, second.calls) == (4, 0)
+
+
+def test_a_full_cache_holds_every_item_or_refuses_in_one_line_naming_the_smart_cache():
+    """``--cache=full`` means every item: a budget that cannot hold them all is an error that
+    says how much is needed and what to use instead (before, the budget shrank it to a fixed
+    subset that was never replaced, without a word)."""
+    one = item_nbytes(index_prefix(make_items(1)[0]))
+    items = make_items(10)
+    kwargs = dict(progress=False, shuffle=False)
+    with make_source(
+        "full", items, index_prefix, SourceOptions(memory_budget_bytes=10 * one, **kwargs)
+    ) as c:
+        c.fill()
+        assert c.cache_num == 10 and sorted(c.cached_indices()) == list(range(10))
+    with pytest.raises(CacheBudgetError) as err:
+        make_source(
+            "full", items, index_prefix, SourceOptions(memory_budget_bytes=3.5 * one, **kwargs)
+        )
+    message = str(err.value)
+    assert "\n" not in message
+    assert "--cache=full holds every one of the 10 items" in message
+    assert f"{10 * one / 2**20:.1f} MB" in message and "--cache=smart" in message
+    assert "it holds 3 and replaces them" in message

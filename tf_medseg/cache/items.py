@@ -96,6 +96,7 @@ def budget_cache_num(
     shard_size: int,
     largest_path: str,
     agree: Agree | None = None,
+    whole: bool = False,
 ) -> int:
     """The number of cached items a memory budget holds, with their replacements in flight.
 
@@ -111,9 +112,12 @@ def budget_cache_num(
         shard_size: Items of this rank's part (see :func:`~tf_medseg.cache.replace_count`).
         largest_path: The file of the largest measured item, for the error message.
         agree: The workers' collective (see :class:`~tf_medseg.cache.SmartCache`).
+        whole: The cache must hold every item of the part (``--cache=full``): fewer is an
+            error that names the smart cache as the way on.
 
     Raises:
-        CacheBudgetError: When the budget holds no item, or fewer than an explicit ``wanted``.
+        CacheBudgetError: When the budget holds no item, or fewer than an explicit ``wanted``
+            (or, with ``whole``, fewer than every item).
     """
     fits = budget_bytes // item_bytes
 
@@ -121,9 +125,18 @@ def budget_cache_num(
         return n + replace_count(n, replace_rate, shard_size)
 
     best = max((n for n in range(1, wanted + 1) if need(n) <= fits), default=0)
-    mine = -1 if explicit and best < wanted else best
+    mine = -1 if (explicit or whole) and best < wanted else best
     agreed = agree(mine) if agree is not None else mine
     mb = 2**20
+    if agreed < 0 and whole:
+        raise CacheBudgetError(
+            f"--cache=full holds every one of the {wanted} items of "
+            f"{'this worker' if agree is None else 'each worker'}, up to {item_bytes / mb:.1f} MB "
+            f"each: {wanted * item_bytes / mb:.1f} MB, above the memory budget of "
+            f"{budget_bytes / mb:.1f} MB" + (" (on another worker)" if mine >= 0 else "") + ": "
+            f"use --cache=smart (it holds {max(best, 1)} and replaces them within the budget) or "
+            "raise --memory_budget_gb"
+        )
     if agreed < 0:
         raise CacheBudgetError(
             f"a smart cache of {wanted} items (+{need(wanted) - wanted} replacements in "

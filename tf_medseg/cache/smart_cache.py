@@ -129,6 +129,9 @@ class SmartCache:
         agree: With several workers, a collective that takes this worker's cache size (0: the
             budget holds none; -1: the requested ``cache_num`` does not fit) and returns the one
             every worker uses, the minimum (see ``tf_medseg.distributed``).
+        whole: Hold every item of the shard (``--cache=full``): ``cache_num`` and
+            ``cache_rate`` are ignored, nothing is replaced, and a memory budget that cannot hold
+            them all is a :class:`CacheBudgetError`, not a smaller cache.
 
     Raises:
         ValueError: On an empty item list or an out-of-range argument.
@@ -156,9 +159,12 @@ class SmartCache:
         replace_nice: int = 10,
         budget_items: int = 3,
         agree: Agree | None = None,
+        whole: bool = False,
     ):
         if not items:
             raise ValueError("SmartCache needs at least one item")
+        if whole:
+            cache_num, replace_rate = None, 0.0
         if not 0.0 <= replace_rate <= 1.0:
             raise ValueError(f"replace_rate must be in [0, 1], got {replace_rate}")
         if not 0.0 < cache_rate <= 1.0:
@@ -199,12 +205,24 @@ class SmartCache:
 
         smallest = smallest_shard(len(self._items), world_size)
         wanted = cache_num if cache_num is not None else max(1, int(smallest * cache_rate))
-        wanted = min(wanted, smallest)
+        wanted = smallest if whole else min(wanted, smallest)
         if memory_budget_bytes is not None:
             sample = walk.head(self.budget_items)
-            wanted = self._fit_budget(sample, wanted, explicit=cache_num is not None, agree=agree)
+            explicit = cache_num is not None
+            wanted = self._fit_budget(sample, wanted, explicit, agree, whole)
         self.cache_num = wanted
         self.replace_num = replace_count(self.cache_num, self.replace_rate, self.shard_size)
+        if self.replace_num == 0 and self.cache_num < walk.part_size:
+            # A budget (or cache_num) below the part with no replacement: say that training sees
+            # only a fixed subset, instead of leaving the user to find it out from the Dice.
+            logging.warning(
+                "the cache holds %d of the %d items of %s and replace_rate=0 replaces none: "
+                "training sees only those %d; raise replace_rate to cycle the others through",
+                self.cache_num,
+                walk.part_size,
+                "this worker" if world_size > 1 else "the training set",
+                self.cache_num,
+            )
         names = [str(item.get("case", i)) for i, item in enumerate(self._items)]
         self._schedule = CacheSchedule(walk, self.cache_num, self.replace_num, names)
 
@@ -229,7 +247,12 @@ class SmartCache:
                 raise
 
     def _fit_budget(
-        self, sample: Sequence[int], wanted: int, explicit: bool, agree: Agree | None
+        self,
+        sample: Sequence[int],
+        wanted: int,
+        explicit: bool,
+        agree: Agree | None,
+        whole: bool = False,
     ) -> int:
         """Measures the ``sample`` items (the first the fill takes, which it then reuses), sets
         ``item_bytes`` to the largest, and returns the cache size the budget holds."""
@@ -245,6 +268,7 @@ class SmartCache:
             shard_size=self.shard_size,
             largest_path=item_path(self._items[largest]),
             agree=agree,
+            whole=whole,
         )
 
     def _result(self, index: int) -> CachedItem:

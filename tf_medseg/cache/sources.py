@@ -198,7 +198,8 @@ def make_source(
 
     Args:
         mode: ``"smart"`` (gradual replacement), ``"full"`` (every item of the shard cached, no
-            replacement) or ``"none"`` (prefix every epoch; the baseline).
+            replacement; a memory budget that cannot hold them all is an error) or ``"none"``
+            (prefix every epoch; the baseline).
         items: Item dicts.
         prefix: The deterministic prefix.
         options: How the source holds and deals the items (what a mode does not use is
@@ -219,13 +220,12 @@ def make_source(
         )
     if mode not in CACHE_MODES:
         raise ValueError(f"unknown cache mode {mode!r}; choose from {CACHE_MODES}")
-    full = mode == "full"
     return SmartCache(
         items,
         prefix,
-        cache_num=None if full else o.cache_num,
-        cache_rate=1.0 if full else o.cache_rate,
-        replace_rate=0.0 if full else o.replace_rate,
+        cache_num=o.cache_num,
+        cache_rate=o.cache_rate,
+        replace_rate=o.replace_rate,
         num_init_workers=o.num_workers,
         num_replace_workers=o.num_replace_workers,
         shuffle=o.shuffle,
@@ -237,6 +237,7 @@ def make_source(
         cache_dir=o.cache_dir,
         progress=o.progress,
         agree=agree,
+        whole=mode == "full",
     )
 
 
