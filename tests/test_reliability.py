@@ -7,6 +7,7 @@ The kill, interrupt and resume tests run the real ``tf-medseg-train`` command in
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import glob
 import json
 import logging
@@ -104,22 +105,28 @@ def test_sigkill_at_a_random_moment_then_resume_equals_a_run_never_killed(
     assert [line["step"] for line in validations(workdir)] == list(range(2, 61, 2))
 
 
-def _signal_at(command, signum, delay, timeout=20.0):
+def _signal_at(command, signum, delay, log, timeout=20.0):
     """Runs ``command``, sends ``signum`` after ``delay`` seconds (or when it ends, if sooner);
-    returns (returncode, stderr, seconds from the signal to the exit)."""
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
+    returns (returncode, stderr, seconds from the signal to the exit; inf if it did not exit
+    within ``timeout`` and was killed). The run's whole stderr is kept in the file ``log``."""
+    with open(log, "w+") as out:
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=out, text=True)
+        seconds = float("inf")
         try:
-            proc.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signum)
-        sent = time.time()
-        _, stderr = proc.communicate(timeout=timeout)
-        return proc.returncode, stderr, time.time() - sent
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+            try:
+                proc.wait(timeout=delay)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signum)
+            sent = time.time()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=timeout)
+                seconds = time.time() - sent
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        out.seek(0)
+        return proc.returncode, out.read(), seconds
 
 
 def _saved_at(stderr):
@@ -128,48 +135,59 @@ def _saved_at(stderr):
     return int(match.group(1)) if match else None
 
 
-def _signal_lane(command, workdir, signals, rng):
+def _signal_lane(command, workdir, signals, rng, logs):
     """One run's life stopped by each of ``signals`` in turn, restarted with the same command.
 
     The first start is stopped once it trains; its time to the first checkpoint sets the range
-    of the random moments. Returns ``(moments, last checkpointed step)``.
+    of the random moments. Every start's stderr is kept in the folder ``logs``, and a failed
+    assertion shows the whole of it. Returns ``(moments, last checkpointed step)``.
     """
+    os.makedirs(logs, exist_ok=True)
+    first_log = os.path.join(logs, "first.txt")
     start = time.time()
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        assert _wait_for(lambda: _checkpoint_steps(workdir), 180, proc), "never trained"
-        first_epoch_s = time.time() - start
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, stderr[-3000:]
+    with open(first_log, "w+") as out:
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=out, text=True)
+        try:
+            trained = _wait_for(lambda: _checkpoint_steps(workdir), 180, proc)
+            first_epoch_s = time.time() - start
+            proc.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        out.seek(0)
+        stderr = out.read()
+    where = f"{workdir} first start (log {first_log})"
+    assert trained, f"{where}: never trained\n{stderr}"
+    assert proc.returncode == 130, f"{where}: exit {proc.returncode}\n{stderr}"
     saved = _saved_at(stderr)
-    assert saved is not None and saved in _checkpoint_steps(workdir), stderr[-3000:]
+    assert saved is not None and saved in _checkpoint_steps(workdir), f"{where}:\n{stderr}"
     moments = {"before training": 0, "in training": 0}
     for run, signum in enumerate(signals):
         # From 0.3 s: the interpreter's own start-up (about 0.1 s) precedes any handler.
         delay = rng.uniform(0.3, first_epoch_s + 3.0)
-        code, stderr, seconds = _signal_at(command, signum, delay)
-        where = f"{workdir} run {run}: {signal.Signals(signum).name} after {delay:.2f} s"
-        assert code == 130, f"{where}: exit {code}\n{stderr[-3000:]}"
-        assert seconds < 20, f"{where}: exited {seconds:.1f} s after the signal"
+        log = os.path.join(logs, f"run-{run}.txt")
+        code, stderr, seconds = _signal_at(command, signum, delay, log)
+        where = (
+            f"{workdir} run {run}: {signal.Signals(signum).name} after {delay:.2f} s (log {log})"
+        )
+        assert code == 130, f"{where}: exit {code}\n{stderr}"
+        assert seconds < 20, f"{where}: exited {seconds:.1f} s after the signal\n{stderr}"
         assert (
             "Traceback" not in stderr and "did not stop within" not in stderr
-        ), f"{where}:\n{stderr[-3000:]}"
+        ), f"{where}:\n{stderr}"
         step = _saved_at(stderr)
         if step is None:
             moments["before training"] += 1
             # (TensorFlow may log after it, e.g. about a restore the signal cut short.)
-            assert re.search(
-                r"interrupted .*nothing (new )?to save", stderr
-            ), f"{where}:\n{stderr[-2000:]}"
+            assert re.search(r"interrupted .*nothing (new )?to save", stderr), f"{where}:\n{stderr}"
         else:
             moments["in training"] += 1
             assert step >= saved, f"{where}: resumed behind the last checkpoint ({step} < {saved})"
             resumed = f"resumed from {os.path.join(workdir, 'checkpoints', f'ckpt-{saved}')}"
-            assert resumed in stderr, f"{where}:\n{stderr[-2000:]}"
+            assert resumed in stderr, f"{where}:\n{stderr}"
             assert step in _checkpoint_steps(workdir), f"{where}: no checkpoint at step {step}"
             saved = step
     return moments, saved
@@ -188,7 +206,8 @@ def test_signals_at_random_moments_exit_130_with_a_resumable_checkpoint(spleen_t
     def lane(name):
         workdir = str(tmp_path / name)
         command = _train_command(spleen_task_dir, workdir, "--max_steps=100000", "--val_every=1")
-        return _signal_lane(command, workdir, lanes[name], random.Random(f"{seed}{name}"))
+        logs = str(tmp_path / f"logs-seed-{seed}-{name}")
+        return _signal_lane(command, workdir, lanes[name], random.Random(f"{seed}{name}"), logs)
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         results = dict(zip(lanes, pool.map(lane, lanes), strict=True))
