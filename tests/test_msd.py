@@ -212,3 +212,47 @@ def test_written_split_file_is_read_back_to_the_same_split(tmp_path):
     assert write_split_file(path, train, val) == path
     assert json.loads(open(path).read()) == {"train": _cases(train), "validation": _cases(val)}
     assert read_split_file(path, items) == (train, val)
+
+
+def _task_with_linked_folders(spleen_task_dir, tmp_path) -> str:
+    """A copy of the task whose imagesTr/ and labelsTr/ are symlinks to folders elsewhere (as
+    on clusters, where the images live on shared storage)."""
+    root = str(tmp_path / "task")
+    shared = tmp_path / "shared"
+    shutil.copytree(spleen_task_dir, root, ignore=shutil.ignore_patterns(".tf_medseg_cache"))
+    for name in ("imagesTr", "labelsTr"):
+        shutil.move(os.path.join(root, name), shared / name)
+        os.symlink(shared / name, os.path.join(root, name))
+    return root
+
+
+def test_symlinked_image_and_label_folders_are_the_folders_own(spleen_task_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from tiny_config import TINY_FLAGS
+
+    root = _task_with_linked_folders(spleen_task_dir, tmp_path)
+    task = load_task(root)
+    assert len(task.training) == 6
+    for item in task.training:  # the path as dataset.json names it, inside the task folder
+        assert item["image"].startswith(os.path.join(root, "imagesTr") + os.sep)
+        assert os.path.isfile(item["label"])
+    result = subprocess.run(
+        [sys.executable, "-m", "tf_medseg.cli.train", *TINY_FLAGS, "--dry_run"]
+        + [f"--data_dir={root}", f"--workdir={tmp_path / 'run'}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "dry run: wrote config.json" in result.stdout
+
+
+@pytest.mark.parametrize("bad", ["../x.nii.gz", "imagesTr/../../x.nii.gz", "/abs/x.nii.gz"])
+def test_a_linked_task_still_refuses_paths_that_leave_it(spleen_task_dir, tmp_path, bad):
+    root = _task_with_linked_folders(spleen_task_dir, tmp_path)
+    _write_meta(root, _meta([{"image": bad, "label": "./labelsTr/spleen_000.nii.gz"}]))
+    with pytest.raises(DataError, match="outside the data folder|absolute path") as err:
+        load_task(root)
+    assert "dataset.json" in str(err.value) and bad in str(err.value)

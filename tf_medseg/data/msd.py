@@ -7,8 +7,8 @@ A task folder holds ``dataset.json`` (name, modality, labels, training and test 
 
 Training/validation splits are deterministic: by seed and fraction (or count), by seed into
 cross-validation folds, or from an explicit split file (``split.json``, which
-:func:`write_split_file` writes). The paper's splits (validation cases) are spleen 9 of 41, heart 4 of 20 and
-liver 27 of 131: :data:`PAPER_VALIDATION_CASES`.
+:func:`write_split_file` writes). The paper's splits (validation cases) are spleen 9 of 41,
+heart 4 of 20 and liver 27 of 131: :data:`PAPER_VALIDATION_CASES`.
 """
 
 from __future__ import annotations
@@ -72,13 +72,18 @@ class MSDTask:
 def resolve_path(root: str, relative: str, source: str) -> str:
     """Resolves a path from dataset.json inside the task folder.
 
+    The path is judged as written (lexically): absolute paths and ``..`` that climb out of the
+    folder are refused, and the folder's own symlinks are followed wherever they lead
+    (``imagesTr/`` linked to shared storage is the folder's own; dataset.json naming
+    ``../x.nii.gz`` is not).
+
     Args:
         root: The task folder.
         relative: The path as written in dataset.json (``./imagesTr/x.nii.gz``).
         source: The file the path came from, for the error message.
 
     Returns:
-        The absolute path.
+        The absolute path inside ``root`` (symlinks not resolved).
 
     Raises:
         DataError: The path is absolute or leaves the task folder.
@@ -87,11 +92,10 @@ def resolve_path(root: str, relative: str, source: str) -> str:
         raise DataError(f"{source}: expected a relative file path, got {relative!r}")
     if os.path.isabs(relative):
         raise DataError(f"{source}: absolute path {relative!r} is not allowed; paths are relative")
-    root_real = os.path.realpath(root)
-    resolved = os.path.realpath(os.path.join(root_real, relative))
-    if os.path.commonpath([root_real, resolved]) != root_real:
+    inside = os.path.normpath(relative)
+    if inside == os.pardir or inside.startswith(os.pardir + os.sep):
         raise DataError(f"{source}: path {relative!r} leads outside the data folder {root}")
-    return resolved
+    return os.path.join(os.path.abspath(root), inside)
 
 
 def case_name(path: str) -> str:
