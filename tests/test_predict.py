@@ -233,3 +233,23 @@ def test_inputs_are_nifti_files_of_a_folder(tmp_path):
         list_inputs(str(tmp_path / "empty"))
     with pytest.raises(DataError, match="not a NIfTI"):
         list_inputs(str(tmp_path / "notes.txt"))
+
+
+def test_a_model_without_its_config_json_is_refused_in_one_line(trained):
+    """The window settings are the training run's (config.json); the .keras model takes any
+    window size (its spatial input is free), so nothing else says which: no default is guessed."""
+    folder = trained["root"] / "no_config"
+    shutil.copytree(
+        trained["workdir"], folder, ignore=shutil.ignore_patterns("checkpoints", "config.json")
+    )
+    out = trained["root"] / "no_config_predictions"
+    result = _cli(
+        "tf_medseg.cli.predict",
+        f"--model={folder}",
+        f"--input={os.path.join(trained['data'], 'imagesTs')}",
+        f"--output={out}",
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("tf-medseg-predict: ") and str(folder / "config.json") in last
+    assert not out.exists()

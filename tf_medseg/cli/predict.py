@@ -10,7 +10,8 @@ Usage::
 ``--model`` is a training workdir (its ``best_model.keras`` is used) or a ``.keras`` file; the
 files the trainer writes beside it say how to preprocess: ``preprocessing.json`` (the
 deterministic chain, required), ``config.json`` (the sliding-window defaults: ``val_roi_size``,
-``val_overlap``, ``val_mode``, ``val_keep_largest``) and ``task.json`` (modality and class names).
+``val_overlap``, ``val_mode``, ``val_keep_largest``; required) and ``task.json`` (modality and
+class names).
 Each input goes through the same deterministic preprocessing as in training (reorient, resample,
 crop, normalise), the sliding window, argmax and optionally the largest connected component per
 class; then the resampling, crop and reorientation are undone and ``OUTPUT/<case>.nii.gz`` is
@@ -32,7 +33,7 @@ from collections.abc import Sequence
 import nibabel as nib
 import numpy as np
 import tensorflow as tf
-from absl import app, flags, logging
+from absl import app, flags
 from tqdm import tqdm
 
 import tf_medseg.models  # noqa: F401  (registers the custom layers that load_model needs)
@@ -234,8 +235,9 @@ class Segmenter:
 
         Raises:
             FileNotFoundError: A model or its ``preprocessing.json`` is missing.
-            ModelError: A bad ``preprocessing.json``, window settings a model cannot take, or
-                models of an ensemble with different preprocessing or classes.
+            ModelError: A bad ``preprocessing.json``, a missing ``config.json``, window settings
+                a model cannot take, or models of an ensemble with different preprocessing or
+                classes.
         """
         names = model.split(",") if isinstance(model, str) else list(model)
         runs = [_read_run(name.strip()) for name in names if name.strip()]
@@ -325,12 +327,16 @@ def _read_run(model: str) -> dict:
     chain and its config), class labels and modalities."""
     path, folder = model_files(model)
     config_path = os.path.join(folder, "config.json")
-    if os.path.isfile(config_path):
-        with open(config_path) as f:
-            config = TrainConfig.from_json(f.read())
-    else:
-        logging.warning("%s not found: default window settings", config_path)
-        config = TrainConfig()
+    if not os.path.isfile(config_path):
+        # The .keras model takes windows of any size (its spatial input is free): nothing but
+        # the run's configuration says which window, overlap and blending it was validated with.
+        raise ModelError(
+            f"{config_path} not found: the window settings (val_roi_size, val_overlap, val_mode) "
+            "are the training run's and the model does not hold them; copy config.json from "
+            "the run's workdir beside the model"
+        )
+    with open(config_path) as f:
+        config = TrainConfig.from_json(f.read())
     preprocessing_path = os.path.join(folder, "preprocessing.json")
     with open(preprocessing_path) as f:
         try:
