@@ -60,6 +60,7 @@ setup(
             "tf-medseg-plan=tf_medseg.cli.plan:run",
             "tf-medseg-launch=tf_medseg.cli.launch:run",
             "tf-medseg-export=tf_medseg.cli.export:run",
+            "tf-medseg-download=tf_medseg.cli.download:run",
         ]
     },
 )
