@@ -6,6 +6,7 @@ import dataclasses
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -102,12 +103,10 @@ def test_resume_continues_from_saved_step_and_optimizer_state(spleen_task_dir, t
     "change,said",
     [
         ({"cache_num": 3}, "cache_num 2 -> 3"),
-        ({"seed": 7}, "seed 0 -> 7"),
-        ({"num_val": 3}, "num_items 4 -> 3"),
         ({"cache": "none"}, None),
     ],
 )
-def test_resume_into_a_changed_run_says_what_changed_and_refills(
+def test_resume_into_a_changed_cache_says_what_changed_and_refills(
     spleen_task_dir, tmp_path, caplog, change, said
 ):
     first, _ = _run(tiny_config(spleen_task_dir, tmp_path / "run", epochs=1, seed=0))
@@ -688,3 +687,153 @@ def test_resuming_with_another_network_names_the_flags_in_one_line_each(spleen_t
         assert resumed.restored_from is not None and resumed.state.step == first.state.step > 0
     finally:
         resumed.close()
+
+
+def _refusal(workdir, flag, new, old, why):
+    checkpoints = os.path.join(str(workdir), "checkpoints")
+    return (
+        f"--{flag}={new} differs from the --{flag}={old} of the run whose checkpoints are in "
+        f"{checkpoints}: {why}; resume with that value, or train in another --workdir "
+        f"(--finetune_from={workdir} starts it from this run's weights)"
+    )
+
+
+def test_resuming_on_another_split_is_refused_and_finetune_from_starts_a_new_run_from_its_weights(
+    spleen_task_dir, tmp_path
+):
+    """Another seed, fold or validation count would validate on cases the weights trained on:
+    refused, one line per flag (the Trainer and the CLI); --finetune_from in another workdir
+    takes the weights alone (step, optimiser, sampler and best Dice start afresh)."""
+    from tf_medseg.training.config import resume_conflicts
+
+    run = tmp_path / "run"
+    first, _ = _run(tiny_config(spleen_task_dir, run, epochs=1, pos_fraction=0.6))
+    seed_line = _refusal(
+        run, "seed", 7, 0, "the seed draws the split, the cache order and the patches"
+    )
+    with pytest.raises(ConfigError) as err:
+        Trainer(tiny_config(spleen_task_dir, run, epochs=2, seed=7))
+    assert str(err.value).splitlines() == [seed_line]
+    folds = tiny_config(spleen_task_dir, run, epochs=2, num_val=0, num_folds=3, fold=1)
+    why = "the validation cases would change under the trained weights (split.json)"
+    assert resume_conflicts(folds) == [
+        _refusal(run, "num_val", 0, 2, why),
+        _refusal(run, "num_folds", 3, 0, why),
+        _refusal(run, "fold", 1, 0, why),
+    ]
+    # The saved split given as a split file is the same split: it resumes.
+    same = tiny_config(spleen_task_dir, run, epochs=2, split_file=str(run / "split.json"))
+    assert resume_conflicts(dataclasses.replace(same, num_val=0)) == []
+    result = subprocess.run(
+        [sys.executable, "-m", "tf_medseg.cli.train", *TINY_FLAGS, "--seed=7"]
+        + [f"--data_dir={spleen_task_dir}", f"--workdir={run}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"tf-medseg-train: {seed_line}"]
+
+    tuned = tiny_config(
+        spleen_task_dir, tmp_path / "tuned", epochs=1, seed=7, finetune_from=str(run)
+    )
+    second = Trainer(tuned)
+    try:
+        assert second.restored_from is None and second.state.step == 0
+        assert int(second.optimizer.iterations.numpy()) == 0
+        assert second.state.best_dice < 0 <= first.state.best_dice
+        assert float(second.sampler.positive_fraction.numpy()) == pytest.approx(0.5)
+        for a, b in zip(
+            first.model.trainable_variables, second.model.trainable_variables, strict=True
+        ):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+        summary = second.fit()
+    finally:
+        second.close()
+    assert summary["steps"] == 2
+    assert json.load(open(tmp_path / "tuned" / "split.json")) != json.load(open(run / "split.json"))
+    # Once it has checkpoints of its own, the fine-tune resumes from them.
+    assert resume_conflicts(dataclasses.replace(tuned, epochs=2)) == []
+
+
+def test_finetune_from_is_checked_before_the_run(spleen_task_dir, heart_task_dir, tmp_path):
+    from tf_medseg.training.config import resume_conflicts
+
+    run = tmp_path / "run"
+    _run(tiny_config(spleen_task_dir, run, epochs=1))
+    ok = tiny_config(spleen_task_dir, tmp_path / "tuned", finetune_from=str(run))
+    assert resume_conflicts(ok) == []
+    assert resume_conflicts(dataclasses.replace(ok, optimizer="adam", seed=3)) == []
+    assert resume_conflicts(dataclasses.replace(ok, depth=3, base_filters=8)) == [
+        f"--base_filters=8 differs from the --base_filters=4 of the run in "
+        f"--finetune_from={run}: a fine-tune starts from that network's weights; give its value",
+        f"--depth=3 differs from the --depth=2 of the run in --finetune_from={run}: a fine-tune "
+        "starts from that network's weights; give its value",
+    ]
+    assert resume_conflicts(dataclasses.replace(ok, data_dir=heart_task_dir)) == [
+        f"--data_dir={heart_task_dir} has channels ['MRI0', 'MRI1'] and classes "
+        "['background', 'left atrium'], the run in "
+        f"--finetune_from={run} was trained on channels ['CT'] and classes ['background', "
+        f"'spleen'] ({run}/task.json): a fine-tune needs the same channels and classes"
+    ]
+    assert resume_conflicts(dataclasses.replace(ok, finetune_from=str(tmp_path / "none"))) == [
+        f"--finetune_from={tmp_path / 'none'} holds no checkpoint "
+        f"({tmp_path / 'none'}/checkpoints): give a training workdir"
+    ]
+    assert resume_conflicts(dataclasses.replace(ok, workdir=str(run))) == []  # resumes run
+
+
+def test_resuming_on_a_data_folder_with_other_classes_names_them_in_one_line(
+    spleen_task_dir, tmp_path
+):
+    data = tmp_path / "data"
+    shutil.copytree(spleen_task_dir, data, ignore=shutil.ignore_patterns(".tf_medseg_cache"))
+    run = tmp_path / "run"
+    _run(tiny_config(str(data), run, epochs=1))
+    spec = json.loads((data / "dataset.json").read_text())
+    spec["labels"] = {"0": "background", "1": "spleen", "2": "lesion"}
+    (data / "dataset.json").write_text(json.dumps(spec))
+    with pytest.raises(ConfigError) as err:
+        Trainer(tiny_config(str(data), run, epochs=2))
+    assert str(err.value).splitlines() == [
+        f"--data_dir={data} has channels ['CT'] and classes ['background', 'spleen', 'lesion'], "
+        f"the run whose checkpoints are in {run / 'checkpoints'} was trained on channels ['CT'] "
+        f"and classes ['background', 'spleen'] ({run}/task.json): give its data folder, or train "
+        "in another --workdir"
+    ]
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_workdir_that_cannot_be_made_is_one_line_before_anything_runs(
+    spleen_task_dir, tmp_path, dry_run
+):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("a file where a folder of the workdir's path would be (root too)")
+    workdir = blocker / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "tf_medseg.cli.train", *TINY_FLAGS]
+        + [f"--data_dir={spleen_task_dir}", f"--workdir={workdir}"]
+        + (["--dry_run"] if dry_run else []),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"tf-medseg-train: --workdir={workdir} cannot be written (")
+    assert line.endswith("): give a folder that can be created and written")
+
+
+def test_ct_percentiles_the_statistics_do_not_hold_are_refused_before_the_run(
+    spleen_task_dir, tmp_path
+):
+    with pytest.raises(ConfigError) as err:
+        Trainer(tiny_config(spleen_task_dir, tmp_path / "run", ct_percentiles=(1.0, 99.0)))
+    assert str(err.value).splitlines() == [
+        "--ct_percentiles=1,99: the intensity statistics hold the percentiles 0.5, 5, 50, 95 "
+        "and 99.5; give two of them, low before high"
+    ]
+    assert not (tmp_path / "run").exists()
+    for bad in [(95.0, 5.0), (5.0, 5.0, 5.0), (5.0,)]:
+        assert len(tiny_config(spleen_task_dir, tmp_path, ct_percentiles=bad).validate()) == 1
+    assert tiny_config(spleen_task_dir, tmp_path, ct_percentiles=(0.5, 99.5)).validate() == []

@@ -22,6 +22,7 @@ import dataclasses
 import os
 import signal
 import sys
+import tempfile
 
 
 def _exit_before_start(signum, frame) -> None:
@@ -171,6 +172,8 @@ def main(argv: list[str]) -> int:
         return 2
     config = config_from_flags()
     errors = config.validate() + resume_conflicts(config)
+    if not errors:
+        errors = workdir_errors(config.workdir)
     if errors:
         for line in errors:
             print(f"tf-medseg-train: {line}", file=sys.stderr)
@@ -213,6 +216,22 @@ def main(argv: list[str]) -> int:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(EXIT_INTERRUPTED)
+
+
+def workdir_errors(workdir: str) -> list[str]:
+    """Why ``workdir`` cannot be created and written, in one line (empty: it can). Checked
+    before anything is read or trained, so that a bad path is not a traceback later."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".tf_medseg_write_check"):
+            pass
+    except OSError as err:
+        why = f"{err.strerror}: {err.filename}" if err.strerror and err.filename else str(err)
+        return [
+            f"--workdir={workdir} cannot be written ({why}): give a folder that can be "
+            "created and written"
+        ]
+    return []
 
 
 def _train(config, interrupts: Interrupts) -> int:

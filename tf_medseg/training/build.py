@@ -194,18 +194,51 @@ def build_learner(
 def build_checkpoint(
     config: TrainConfig, learner: Learner, sampler: AdaptiveSampler, state: RunState
 ) -> tf.train.CheckpointManager:
-    """The checkpoint of model, optimiser, sampler and run state, in ``workdir/checkpoints``."""
+    """The checkpoint of model, optimiser, sampler and run state, in ``workdir/checkpoints``.
+
+    With ``--finetune_from`` and no checkpoint of the run's own yet, the model's weights are
+    read here from that run's newest readable checkpoint (a fine-tune): the rest (step, best
+    Dice, optimiser, sampler) keeps its initial values, and the restore that follows finds
+    nothing to resume.
+    """
     checkpoint = tf.train.Checkpoint(
         model=learner.train_model,  # the auxiliary heads too: a resumed run goes on training them
         optimizer=learner.optimizer,
         sampler=sampler,
         **state.variables_by_name,
     )
-    return tf.train.CheckpointManager(
+    manager = tf.train.CheckpointManager(
         checkpoint,
         os.path.join(config.workdir, "checkpoints"),
         max_to_keep=config.keep_checkpoints,
     )
+    if config.finetune_from and not manager.checkpoints:
+        restore_weights(learner.train_model, os.path.join(config.finetune_from, "checkpoints"))
+    return manager
+
+
+def restore_weights(model: tf.keras.Model, directory: str) -> str:
+    """Reads the model's weights alone from the newest readable checkpoint in ``directory``
+    (a corrupt one falls back to the previous); returns its path.
+
+    Raises:
+        RuntimeError: No checkpoint there holds this model's weights.
+    """
+    found = tf.train.get_checkpoint_state(directory)
+    paths = list(found.all_model_checkpoint_paths) if found else []
+    for path in reversed(paths):
+        try:
+            tf.train.Checkpoint(model=model).read(path).assert_existing_objects_matched()
+        except Exception as err:  # noqa: BLE001  (truncated files raise IndexError, too)
+            logging.warning("checkpoint %s is unreadable (%s); trying the previous one", path, err)
+            continue
+        logging.info(
+            "fine-tuning from the weights of %s; the step count, best Dice, optimiser and "
+            "sampler start afresh",
+            path,
+        )
+        return path
+    raise RuntimeError(f"no checkpoint in {directory} holds this model's weights")
 
 
 def restore_latest(
@@ -217,8 +250,9 @@ def restore_latest(
     """Restores the newest readable checkpoint (a corrupt one falls back to the previous) into
     the run state, and puts the training source at the saved position.
 
-    A source saved by another run (changed cache size, seed, split or mode, or worker count) is
-    not restored: one warning says what changed, and the cache starts afresh.
+    A source saved by another cache (changed cache size or mode, or worker count) is not
+    restored: one warning says what changed, and the cache starts afresh. (Another seed or split
+    does not get here: :func:`~tf_medseg.training.config.resume_conflicts` refuses it.)
 
     Returns:
         The checkpoint's path, or None when there is none.
@@ -237,7 +271,7 @@ def restore_latest(
         if saved and hasattr(source, "restore"):
             try:
                 source.restore(saved)
-            except ValueError as err:  # a changed cache size, seed, split or cache mode
+            except ValueError as err:  # a changed cache size or cache mode
                 logging.warning("%s: the cache starts afresh", err)
         logging.info(
             "resumed from %s at step %d, epoch %d%s",

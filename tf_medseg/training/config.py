@@ -41,6 +41,10 @@ CHECKPOINT_FIELDS = (
     "deep_supervision",
     "optimizer",
 )
+#: The settings that choose the run's training and validation cases. A resumed run that changes
+#: them would validate on cases its weights trained on, and compare its Dice with a best Dice of
+#: other cases: refused when they change the split saved in ``workdir/split.json``.
+SPLIT_FIELDS = ("split_file", "num_val", "val_fraction", "num_folds", "fold")
 
 
 def _f(default, help_text: str, **kw):
@@ -54,6 +58,14 @@ class TrainConfig:
     # Data
     data_dir: str = _f("", "MSD-layout task folder (dataset.json, imagesTr/, labelsTr/).")
     workdir: str = _f("", "Output folder: checkpoints, TensorBoard, metrics, best model.")
+    finetune_from: str = _f(
+        "",
+        "The workdir of a finished or stopped run whose model weights start this one (a "
+        "fine-tune, e.g. on another split, seed or fold, which its --workdir cannot resume): "
+        "give a new --workdir; the step count, best Dice, optimiser and sampler start afresh. "
+        "Read only while --workdir holds no checkpoint of its own (then the run resumes from "
+        "those). The network flags must be that run's, the data's channels and classes too.",
+    )
     split_file: str = _f("", "Optional JSON split {'train': [cases], 'validation': [cases]}.")
     num_val: int = _f(
         0, "Validation cases (0: the paper's count for MSD tasks, else val_fraction)."
@@ -70,7 +82,9 @@ class TrainConfig:
     fold: int = _f(0, "The cross-validation fold to validate on, in [0, num_folds).")
     spacing: tuple[float, ...] = _f((1.0, 1.0, 1.0), "Target voxel spacing in mm (paper: 1.0).")
     ct_percentiles: tuple[float, ...] = _f(
-        (5.0, 95.0), "Training-foreground percentiles of the CT range (paper: 5, 95)."
+        (5.0, 95.0),
+        "Foreground percentiles of the CT range, LOW,HIGH, two of 0.5, 5, 50, 95, 99.5 (the "
+        "percentiles the dataset's intensity statistics hold; paper: 5, 95).",
     )
     crop_margin: int = _f(8, "Voxels kept around the body's bounding box.")
     # Input pipeline
@@ -296,6 +310,7 @@ class TrainConfig:
             errors.append(f"--memory_budget_gb must be >= 0, got {self.memory_budget_gb}")
         if not 0.0 <= self.target_dice <= 1.0:
             errors.append(f"--target_dice must be in [0, 1], got {self.target_dice}")
+        errors += _percentile_errors(self.ct_percentiles)
         if self.profile_steps and (
             len(self.profile_steps) != 2 or not 0 <= self.profile_steps[0] < self.profile_steps[1]
         ):
@@ -316,6 +331,20 @@ class TrainConfig:
     def save(self, workdir: str) -> str:
         """Writes ``workdir/config.json`` atomically; returns its path."""
         return write_text(os.path.join(workdir, "config.json"), self.to_json())
+
+
+def _percentile_errors(percentiles: tuple[float, ...]) -> list[str]:
+    """``--ct_percentiles`` must name two of the percentiles the statistics hold, low first."""
+    from tf_medseg.data.stats import PERCENTILES
+
+    if len(percentiles) == 2 and percentiles[0] < percentiles[1] <= max(PERCENTILES):
+        if all(float(p) in PERCENTILES for p in percentiles):
+            return []
+    held = [f"{p:g}" for p in PERCENTILES]
+    return [
+        f"--ct_percentiles={_flag_value(tuple(percentiles))}: the intensity statistics hold the "
+        f"percentiles {', '.join(held[:-1])} and {held[-1]}; give two of them, low before high"
+    ]
 
 
 def _coerce(cls, name, value):
@@ -374,36 +403,192 @@ def _flag_value(value) -> str:
     return str(value)
 
 
-def resume_conflicts(config: TrainConfig) -> list[str]:
-    """The settings in :data:`CHECKPOINT_FIELDS` that differ from those of the run whose
-    checkpoints are in ``workdir/checkpoints`` (its ``config.json``), one line each; empty when
-    there are no checkpoints or no readable ``config.json`` beside them. Also
-    ``--precision=mixed_float16`` after another precision: its ``LossScaleOptimizer`` expects a
-    loss scale those checkpoints do not hold (the other way round resumes, the loss scale
-    dropped).
+def has_checkpoint(workdir: str) -> bool:
+    """Whether ``workdir/checkpoints`` holds a checkpoint (TensorFlow's index of them)."""
+    return bool(workdir) and os.path.isfile(os.path.join(workdir, "checkpoints", "checkpoint"))
 
-    Without this check the restore fails on every checkpoint with TensorFlow's shape or
-    object-matching errors, which do not name the flag.
+
+def _saved_config(workdir: str) -> TrainConfig | None:
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            return TrainConfig.from_json(f.read())
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _differs(name: str, config: TrainConfig, saved: TrainConfig, whose: str, rest: str) -> str:
+    return (
+        f"--{name}={_flag_value(getattr(config, name))} differs from the "
+        f"--{name}={_flag_value(getattr(saved, name))} of {whose}: {rest}"
+    )
+
+
+def resume_conflicts(config: TrainConfig) -> list[str]:
+    """What keeps ``config`` from resuming the run whose checkpoints are in
+    ``workdir/checkpoints``, one line each; empty when it may (or there are no checkpoints, or no
+    readable ``config.json`` beside them). Without checkpoints, :func:`finetune_conflicts`.
+
+    Refused, each naming the flag with its old and new values (from ``workdir/config.json``):
+
+    * a setting of :data:`CHECKPOINT_FIELDS`, or ``--precision=mixed_float16`` after another
+      precision (its ``LossScaleOptimizer`` expects a loss scale those checkpoints do not hold;
+      the other way round resumes, the loss scale dropped). Without this check the restore fails
+      on every checkpoint with TensorFlow's shape or object-matching errors, which do not name
+      the flag;
+    * another ``--seed`` or ``--data_dir``, or a setting of :data:`SPLIT_FIELDS` that changes
+      the split of ``workdir/split.json`` (the validation cases); a split that changed with the
+      same flags (an edited ``dataset.json`` or split file) is named too;
+    * a data folder of other channels or classes than ``workdir/task.json``'s.
+
+    Reads ``dataset.json`` (and a split file), not the images; no TensorFlow.
     """
     if not config.workdir:
         return []
-    checkpoints = os.path.join(config.workdir, "checkpoints")
-    try:
-        with open(os.path.join(config.workdir, "config.json")) as f:
-            saved = TrainConfig.from_json(f.read())
-    except (OSError, ValueError, TypeError):
+    if not has_checkpoint(config.workdir):
+        return finetune_conflicts(config)
+    saved = _saved_config(config.workdir)
+    if saved is None:
         return []
-    if not os.path.isfile(os.path.join(checkpoints, "checkpoint")):
-        return []
+    whose = f"the run whose checkpoints are in {os.path.join(config.workdir, 'checkpoints')}"
     changed = [name for name in CHECKPOINT_FIELDS if getattr(config, name) != getattr(saved, name)]
     if config.precision == "mixed_float16" != saved.precision:
         changed.append("precision")
-    return [
-        f"--{name}={_flag_value(getattr(config, name))} differs from the "
-        f"--{name}={_flag_value(getattr(saved, name))} of the run whose checkpoints are in "
-        f"{checkpoints}: resume with that value, or train in another --workdir"
+    lines = [
+        _differs(
+            name, config, saved, whose, "resume with that value, or train in another --workdir"
+        )
         for name in changed
     ]
+    task = _task_or_none(config.data_dir)
+    lines += _split_conflicts(config, saved, task, whose)
+    lines += _data_conflicts(
+        config, task, config.workdir, whose, "give its data folder, or train in another --workdir"
+    )
+    return lines
+
+
+def _task_or_none(data_dir: str):
+    """The task of ``data_dir``, or None when it cannot be read (the run reports that)."""
+    from tf_medseg.data.io import DataError
+    from tf_medseg.data.msd import load_task
+
+    try:
+        return load_task(data_dir)
+    except DataError:
+        return None
+
+
+def _same_path(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b) if a and b else a == b
+
+
+def _split_conflicts(config: TrainConfig, saved: TrainConfig, task, whose: str) -> list[str]:
+    """Another seed or data folder, or split settings that change the saved split."""
+    way = (
+        "resume with that value, or train in another --workdir "
+        f"(--finetune_from={config.workdir} starts it from this run's weights)"
+    )
+    lines = []
+    if config.seed != saved.seed:
+        why = "the seed draws the split, the cache order and the patches"
+        lines.append(_differs("seed", config, saved, whose, f"{why}; {way}"))
+    if not _same_path(config.data_dir, saved.data_dir):
+        why = "the cases under the trained weights would be another folder's"
+        lines.append(_differs("data_dir", config, saved, whose, f"{why}; {way}"))
+    same = _same_split(config, task)
+    if same or lines:  # the seed or data folder named: their split is theirs
+        return lines
+    names = [
+        name
+        for name in SPLIT_FIELDS
+        if not (
+            _same_path(config.split_file, saved.split_file)
+            if name == "split_file"
+            else getattr(config, name) == getattr(saved, name)
+        )
+    ]
+    why = "the validation cases would change under the trained weights (split.json)"
+    lines = [_differs(name, config, saved, whose, f"{why}; {way}") for name in names]
+    if not lines and same is False:
+        lines.append(
+            f"the split of --data_dir={config.data_dir} differs from "
+            f"{os.path.join(config.workdir, 'split.json')} of {whose} with the same flags (its "
+            "dataset.json or split file changed): restore them, or train in another --workdir "
+            f"(--finetune_from={config.workdir} starts it from this run's weights)"
+        )
+    return lines
+
+
+def _same_split(config: TrainConfig, task) -> bool | None:
+    """Whether the split ``config`` gives is the workdir's ``split.json`` (the same cases in
+    training and in validation); None when either is unknown."""
+    from tf_medseg.data.io import DataError
+
+    try:
+        with open(os.path.join(config.workdir, "split.json")) as f:
+            stored = json.load(f)
+        old = (sorted(stored["train"]), sorted(stored["validation"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if task is None:
+        return None
+    try:
+        train, val = split_of(config, task)
+    except DataError:
+        return None
+    return old == (sorted(i["case"] for i in train), sorted(i["case"] for i in val))
+
+
+def _data_conflicts(config: TrainConfig, task, run_dir: str, whose: str, way: str) -> list[str]:
+    """The data's channels and classes against those ``run_dir/task.json`` was trained on (its
+    checkpoints' input and output layers)."""
+    path = os.path.join(run_dir, "task.json")
+    try:
+        with open(path) as f:
+            stored = json.load(f)
+        old = (list(stored["modalities"]), list(stored["labels"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    new = (list(task.modalities), list(task.labels)) if task is not None else old
+    if new == old:
+        return []
+    return [
+        f"--data_dir={config.data_dir} has channels {new[0]} and classes {new[1]}, {whose} was "
+        f"trained on channels {old[0]} and classes {old[1]} ({path}): {way}"
+    ]
+
+
+def finetune_conflicts(config: TrainConfig) -> list[str]:
+    """What keeps ``--finetune_from`` from starting ``config``'s run, one line each (empty
+    without it): a folder with no checkpoint, another network than its run's (the settings of
+    :data:`CHECKPOINT_FIELDS` but the optimiser, which starts afresh), other channels or
+    classes than its ``task.json``'s."""
+    source = config.finetune_from
+    if not source:
+        return []
+    if not has_checkpoint(source):
+        return [
+            f"--finetune_from={source} holds no checkpoint "
+            f"({os.path.join(source, 'checkpoints')}): give a training workdir"
+        ]
+    where = f"the run in --finetune_from={source}"
+    saved = _saved_config(source)
+    network = [name for name in CHECKPOINT_FIELDS if name != "optimizer"]
+    lines = [
+        _differs(
+            name,
+            config,
+            saved,
+            where,
+            "a fine-tune starts from that network's weights; give its value",
+        )
+        for name in network
+        if saved is not None and getattr(config, name) != getattr(saved, name)
+    ]
+    task = _task_or_none(config.data_dir)
+    return lines + _data_conflicts(
+        config, task, source, where, "a fine-tune needs the same channels and classes"
+    )
 
 
 def steps_upper_bound(config: TrainConfig, patches_per_epoch: int) -> int:
