@@ -577,8 +577,55 @@ class ServingModule(tf.Module):
         geometry.update(start=start, stop=stop)
         return normalise(volume, plan), geometry
 
+    def check_inputs(self, image: tf.Tensor, affine: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """The inputs, checked as predict checks a file: the channels the models take, finite
+        intensities, and a finite affine whose 3x3 part is invertible.
+
+        A loaded signature does not enforce the image's declared shape, and neither NaN
+        intensities nor a singular affine stop the graph on their own: without these checks
+        they come back as labels of garbage.
+
+        Raises:
+            tf.errors.InvalidArgumentError: When the graph runs, naming the input at fault.
+        """
+        channels = self.plan.num_channels
+        checks = [
+            tf.debugging.Assert(
+                tf.equal(tf.shape(image)[-1], channels),
+                [
+                    f"image must be [X, Y, Z, {channels}]: the model takes {channels} "
+                    "channel(s) on the last axis (one modality: a last axis of size 1); got "
+                    "an image of shape",
+                    tf.shape(image),
+                ],
+                summarize=4,
+            ),
+            tf.debugging.assert_all_finite(
+                image, "image holds NaN or infinite intensities; replace them before serving"
+            ),
+            tf.debugging.assert_all_finite(affine, "affine holds NaN or infinite values"),
+        ]
+        with tf.control_dependencies(checks):
+            rzs = affine[:3, :3]
+            # Relative to the columns' lengths (the voxel sizes), so that the test does not
+            # depend on the units: 0 for a singular matrix, 1 for an orthogonal one.
+            scale = tf.reduce_prod(tf.sqrt(tf.reduce_sum(rzs * rzs, axis=0)))
+            independence = tf.abs(tf.linalg.det(rzs)) / tf.maximum(scale, 1e-300)
+            invertible = tf.debugging.Assert(
+                independence > 1e-6,
+                [
+                    "affine is not invertible: its 3x3 part (voxel axes to mm) must map the "
+                    "three voxel axes to independent directions; got",
+                    affine,
+                ],
+                summarize=16,
+            )
+        with tf.control_dependencies([invertible]):
+            return tf.identity(image), tf.identity(affine)
+
     def _serve(self, image: tf.Tensor, affine: tf.Tensor) -> dict[str, tf.Tensor]:
         plan = self.plan
+        image, affine = self.check_inputs(image, affine)
         volume, geometry = self.preprocess(image, affine)
         probs = sliding_window(volume, self.predict_windows, plan)
         labels = tf.argmax(probs, axis=-1, output_type=tf.int32)
