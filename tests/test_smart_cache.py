@@ -507,3 +507,35 @@ def test_a_full_cache_holds_every_item_or_refuses_in_one_line_naming_the_smart_c
     assert "--cache=full holds every one of the 10 items" in message
     assert f"{10 * one / 2**20:.1f} MB" in message and "--cache=smart" in message
     assert "it holds 3 and replaces them" in message
+
+
+def test_late_swaps_counts_each_late_replacement_once_however_many_boundaries_it_misses():
+    """``late_swaps`` is the number of replacements that missed their boundary: one that stays
+    in flight over three boundaries is one late replacement, not three."""
+    gate = threading.Event()
+
+    def gated_prefix(item):
+        if index_of(item) >= 4:
+            gate.wait(timeout=30)
+        return index_prefix(item)
+
+    with SmartCache(
+        make_items(8), gated_prefix, cache_num=4, replace_rate=0.5, shuffle=False, progress=False
+    ) as cache:
+        cache.fill()
+        for _ in range(3):  # items 4 and 5 in flight at each of these boundaries
+            cache.end_epoch()
+        assert cache.cached_indices() == [0, 1, 2, 3]
+        assert cache.stats()["swaps"] == 0 and cache.stats()["late_swaps"] == 2
+        gate.set()
+        deadline = time.monotonic() + 10
+        while cache.stats()["ready"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        cache.end_epoch()  # 4 and 5 in at last; 6 and 7 start
+        assert cache.cached_indices() == [2, 3, 4, 5]
+        assert cache.stats()["swaps"] == 2 and cache.stats()["late_swaps"] == 2
+        while cache.stats()["ready"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        cache.end_epoch()
+        assert cache.cached_indices() == [4, 5, 6, 7]
+        assert cache.stats()["swaps"] == 4 and cache.stats()["late_swaps"] == 2

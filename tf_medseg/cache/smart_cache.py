@@ -199,6 +199,7 @@ class SmartCache:
         self._closed = False
         self._replace_pool: futures.ThreadPoolExecutor | None = None
         self._stats = {"swaps": 0, "late_swaps": 0, "wait_s_total": 0.0, "wait_s_max": 0.0}
+        self._late: set[int] = set()  # pending ids already counted in late_swaps
         self._fill_s = 0.0
         self.item_bytes: int | None = None
         self.memory_budget_bytes = memory_budget_bytes
@@ -379,7 +380,11 @@ class SmartCache:
             del self._futures[index]
         waited = time.perf_counter() - start
         self._stats["swaps"] += len(ready)
-        self._stats["late_swaps"] += len(pending) - len(ready)
+        # A replacement that misses several boundaries is one late replacement: count the ids
+        # late now that were not late at the previous boundary already.
+        late = set(pending) - set(ready)
+        self._stats["late_swaps"] += len(late - self._late)
+        self._late = late
         self._stats["wait_s_total"] += waited
         self._stats["wait_s_max"] = max(self._stats["wait_s_max"], waited)
         self._schedule.advance_epoch()
@@ -391,10 +396,11 @@ class SmartCache:
 
         Returns:
             Dict with ``epoch``, ``cache_num``, ``replace_num``, ``swaps`` (replacements swapped
-            in), ``late_swaps`` (replacements not ready at their boundary, summed over
-            boundaries), ``wait_s_total`` / ``wait_s_max`` (training-thread time spent in
-            ``end_epoch``), ``in_flight`` / ``ready`` (replacements being prepared / prepared
-            now), ``fill_s``, ``cache_bytes`` and ``item_bytes``.
+            in), ``late_swaps`` (replacements not ready at the boundary they were prepared
+            for, each counted once however many boundaries it misses), ``wait_s_total`` /
+            ``wait_s_max`` (training-thread time spent in ``end_epoch``), ``in_flight`` /
+            ``ready`` (replacements being prepared / prepared now), ``fill_s``,
+            ``cache_bytes`` and ``item_bytes``.
         """
         return {
             "epoch": self._schedule.epoch,
@@ -440,6 +446,7 @@ class SmartCache:
         for future in self._futures.values():
             future.cancel()
         self._futures.clear()
+        self._late = set()  # the restored pending ids start again
         self._precomputed = {i: self._store[i] for i in self._schedule.cached if i in self._store}
         self._store.clear()
         self._filled = False
