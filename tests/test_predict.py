@@ -253,3 +253,37 @@ def test_a_model_without_its_config_json_is_refused_in_one_line(trained):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("tf-medseg-predict: ") and str(folder / "config.json") in last
     assert not out.exists()
+
+
+def test_five_cross_validation_folds_predict_as_one_ensemble(spleen_task_dir, tmp_path):
+    """nnU-Net's workflow: five folds of a CT task, then their ensemble. Each fold trains on
+    other cases, but the CT statistics are the data folder's (all its labelled cases), so the
+    five share their preprocessing and predict together."""
+    from tiny_config import tiny_config
+
+    from tf_medseg.training.loop import Trainer
+
+    folds = [str(tmp_path / f"fold{k}") for k in range(5)]
+    for k, workdir in enumerate(folds):
+        config = tiny_config(spleen_task_dir, workdir, num_val=0, num_folds=5, fold=k, epochs=1)
+        trainer = Trainer(config)
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
+    splits = [json.load(open(os.path.join(w, "split.json"))) for w in folds]
+    assert len({tuple(s["validation"]) for s in splits}) == 5  # five different folds
+    out = tmp_path / "predictions"
+    result = _cli(
+        "tf_medseg.cli.predict",
+        f"--model={','.join(folds)}",
+        f"--input={os.path.join(spleen_task_dir, 'imagesTs')}",
+        f"--output={out}",
+        "--noprogress",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (case,) = os.listdir(os.path.join(spleen_task_dir, "imagesTs"))
+    image = read_nifti(os.path.join(spleen_task_dir, "imagesTs", case))
+    pred = read_nifti(str(out / case))
+    assert os.listdir(out) == [case] and pred.data.shape == image.data.shape
+    assert pred.data.dtype == np.uint8 and set(np.unique(pred.data)) <= {0, 1}

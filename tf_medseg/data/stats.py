@@ -1,9 +1,11 @@
-"""Dataset-level intensity statistics over the training foreground, for CT normalisation.
+"""Dataset-level intensity statistics over the labelled foreground, for CT normalisation.
 
 The paper normalises CT intensities "according to the 5th and 95th percentiles of the overall
-foreground intensities". Those percentiles are a property of the training set, not of one
-volume: they are computed once per run over the labelled foreground of the training cases, and
-stored as JSON keyed by the cases' files, so that a changed set recomputes them.
+foreground intensities". Those percentiles are a property of the dataset, not of one volume:
+the trainer computes them over the labelled foreground of all the data folder's labelled cases
+(as nnU-Net's dataset fingerprint), so that every split and cross-validation fold of one folder
+normalises alike and their models can be ensembled. They are stored as JSON keyed by the cases'
+files, so that a changed set recomputes them.
 
 Reading the volumes is the cost (decompressing a gzip NIfTI is about 0.4 s per MSD-size CT
 here), so the cases are read by a pool of threads (the decompression and the array work release
@@ -19,7 +21,6 @@ import hashlib
 import json
 import os
 import pickle
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from typing import Any
@@ -94,7 +95,7 @@ def compute_intensity_stats(
     """Percentiles, mean and standard deviation of the foreground intensities, per channel.
 
     Args:
-        items: Training items with "image" and "label" paths.
+        items: Labelled items with "image" and "label" paths.
         num_channels: The task's channels.
         num_classes: The task's classes (labels are checked against them).
         max_voxels_per_case: Foreground voxels kept per case (uniform subsample, fixed seed), so
@@ -128,7 +129,7 @@ def compute_intensity_stats(
         samples.append(fg)
     values = np.concatenate(samples, axis=0) if samples else np.zeros((0, num_channels))
     if values.shape[0] == 0:
-        raise ValueError("no foreground voxels in any training label: cannot compute statistics")
+        raise ValueError("no foreground voxels in any label: cannot compute statistics")
     values = values.astype(np.float64)
     return {
         "percentiles": {str(p): np.percentile(values, p, axis=0).tolist() for p in PERCENTILES},
@@ -210,11 +211,11 @@ def intensity_stats(
     dist: Any = None,
     num_workers: int | None = None,
 ) -> dict:
-    """The training foreground statistics: stored ones if the training files are the same,
-    else computed and stored.
+    """The foreground statistics of ``items``: stored ones if the files are the same, else
+    computed and stored.
 
     The stored JSON carries a key of the cases' file names, sizes and modification times; a
-    different set of training files recomputes. ``cache_dir`` is tried first, then
+    different set of files recomputes. ``cache_dir`` is tried first, then
     ``fallback_dir``, for reading and for writing: a data folder that cannot be written (a
     read-only mount) leaves the statistics in the fallback. A folder that cannot be written is
     skipped with a warning (the statistics are still returned).
@@ -224,7 +225,7 @@ def intensity_stats(
     rank 0 (a bad file) is raised on every rank, so none waits for a broadcast that never comes.
 
     Args:
-        items: The training items (use the training split only, not validation).
+        items: The cases to compute them over (the trainer: all the task's labelled cases).
         num_channels: The task's channels.
         num_classes: The task's classes.
         cache_dir: The task's cache area, or None.

@@ -74,9 +74,12 @@ def build_inputs(config: TrainConfig, dist: distributed.Distributed) -> Inputs:
     chief = dist.is_chief
     task = load_task(config.data_dir)
     train_items, val_items = split_of(config, task)
+    # The CT statistics are the data folder's, over all its labelled cases (as nnU-Net's
+    # fingerprint): every split and fold of the folder shares them, and so its preprocessing,
+    # which the models of an ensemble must share.
     prefix = build_preprocessing(
         task,
-        train_items,
+        list(task.training),
         PreprocessingConfig(
             spacing=tuple(config.spacing),
             ct_percentiles=tuple(config.ct_percentiles),

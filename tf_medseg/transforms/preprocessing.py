@@ -79,7 +79,8 @@ def build_preprocessing(
 
     Args:
         task: The task (its modality chooses the normalisation).
-        train_items: The training split; CT statistics come from these only, never validation.
+        train_items: The cases the CT statistics are computed over (the trainer gives all the
+            task's labelled cases, so that every split and fold of the folder shares them).
         config: Chain settings (defaults: the paper's).
         progress: Show a progress bar while statistics are computed.
         dist: The workers (a :class:`tf_medseg.distributed.Distributed`): under Horovod rank 0
