@@ -53,7 +53,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "tf-medseg-train=tf_medseg.cli.train:run",
+            "tf-medseg-train=tf_medseg.cli:train",
             "tf-medseg-predict=tf_medseg.cli.predict:run",
             "tf-medseg-evaluate=tf_medseg.cli.evaluate:run",
             "tf-medseg-synth=tf_medseg.cli.synth:run",

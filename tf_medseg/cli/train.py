@@ -20,24 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 import sys
 import tempfile
 
-
-def _exit_before_start(signum, frame) -> None:
-    os.write(2, b"tf-medseg-train: interrupted outside training; nothing to save\n")
-    os._exit(130)
-
-
-def _handle_signals_from_the_start() -> None:
-    """Outside ``main``'s handlers (imports, exit) Ctrl-C or SIGTERM end the process quietly."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _exit_before_start)
-
+from tf_medseg.cli import handle_signals_from_the_start
 
 if __name__ == "__main__":  # python -m tf_medseg.cli.train: from before the imports below
-    _handle_signals_from_the_start()
+    handle_signals_from_the_start()
 
 from absl import app, flags, logging  # noqa: E402
 
@@ -352,8 +341,9 @@ def result_table(summary: dict, config) -> str:
 
 
 def run() -> None:
-    """Console entry point."""
-    _handle_signals_from_the_start()
+    """Entry point (the console script starts at :func:`tf_medseg.cli.train`, which handles
+    signals before this module's imports)."""
+    handle_signals_from_the_start()
     global _FROM_FILE
     _FROM_FILE = any(a.startswith(("--preset", "--flagfile")) for a in sys.argv[1:] if a != "--")
     try:

@@ -62,10 +62,15 @@ class ProgressHook(Hook):
         self.val_every = max(1, int(val_every))
         self.bar = None
         self.epoch_start = None
+        self.last_loss = None  # the last loss read back from the device
 
     def on_step_end(self, trainer, logs):
         if not self.show_bar:
             return
+        # The loop reads the loss back only every --log_every steps and at each epoch's end
+        # (NaN before an epoch's first read-back): show the last value read.
+        if logs.get("synced") or not math.isnan(logs["loss"]):
+            self.last_loss = logs["loss"]
         if self.bar is None:
             from tqdm import tqdm
 
@@ -89,7 +94,7 @@ class ProgressHook(Hook):
         # limit instead of on every step.
         self.bar.set_postfix(
             step=trainer.state.step,
-            loss=f"{logs['loss']:.4f}",
+            loss="-" if self.last_loss is None else f"{self.last_loss:.4f}",
             patches_s=f"{logs['patches_per_s']:.1f}",
             to_val=_duration(left * per_step),
             refresh=done == 1,
