@@ -83,13 +83,31 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     )
 
 
+def _neighbours(mask: np.ndarray) -> np.ndarray:
+    """The voxels 6-adjacent to ``mask`` and not in it (``mask`` is off the volume's faces)."""
+    around = np.zeros_like(mask)
+    for axis in range(3):
+        for step in (1, -1):
+            around |= np.roll(mask, step, axis=axis)
+    return around & ~mask
+
+
 def test_liver_lesions_lie_inside_the_liver(tmp_path):
+    """Every lesion is surrounded by liver: none touches the volume's faces, and the voxels
+    around the lesions are liver, but for the few where a lesion meets the liver's edge (the
+    generator clips a lesion to the liver, so it may reach the edge, never leave it)."""
     root = generate_task("liver", str(tmp_path / "l"), num_train=8, num_test=0, size=32, seed=2)
     lesion_cases = 0
     for item in load_task(root).training:
         label = read_nifti(item["label"]).data
-        if (label == 2).any():
-            lesion_cases += 1
+        lesion = label == 2
+        if not lesion.any():
+            continue
+        lesion_cases += 1
+        faces = [np.take(lesion, [0, -1], axis=a) for a in range(3)]
+        assert not any(face.any() for face in faces), item["case"]
+        around = label[_neighbours(lesion)]
+        assert np.mean(around == 1) >= 0.9, (item["case"], np.bincount(around, minlength=3))
     assert 1 <= lesion_cases <= 8
 
 
