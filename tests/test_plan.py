@@ -283,3 +283,55 @@ def test_mixed_float16_without_a_gpu_is_refused_in_one_line(spleen_task_dir, tmp
     last = result.stderr.strip().splitlines()[-1]
     assert "mixed_float16 needs a GPU" in last and "--precision=float32" in last
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_a_resumed_run_takes_its_plan_json_and_replans_only_the_machine_sizes(
+    spleen_task_dir, tmp_path
+):
+    """Resumed on another machine, a run planned without a preset keeps the network, patch and
+    precision of its plan.json (its checkpoints' and its results'); only the sizes that fit it to
+    the machine (memory budget, windows per pass) are planned again, each change named."""
+    import dataclasses
+
+    from tiny_config import tiny_config
+
+    from tf_medseg.training.loop import Trainer
+
+    workdir = tmp_path / "run"
+    saved = {  # planned elsewhere: not what this machine's plan gives (depth 3, 8 filters, ...)
+        **dict(spacing="2", patch_size="16", batch_size="2", num_samples="2", model="unet3d"),
+        **dict(depth="2", base_filters="4", norm="instance", precision="float32"),
+        **dict(optimizer="novograd", learning_rate="0.002", loss="dice", cache="smart"),
+        **dict(cache_rate="1.0", memory_budget_gb="123", replace_rate="0.5"),
+        **dict(adaptive_sampling="true", val_every="1", val_roi_size="16", val_overlap="0.25"),
+        **dict(val_sw_batch_size="1", val_keep_largest="false", ct_percentiles="5,95"),
+    }
+    config = tiny_config(
+        spleen_task_dir, workdir, epochs=1, learning_rate=0.002, memory_budget_gb=123.0
+    )
+    trainer = Trainer(config)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    here = plan.plan_for(load_task(spleen_task_dir))
+    assert (here.flags["depth"], here.flags["base_filters"]) != ("2", "4")
+    plan.write_plan(dataclasses.replace(here, flags=saved), str(workdir / "plan.json"))
+    result = _cli(
+        "tf_medseg.cli.train",
+        f"--data_dir={spleen_task_dir}",
+        f"--workdir={workdir}",
+        *("--num_val=2", "--cache_num=2", "--cache_workers=1", "--epochs=2", "--noprogress"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = json.loads((workdir / "config.json").read_text())
+    assert (resumed["depth"], resumed["base_filters"], resumed["learning_rate"]) == (2, 4, 0.002)
+    assert json.loads((workdir / "summary.json").read_text())["steps"] == 4
+    budget, windows = here.flags["memory_budget_gb"], here.flags["val_sw_batch_size"]
+    assert resumed["memory_budget_gb"] == float(budget) != 123
+    assert resumed["val_sw_batch_size"] == int(windows) != 1
+    assert f"--memory_budget_gb=123 -> {budget}: re-planned for this machine (" in result.stdout
+    assert f"--val_sw_batch_size=1 -> {windows}: re-planned for this machine (" in result.stdout
+    assert f"the other planned flags are {workdir / 'plan.json'}'s" in result.stdout
+    written = json.loads((workdir / "plan.json").read_text())
+    assert written["depth"] == 2 and written["memory_budget_gb"] == float(budget)

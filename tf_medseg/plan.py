@@ -57,6 +57,10 @@ from tf_medseg.data.io import read_nifti, spacing_from_affine
 from tf_medseg.data.stats import in_order, stored_or_computed
 
 FINGERPRINT_FILE = "fingerprint.json"
+#: The planned settings a resumed run plans again (:func:`resumed_plan`): they fit the run to the
+#: machine it runs on (RAM, windows per forward pass) without changing what it learns. The
+#: others (network, patch, spacing, precision, loss, ...) are the run's, kept from its plan.
+REPLANNED = ("memory_budget_gb", "val_sw_batch_size")
 #: A patch should span this multiple of the foreground's size (CPU plans).
 CONTEXT_FACTOR = 2.5
 #: The foreground's smallest extent keeps at least this many voxels.
@@ -518,6 +522,41 @@ def plan_for(task, target: str = "auto", gpu_memory_gb: float | None = None, **k
     fallback = kw.pop("fallback_dir", None)
     folders = [task.cache_dir] + ([fallback] if fallback else [])
     return make_plan(fingerprint(task, folders), machine, **kw)
+
+
+def resumed_plan(fresh: Plan, saved: dict, source: str) -> tuple[Plan, list[str]]:
+    """The plan of a resumed run: the flags of the plan it started with, but those in
+    :data:`REPLANNED`, which take ``fresh``'s values (this machine's).
+
+    A run planned without a preset and resumed on another machine (or after the data's
+    fingerprint or the rules changed) would otherwise get another network or precision than its
+    checkpoints, or train on with other settings than its results so far.
+
+    Args:
+        fresh: The plan for this machine (:func:`plan_for`).
+        saved: The run's ``plan.json`` (:meth:`Plan.to_json`).
+        source: Where ``saved`` was read from, for the lines.
+
+    Returns:
+        The plan, and one line per re-planned value that changed.
+    """
+    given = saved.get("flags") if isinstance(saved, dict) else None
+    old = {str(k): str(v) for k, v in given.items()} if isinstance(given, dict) else {}
+    if not old:  # not a plan.json of ours: nothing to keep
+        return fresh, []
+    flags, reasons = dict(old), dict(saved.get("reasons", {}))
+    lines = []
+    for name in REPLANNED:
+        if name not in fresh.flags:
+            continue
+        flags[name], reasons[name] = fresh.flags[name], fresh.reasons.get(name, "")
+        if old.get(name) != flags[name]:
+            lines.append(
+                f"--{name}={old.get(name, '(not planned)')} -> {flags[name]}: re-planned for "
+                f"this machine ({reasons[name]}); the other planned flags are {source}'s"
+            )
+    memory = float(saved.get("estimated_memory_gb", fresh.estimated_memory_gb))
+    return Plan(flags, reasons, memory, fresh.machine, fresh.fingerprint), lines
 
 
 def write_plan(plan: Plan, json_path: str | None = None, flags_path: str | None = None) -> None:

@@ -19,6 +19,7 @@ workers.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import tempfile
@@ -36,6 +37,7 @@ from tf_medseg.training.config import (  # noqa: E402
     TrainConfig,
     config_from_flags,
     define_flags,
+    has_checkpoint,
     resume_conflicts,
     split_of,
 )
@@ -95,9 +97,14 @@ FLAGS = flags.FLAGS
 _FROM_FILE = False  # whether the command line had a --preset or --flagfile (set by run())
 
 
-def apply_plan(data_dir: str, workdir: str):
+def apply_plan(data_dir: str, workdir: str | None):
     """Plans for ``data_dir`` on this machine and sets every planned flag that was not given;
-    returns the plan."""
+    returns the plan, and a line per value that a resumed run planned again.
+
+    A run that resumes (``workdir`` holds checkpoints and ``plan.json``) keeps the planned flags
+    of its ``plan.json``, but those that only fit it to the machine
+    (:func:`tf_medseg.plan.resumed_plan`).
+    """
     from tf_medseg import plan as planning
     from tf_medseg.data.msd import load_task
 
@@ -110,10 +117,20 @@ def apply_plan(data_dir: str, workdir: str):
         workers=int(os.environ.get("HOROVOD_SIZE", "1")),
         local_workers=int(os.environ.get("HOROVOD_LOCAL_SIZE", "1")),
     )
+    lines = []
+    saved_path = os.path.join(workdir, "plan.json") if workdir else ""
+    if workdir and has_checkpoint(workdir) and os.path.isfile(saved_path):
+        try:
+            with open(saved_path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as err:
+            logging.warning("%s is unreadable (%s): planning afresh", saved_path, err)
+        else:
+            result, lines = planning.resumed_plan(result, saved, saved_path)
     for name, value in result.flags.items():
         if not FLAGS[name].present:
             FLAGS[name].parse(value)
-    return result
+    return result, lines
 
 
 def apply_sampler(name: str) -> list[str]:
@@ -142,7 +159,7 @@ def _parsed(value):
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    planned = None
+    planned, replanned = None, []
     if FLAGS.plan or (FLAGS.plan is None and not _FROM_FILE):
         if not FLAGS.data_dir:
             print("tf-medseg-train: --data_dir is required", file=sys.stderr)
@@ -150,7 +167,7 @@ def main(argv: list[str]) -> int:
         from tf_medseg.data.io import DataError
 
         try:
-            planned = apply_plan(FLAGS.data_dir, FLAGS.workdir or None)
+            planned, replanned = apply_plan(FLAGS.data_dir, FLAGS.workdir or None)
         except DataError as err:
             print(f"tf-medseg-train: {err}", file=sys.stderr)
             return 2
@@ -172,6 +189,8 @@ def main(argv: list[str]) -> int:
 
         planning.write_plan(planned, os.path.join(config.workdir, "plan.json"))
         print(planned.table())
+        for line in replanned:
+            print(line)
     if FLAGS.dry_run:
         return dry_run(config)
     if config.precision == "mixed_float16" and not FLAGS.allow_cpu_float16:
@@ -227,7 +246,7 @@ def _train(config, interrupts: Interrupts) -> int:
     from tf_medseg.cache import CacheBudgetError, CachePrefixError
     from tf_medseg.data.io import DataError
     from tf_medseg.distributed import DistributionError
-    from tf_medseg.training.loop import NonFiniteLossError, Trainer
+    from tf_medseg.training.loop import NonFiniteLossError, Trainer, WorkdirError
 
     try:
         trainer = Trainer(config)
@@ -240,7 +259,7 @@ def _train(config, interrupts: Interrupts) -> int:
         trainer.close(wait=False)
         logging.warning("%s; the checkpoint is saved, run the same command to resume", err)
         return EXIT_INTERRUPTED
-    except (DataError, CachePrefixError, NonFiniteLossError) as err:
+    except (DataError, CachePrefixError, NonFiniteLossError, WorkdirError) as err:
         print(f"tf-medseg-train: {err}", file=sys.stderr)
         return 1
     finally:
