@@ -8,8 +8,9 @@ instead of gathering volumes, and Dice and the sampler's FP / FN indices come fr
 Conventions:
 - Dice of a class whose label is empty in a case is NaN (undefined, whatever was predicted),
   and NaNs are excluded from means. False positives in such a case are still seen by ``r_fp``.
-- Means are "per case, then over cases": ``mean_dice`` averages each case over its defined
-  classes, then averages those case means over the cases that have any.
+- Means are "per class, then over classes": ``mean_dice_per_class`` averages each class over
+  the cases where it is defined (the Decathlon's per-class figures), and ``mean_dice``
+  averages those class means over the classes defined in any case.
 - Equations 5 and 6 of the paper with hard predictions, per class ``c``::
 
       r_fp_c = sum(p) / (sum(p) + sum(g) - sum(p * g))

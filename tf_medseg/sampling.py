@@ -10,16 +10,17 @@ tend to 1 as the errors vanish) are computed from the validation confusion sums 
 
 so that more false positives mean more negative patches and more false negatives more positive
 ones. The pipeline samples a positive patch with probability ``r' / (1 + r')``, clamped to a
-configurable range so that neither kind of patch disappears. That fraction lives in a
-non-trainable ``tf.Variable`` that the pipeline reads inside its ``tf.data`` map, so updating it
-in place changes sampling without rebuilding the pipeline, and a ``tf.train.Checkpoint`` that
-tracks the :class:`AdaptiveSampler` saves and restores it.
+configurable range so that neither kind of patch disappears (the clamp is this package's: the
+paper has none, and equation 4 alone reaches 0 or 1 when one kind of error vanishes). That
+fraction lives in a non-trainable ``tf.Variable`` that the pipeline reads inside its
+``tf.data`` map, so updating it in place changes sampling without rebuilding the pipeline, and
+a ``tf.train.Checkpoint`` that tracks the :class:`AdaptiveSampler` saves and restores it.
 
 Applied as written, equation 4 reacts to the first validation of an untrained model, which may
 mark foreground nearly everywhere (r_FP near 1, r_FN near 0: issue #19), and drives the fraction
 to its lower bound at once; with a lower bound of 0.1 a small class (a lesion) is then rarely
 seen and may never be learned. Three additions, each with a neutral value that gives the paper's
-sampler exactly:
+update (within the widest clamp, ``WIDE_BOUNDS``):
 
 * **warm-up**: the fraction is not changed by the first ``warmup_validations`` validations, nor
   by any before one whose mean Dice reaches ``warmup_dice`` (once reached, the warm-up is over
@@ -28,10 +29,12 @@ sampler exactly:
   by the fraction ``damping`` of the way, in log-odds: ``logit(f') = logit(f) + damping *
   (logit(f_eq4) - logit(f))``. Neutral: 1.
 * **a floor that keeps the foreground**: the training configuration's lower bound is 1/3 (nnU-Net
-  centres a third of its patches on foreground), not the paper's 0.1. Neutral: 0.1.
+  centres a third of its patches on foreground), not the 0.1 of ``WIDE_BOUNDS``, the widest
+  clamp, which ``--sampler=paper`` keeps (the paper has no clamp). Neutral: 0.1.
 
-The constructor's defaults are the paper's (the neutral values); the training configuration's
-defaults (:class:`tf_medseg.training.config.TrainConfig`) are the additions'. The warm-up's state
+The constructor's defaults are the neutral values (the paper's update, clamped to
+``WIDE_BOUNDS``); the training configuration's defaults
+(:class:`tf_medseg.training.config.TrainConfig`) are the additions'. The warm-up's state
 (validations seen, warm-up over) is held in variables beside the fraction, so it is checkpointed
 with it and a resumed run continues exactly.
 """
@@ -46,8 +49,10 @@ from absl import logging
 
 from tf_medseg import metrics
 
-#: The paper's clamp of the positive fraction.
-PAPER_BOUNDS = (0.1, 0.9)
+#: The widest clamp of the positive fraction, the constructor's default and ``--sampler=paper``'s:
+#: the paper has no clamp, but equation 4 alone gives 0 or 1 when one kind of error vanishes, and
+#: either would leave one kind of patch out for good.
+WIDE_BOUNDS = (0.1, 0.9)
 
 
 def fp_fn_indices(
@@ -72,7 +77,7 @@ def next_positive_fraction(
     r_fp: float,
     r_fn: float,
     gamma: float = 1.0,
-    bounds: tuple[float, float] = PAPER_BOUNDS,
+    bounds: tuple[float, float] = WIDE_BOUNDS,
 ) -> float:
     """Returns the probability of sampling a positive patch after a validation.
 
@@ -158,14 +163,14 @@ class AdaptiveSampler(tf.Module):
         self,
         initial_fraction: float = 0.5,
         gamma: float = 1.0,
-        bounds: tuple[float, float] = PAPER_BOUNDS,
+        bounds: tuple[float, float] = WIDE_BOUNDS,
         adaptive: bool = True,
         warmup_validations: int = 0,
         warmup_dice: float = 0.0,
         damping: float = 1.0,
         name: str = "adaptive_sampler",
     ):
-        """Creates the sampler. The defaults are the paper's sampler.
+        """Creates the sampler. The defaults are the paper's update, clamped to ``WIDE_BOUNDS``.
 
         Args:
             initial_fraction: Positive fraction before the first update (0.5 is r = 1:1).
