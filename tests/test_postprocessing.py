@@ -1,0 +1,67 @@
+"""Post-processing chosen by validation (tf_medseg.postprocessing): per class, the largest
+component only where it raises the mean validation Dice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tf_medseg.metrics import dice_per_class
+from tf_medseg.postprocessing import PostprocessingDecision, decide, read_decision
+
+
+def _case(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A 32^3 case: class 1 an organ (one block) predicted with a stray island; class 2 two
+    lesions, both predicted (the smaller one is not the largest component)."""
+    rng = np.random.default_rng(seed)
+    label = np.zeros((32, 32, 32), np.uint8)
+    label[4:16, 4:16, 4:16] = 1
+    a, b = 20 + rng.integers(0, 3), 26
+    label[a : a + 5, 4:9, 4:9] = 2
+    label[b : b + 3, 20:23, 20:23] = 2
+    pred = label.copy()
+    pred[20:23, 20:23, 4:7] = 1  # a false island of the organ
+    return pred, label
+
+
+def test_the_organ_keeps_its_largest_component_and_the_lesions_do_not():
+    cases = [_case(s) for s in range(3)]
+    decision = decide(cases, num_classes=3)
+    assert decision.keep_largest == (1,)
+    assert decision.cases == 3
+    # The figures it rests on, against a direct computation.
+    organ_without = np.mean([dice_per_class(p, g, 3)[0] for p, g in cases])
+    assert decision.dice_without[0] == pytest.approx(organ_without)
+    assert decision.dice_with[0] == pytest.approx(1.0)
+    assert decision.dice_with[1] < decision.dice_without[1] == pytest.approx(1.0)
+    # Applied: the organ's island goes, both lesions stay.
+    pred, label = cases[0]
+    cleaned = decision.apply(pred)
+    np.testing.assert_array_equal(cleaned, label)
+    assert "class 1" in decision.describe() and "left as predicted" in decision.describe()
+
+
+def test_no_gain_no_post_processing_and_a_class_never_labelled_is_left_alone():
+    label = np.zeros((16, 16, 16), np.uint8)
+    label[2:8, 2:8, 2:8] = 1
+    decision = decide([(label.copy(), label)], num_classes=3)
+    assert decision.keep_largest == ()
+    assert np.isnan(decision.dice_without[1]) and np.isnan(decision.dice_with[1])
+    # min_gain: a gain below it is not taken.
+    pred = label.copy()
+    pred[12, 12, 12] = 1
+    small = decide([(pred, label)], num_classes=2)
+    assert small.keep_largest == (1,)
+    assert decide([(pred, label)], num_classes=2, min_gain=0.01).keep_largest == ()
+    with pytest.raises(ValueError, match="no validation cases"):
+        decide([], num_classes=2)
+
+
+def test_the_decision_round_trips_through_the_run_folder(tmp_path):
+    decision = decide([_case(0)], num_classes=3)
+    assert read_decision(str(tmp_path)) is None
+    (tmp_path / "postprocessing.json").write_text(decision.to_json())
+    assert read_decision(str(tmp_path)) == decision
+    nan = PostprocessingDecision((), (float("nan"),), (float("nan"),), 1)
+    again = PostprocessingDecision.from_json(nan.to_json())
+    assert np.isnan(again.dice_without[0]) and again.keep_largest == ()
