@@ -151,3 +151,32 @@ def test_the_msd_preset_holds_part_of_the_training_set_and_replaces_items(name):
     preset = ttd.read_flagfile(presets.path(name))
     assert preset["cache"] == "smart" and float(preset["memory_budget_gb"]) > 0
     assert 0 < float(preset["replace_rate"]) < 1 and preset["num_val"] == "6"
+
+
+def test_every_run_gets_the_chosen_sampler(spleen_task_dir, tmp_path):
+    """``--sampler=paper`` reaches every run (the README's tables were measured with the paper's
+    sampler), the baseline's (fixed 1:1 sampling) included; ``default`` is the package's."""
+    assert ttd.run_flags(["val_every=4"], "paper", 2) == [
+        "--val_every=4",
+        "--sampler=paper",
+        "--seed=2",
+    ]
+    assert ttd.run_flags([], "default", 0) == ["--sampler=default", "--seed=0"]
+    flags = [f for f in TINY_FLAGS if not f.startswith(("--epochs", "--progress"))]
+    flagfile = tmp_path / "tiny.flags"
+    flagfile.write_text("\n".join([*flags, "--epochs=1", "--val_every=1"]))
+    baseline = ttd.configurations(ttd.read_flagfile(presets.path("synthetic_spleen")))["baseline"]
+    run = ttd.run_config(
+        "baseline",
+        baseline,
+        str(flagfile),
+        spleen_task_dir,
+        str(tmp_path / "run"),
+        max_minutes=5,
+        target=1.0,
+        extra=ttd.run_flags([], "paper", 0),
+    )
+    assert run["steps"] >= 1
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["sampler_damping"] == 1.0 and config["sampler_warmup_validations"] == 0
+    assert config["pos_fraction_bounds"] == [0.1, 0.9] and not config["adaptive_sampling"]
