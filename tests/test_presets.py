@@ -227,3 +227,25 @@ def test_the_wheel_carries_the_presets(tmp_path):
     (wheel,) = tmp_path.glob("tf_medseg-*.whl")
     shipped = set(zipfile.ZipFile(wheel).namelist())
     assert {f"tf_medseg/presets/{name}.flags" for name in NAMES} <= shipped
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_preset_says_which_sampler_it_runs(name):
+    """Each preset's comment names the patch sampler its flags give: fixed 1:1 sampling, the
+    paper's sampler, or the package's (warm-up, damping, a floor of 1/3, class-balanced
+    centres); the msd_* presets were called the paper's proposed settings while they ran the
+    package's."""
+    from tf_medseg.training.config import PAPER_SAMPLER
+
+    config = _config(f"--preset={name}")
+    with open(presets.path(name)) as f:
+        comment = " ".join(line.strip("#\n ") for line in f if line.startswith("#"))
+    if not config.adaptive_sampling:
+        expected = "fixed 1:1 sampling"
+    elif not config.balance_classes and all(
+        getattr(config, key) == pytest.approx(value) for key, value in PAPER_SAMPLER.items()
+    ):
+        expected = "the paper's sampler"
+    else:
+        expected = "the package's sampler"
+    assert expected in comment, f"{name}: runs {expected}; its comment: {comment}"
