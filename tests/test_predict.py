@@ -163,6 +163,22 @@ def test_an_ensemble_of_other_preprocessing_is_refused_in_one_line(trained):
     assert last.startswith("tf-medseg-predict: ") and "preprocessing.json differs" in last
 
 
+def test_models_of_other_seeds_ensemble_the_sampler_settings_are_not_compared(trained):
+    """preprocessing.json holds the patch sampler's seed (ForegroundIndices, which acts on the
+    label alone and does not run in prediction): models of other seeds share what an image
+    goes through, and predict together."""
+    from tf_medseg.cli.predict import Segmenter
+
+    other = trained["root"] / "other_seed"
+    shutil.copytree(trained["workdir"], other, ignore=shutil.ignore_patterns("checkpoints"))
+    path = other / "preprocessing.json"
+    chain = json.loads(path.read_text())
+    (entry,) = [t for t in chain["transforms"] if t["name"] == "ForegroundIndices"]
+    entry["seed"] += 1
+    path.write_text(json.dumps(chain))
+    assert Segmenter.load(f"{trained['workdir']},{other}").num_models == 2
+
+
 def test_missing_model_is_one_line(tmp_path):
     image = str(tmp_path / "a.nii.gz")
     write_nifti(image, np.zeros((4, 4, 4), np.int16), np.eye(4))

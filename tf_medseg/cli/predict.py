@@ -246,7 +246,7 @@ class Segmenter:
         first = runs[0]
         settings = window_settings(first["config"], **overrides)
         for run in runs[1:]:
-            for key, what in (("preprocessing", "preprocessing.json"), ("labels", "classes")):
+            for key, what in (("image_chain", "preprocessing.json"), ("labels", "classes")):
                 if run[key] != first[key]:
                     raise ModelError(
                         f"{run['folder']}: its {what} differs from {first['folder']}'s; the "
@@ -322,6 +322,11 @@ class Segmenter:
         return written
 
 
+#: Saved transforms that act on the label alone (the foreground/background voxel lists of the
+#: patch sampler): prediction, without a label, does not run them.
+LABEL_ONLY_TRANSFORMS = ("ForegroundIndices",)
+
+
 def _read_run(model: str) -> dict:
     """The files beside one model: its path and folder, configuration, preprocessing (the
     chain and its config), class labels and modalities."""
@@ -354,6 +359,13 @@ def _read_run(model: str) -> dict:
         "folder": folder,
         "config": config,
         "preprocessing": preprocessing,
+        # What an ensemble's models must share: the chain without the patch sampler's settings
+        # (its seed is the run's), which an image without a label passes untouched.
+        "image_chain": [
+            entry
+            for entry in preprocessing["transforms"]
+            if entry.get("name") not in LABEL_ONLY_TRANSFORMS
+        ],
         "chain": chain,
         "labels": task.get("labels"),
         "modalities": tuple(task.get("modalities", ())),
