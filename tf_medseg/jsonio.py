@@ -35,6 +35,8 @@ def write_text(path: str, text: str) -> str:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before it replaces the old file (a crash keeps one)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_medseg.jsonio import write_json, write_text
+from tf_medseg.jsonio import dumps, write_text
 from tf_medseg.optim import current_learning_rate
 
 
@@ -283,8 +283,71 @@ class ProfileHook(Hook):
         self._stop()
 
 
+class WorkdirError(RuntimeError):
+    """A file of the run's workdir cannot be written (a full disk, a quota, a read-only folder)
+    or read back (a corrupt ``metrics.jsonl``); the message names the file and the reason."""
+
+
+def write_run_file(path: str, text: str) -> None:
+    """Writes ``text`` to ``path`` atomically (the old file stays whole until the new one is
+    complete on disk).
+
+    Raises:
+        WorkdirError: The write failed; the message names the file and the system's reason.
+    """
+    try:
+        write_text(path, text)
+    except OSError as err:
+        raise WorkdirError(
+            f"cannot write {path}: {err.strerror or err} (the last checkpoint is intact: free "
+            "space, or make the folder writable, and run the same command to resume)"
+        ) from err
+
+
+def read_metrics_lines(path: str) -> list[tuple[dict, str]]:
+    """The validation records of a ``metrics.jsonl`` with their lines.
+
+    A last line that is not a whole record (a run killed while writing it, before writes were
+    atomic) is dropped with a warning naming the file and the line; a bad line before it is an
+    error, since the records after it are a run's and dropping them would lose them.
+
+    Returns:
+        ``(record, line)`` pairs in the file's order, each line ending in a newline; none when
+        there is no file.
+
+    Raises:
+        WorkdirError: A line other than the last is not a record, or the file cannot be read.
+    """
+    if not os.path.lexists(path):
+        return []
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines(keepends=True)
+    except (OSError, UnicodeDecodeError) as err:
+        raise WorkdirError(f"cannot read {path}: {err}") from err
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    records = []
+    for n, line in numbered:
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("no step")
+        except ValueError as err:  # also json.JSONDecodeError
+            if n == numbered[-1][0]:
+                logging.warning("%s: line %d is incomplete (%s): dropped", path, n, err)
+                break
+            raise WorkdirError(
+                f"{path}: line {n} is not JSON with a step ({err}); the lines after it are "
+                "validations of this run: repair or delete that line, then run again"
+            ) from err
+        records.append((record, line if line.endswith("\n") else line + "\n"))
+    return records
+
+
 class MetricsLogHook(Hook):
-    """``workdir/metrics.jsonl`` (a line per validation) and ``workdir/summary.json``."""
+    """``workdir/metrics.jsonl`` (a line per validation) and ``workdir/summary.json``, both
+    rewritten atomically (:func:`write_run_file`): a kill or a full disk leaves the previous
+    file whole, never a cut line."""
 
     def __init__(self, workdir: str):
         self.metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -294,19 +357,18 @@ class MetricsLogHook(Hook):
         """Keeps the lines of the steps the restored checkpoint has seen: those after it (of a
         run killed after its last checkpoint) are dropped and will be validated again, so that
         a resumed run's file reads as one run's."""
-        if not os.path.isfile(self.metrics_path):
+        if not os.path.lexists(self.metrics_path):
             return
-        with open(self.metrics_path) as f:
-            lines = [line for line in f if line.strip()]
-        kept = [line for line in lines if json.loads(line)["step"] <= trainer.state.step]
-        if len(kept) != len(lines):
+        records = read_metrics_lines(self.metrics_path)
+        kept = [line for record, line in records if record["step"] <= trainer.state.step]
+        if len(kept) != len(records):
             logging.info(
                 "metrics.jsonl: %d validation(s) after step %d dropped (a run stopped after its "
                 "last checkpoint)",
-                len(lines) - len(kept),
+                len(records) - len(kept),
                 trainer.state.step,
             )
-            write_text(self.metrics_path, "".join(kept))
+        write_run_file(self.metrics_path, "".join(kept))  # whole lines only, from here on
 
     def on_epoch_end(self, trainer, logs):
         if "validation" in logs:
@@ -333,8 +395,10 @@ class MetricsLogHook(Hook):
                 "sampler_updated": sampler.get("updated"),
                 "validation_s": round(logs["validation_s"], 3),
             }
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(line) + "\n")
+            # The whole file again, atomically (a line per validation: a few kB): appending
+            # could leave a cut line behind, which would stop every later resume.
+            lines = [text for _, text in read_metrics_lines(self.metrics_path)]
+            write_run_file(self.metrics_path, "".join(lines) + json.dumps(line) + "\n")
         self.write_summary(trainer)
 
     def on_train_end(self, trainer, logs):
@@ -360,7 +424,7 @@ class MetricsLogHook(Hook):
             "workers": trainer.dist.size,
             "cache": trainer.cache_summary(),
         }
-        write_json(self.summary_path, summary)
+        write_run_file(self.summary_path, dumps(summary) + "\n")
 
 
 def _num(value):

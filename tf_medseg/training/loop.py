@@ -22,9 +22,13 @@ stopped.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import math
 import os
+import re
+import shutil
 import time
 
 import numpy as np
@@ -43,6 +47,7 @@ from tf_medseg.training.build import (
     source_state_json,
 )
 from tf_medseg.training.config import TrainConfig, resume_conflicts
+from tf_medseg.training.hooks import WorkdirError
 from tf_medseg.training.interrupts import Interrupts, TrainingInterrupted
 from tf_medseg.training.state import RunState
 from tf_medseg.training.validation import ValidationResult, make_window_predictor, validate
@@ -191,6 +196,9 @@ class Trainer:
         Raises:
             KeyboardInterrupt: (:class:`TrainingInterrupted` with ``interrupts``) after the
                 checkpoint is saved.
+            WorkdirError: A checkpoint, ``best_model.keras``, ``metrics.jsonl`` or
+                ``summary.json`` could not be written (the last checkpoint is intact), or
+                ``metrics.jsonl`` has a corrupt line before its last.
         """
         self.interrupts = interrupts or Interrupts()  # not installed: never records a signal
         state, epochs = self.state, self.config.epochs
@@ -383,20 +391,66 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        """Saves a checkpoint (chief only); the index file is replaced atomically by TF."""
+        """Saves a checkpoint (chief only).
+
+        TensorFlow writes the checkpoint's files under temporary names and names it in the
+        ``checkpoint`` index file (replaced atomically) only once they are complete: after a
+        failed save the index still names the previous checkpoint, which the next run resumes
+        from. The failed save's files are removed here, so that they hold no space.
+
+        Raises:
+            WorkdirError: The checkpoint could not be written (a full disk, a quota, a
+                read-only folder); the message names it, the reason, and the checkpoint left.
+        """
         if not self.chief:
             return
         self.state.store()
-        self.manager.save(checkpoint_number=self.state.step)
+        try:
+            self.manager.save(checkpoint_number=self.state.step)
+        except (tf.errors.OpError, OSError) as err:
+            prefix = os.path.join(self.manager.directory, f"ckpt-{self.state.step}")
+            # What the next run resumes from is what the index file on disk names.
+            saved = tf.train.get_checkpoint_state(self.manager.directory)
+            last = saved.model_checkpoint_path if saved else None
+            shutil.rmtree(f"{prefix}_temp", ignore_errors=True)
+            if last is None or os.path.basename(last) != os.path.basename(prefix):
+                for leftover in glob.glob(f"{glob.escape(prefix)}.*"):
+                    with contextlib.suppress(OSError):
+                        os.remove(leftover)
+            after = (
+                f"the last checkpoint, {last}, is intact: free space and run the same command "
+                "to resume from it"
+                if last
+                else "there is no earlier checkpoint: free space and run the same command"
+            )
+            raise WorkdirError(
+                f"cannot write the checkpoint {prefix}: {_write_failure(err)}; {after}"
+            ) from err
 
     def export_best_model(self) -> None:
-        """Writes the model to ``workdir/best_model.keras`` atomically (chief only)."""
+        """Writes the model to ``workdir/best_model.keras`` atomically (chief only): complete
+        and on disk under a temporary name, then renamed over the previous best model.
+
+        Raises:
+            WorkdirError: The model could not be written; the previous best model is kept.
+        """
         if not self.chief:
             return
         path = os.path.join(self.config.workdir, BEST_MODEL)
         tmp = os.path.join(self.config.workdir, "best_model.tmp.keras")
-        self.model.save(tmp)
-        os.replace(tmp, path)
+        try:
+            self.model.save(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise WorkdirError(
+                f"cannot write {path}: {_write_failure(err)} (the previous best model and the "
+                "last checkpoint are intact: free space, or make the folder writable, and run "
+                "the same command to resume)"
+            ) from err
 
     def summary(self) -> dict:
         path = os.path.join(self.config.workdir, "summary.json")
@@ -416,3 +470,14 @@ class Trainer:
         for source in (self.train_source, self.val_source):
             if source is not None:
                 source.close(wait=wait)
+
+
+def _write_failure(err: BaseException) -> str:
+    """The system's reason for a failed write (``No space left on device``), from an OSError or
+    from TensorFlow's error, whose message ends ``<file>; <reason> [Op:SaveV2]``."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    text = getattr(err, "message", None) or str(err)
+    text = re.sub(r"^\{\{.*?\}\}\s*", "", text)
+    text = re.sub(r"\s*\[Op:\w+\]\s*$", "", text)
+    return text.rsplit("; ", 1)[-1].strip() or type(err).__name__

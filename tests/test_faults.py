@@ -1,0 +1,152 @@
+"""Faults in reading and writing the run's files: one line, nothing lost.
+
+A full disk (or a quota, or a read-only folder) while the run writes a checkpoint,
+``best_model.keras``, ``summary.json`` or ``metrics.jsonl`` ends ``tf-medseg-train`` with one line
+naming the file and the reason, exit code 1, and the last good checkpoint as the one the next run
+resumes from. The faults are real: a file size limit (``RLIMIT_FSIZE``, set in the subprocess of
+the real command, turns the write that crosses it into ``EFBIG``), a small tmpfs filled up
+(``ENOSPC``; skipped where nothing can be mounted), or a folder where a file is to be written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+
+from tiny_config import TINY_FLAGS
+
+
+def _train(data_dir, workdir, *extra, file_size_limit: int | None = None):
+    """Runs the real ``tf-medseg-train``; with ``file_size_limit`` no file may grow past it."""
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG from the write, not a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
+    return subprocess.run(
+        [sys.executable, "-m", "tf_medseg.cli.train", *TINY_FLAGS, *extra]
+        + [f"--data_dir={data_dir}", f"--workdir={workdir}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit_file_size if file_size_limit else None,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+
+
+def _last_line(result: subprocess.CompletedProcess) -> str:
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return result.stderr.strip().splitlines()[-1]
+
+
+def _steps(workdir) -> list[int]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line)["step"] for line in f]
+
+
+# ---------------------------------------------------------------------------- metrics.jsonl
+def test_a_truncated_last_metrics_line_is_dropped_with_a_warning_and_the_run_resumes(
+    spleen_task_dir, tmp_path
+):
+    run = tmp_path / "run"
+    first = _train(spleen_task_dir, run, "--epochs=2", "--val_every=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert _steps(run) == [2, 4]
+    path = run / "metrics.jsonl"
+    text = path.read_text()
+    path.write_text(text[: len(text) - 40])  # killed in the middle of writing the last line
+    resumed = _train(spleen_task_dir, run, "--epochs=3", "--val_every=1")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    warnings = [line for line in resumed.stderr.splitlines() if f"{path}: line 2" in line]
+    assert len(warnings) == 1 and "incomplete" in warnings[0], resumed.stderr[-3000:]
+    assert _steps(run) == [2, 6]  # the cut validation is gone; every line is whole
+
+
+def test_a_corrupt_metrics_line_before_the_last_is_one_line(spleen_task_dir, tmp_path):
+    run = tmp_path / "run"
+    first = _train(spleen_task_dir, run, "--epochs=2", "--val_every=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    path = run / "metrics.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text(lines[0][:30] + "\n" + lines[1])
+    resumed = _train(spleen_task_dir, run, "--epochs=3", "--val_every=1")
+    assert resumed.returncode == 1
+    last = _last_line(resumed)
+    assert last.startswith(f"tf-medseg-train: {path}: line 1 ") and "not JSON" in last
+
+
+# ---------------------------------------------------------------------------- a full disk
+#: Above every JSON file and event file of a tiny run (a few kB), below its checkpoint's data and
+#: its best_model.keras (about 190 kB each).
+LIMIT = 64 * 1024
+
+
+def _index(workdir) -> str:
+    """The checkpoint the next run resumes from, as the index file on disk names it."""
+    with open(os.path.join(workdir, "checkpoints", "checkpoint")) as f:
+        return f.readline().split('"')[1]
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_last_checkpoint_resumes(
+    spleen_task_dir, tmp_path
+):
+    run = tmp_path / "run"
+    checkpoints = run / "checkpoints"
+    first = _train(spleen_task_dir, run, "--epochs=1", "--val_every=1000")
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = sorted(os.listdir(checkpoints))
+    assert _index(run) == "ckpt-2"
+    full = _train(spleen_task_dir, run, "--epochs=3", "--val_every=1000", file_size_limit=LIMIT)
+    assert full.returncode == 1, full.stderr[-3000:]
+    assert _last_line(full) == (
+        f"tf-medseg-train: cannot write the checkpoint {checkpoints / 'ckpt-4'}: File too large; "
+        f"the last checkpoint, {checkpoints / 'ckpt-2'}, is intact: free space and run the same "
+        "command to resume from it"
+    )
+    assert sorted(os.listdir(checkpoints)) == before  # nothing of the failed save is left
+    assert _index(run) == "ckpt-2"
+    resumed = _train(spleen_task_dir, run, "--epochs=3", "--val_every=1000")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {checkpoints / 'ckpt-2'} at step 2" in resumed.stderr
+    assert _index(run) == "ckpt-6"
+
+
+def test_a_full_disk_at_the_best_model_keeps_the_previous_file_and_the_run_goes_on(
+    spleen_task_dir, tmp_path
+):
+    run = tmp_path / "run"
+    run.mkdir()
+    best = run / "best_model.keras"
+    best.write_bytes(b"the previous best model")
+    # A fresh run's first validation is its best: the model is written before any checkpoint.
+    full = _train(spleen_task_dir, run, "--epochs=1", "--val_every=1", file_size_limit=LIMIT)
+    assert full.returncode == 1, full.stderr[-3000:]
+    last = _last_line(full)
+    assert last.startswith(f"tf-medseg-train: cannot write {best}: File too large (")
+    assert best.read_bytes() == b"the previous best model"
+    assert [name for name in os.listdir(run) if "best_model" in name] == ["best_model.keras"]
+    again = _train(spleen_task_dir, run, "--epochs=1", "--val_every=1")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert best.stat().st_size > LIMIT
+
+
+def test_an_unwritable_summary_is_one_line_and_the_run_resumes(spleen_task_dir, tmp_path):
+    run = tmp_path / "run"
+    first = _train(spleen_task_dir, run, "--epochs=1", "--val_every=1000")
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = run / "summary.json"
+    summary.unlink()
+    summary.mkdir()  # the rename onto it fails: a real OSError of the real write
+    failed = _train(spleen_task_dir, run, "--epochs=2", "--val_every=1000")
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    assert _last_line(failed).startswith(f"tf-medseg-train: cannot write {summary}: Is a directory")
+    assert _index(run) == "ckpt-2"
+    assert not [name for name in os.listdir(run) if name.endswith(".tmp")]
+    summary.rmdir()
+    resumed = _train(spleen_task_dir, run, "--epochs=2", "--val_every=1000")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads(summary.read_text())["steps"] == 4
