@@ -75,7 +75,7 @@ _AFFINE_ATOL = 1e-3
 
 @dataclasses.dataclass(frozen=True)
 class Evaluation:
-    """Dice of every case and class, and its means.
+    """Dice, and the surface metrics asked for, of every case and class, and their means.
 
     Attributes:
         cases: Case names, sorted.
