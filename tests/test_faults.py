@@ -10,6 +10,7 @@ the real command, turns the write that crosses it into ``EFBIG``), a small tmpfs
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 from tiny_config import TINY_FLAGS
 
 
@@ -150,3 +152,83 @@ def test_an_unwritable_summary_is_one_line_and_the_run_resumes(spleen_task_dir, 
     resumed = _train(spleen_task_dir, run, "--epochs=2", "--val_every=1000")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads(summary.read_text())["steps"] == 4
+
+
+def _mount(args: list[str]) -> None:
+    """Runs ``mount`` (root only); skips the test with the reason where it cannot."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting needs root (CI runs as root)")
+    result = subprocess.run(["mount", *args], capture_output=True, text=True)
+    if result.returncode:
+        pytest.skip(f"cannot mount here: {result.stderr.strip()}")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MB tmpfs: a real disk that fills up (ENOSPC)."""
+    point = tmp_path / "disk"
+    point.mkdir()
+    _mount(["-t", "tmpfs", "-o", "size=4m", "tmpfs", str(point)])
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", str(point)], check=False)
+
+
+def _fill(disk, keep: int) -> str:
+    """Fills ``disk`` up to ``keep`` bytes of free space; returns the filler file."""
+    filler = os.path.join(disk, "filler")
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as err:
+        assert err.errno == errno.ENOSPC
+    os.ftruncate(fd, max(0, os.fstat(fd).st_size - keep))
+    os.close(fd)
+    return filler
+
+
+def test_a_full_tmpfs_at_a_checkpoint_is_one_line_and_the_last_checkpoint_resumes(
+    spleen_task_dir, small_disk
+):
+    run = small_disk / "run"
+    checkpoints = run / "checkpoints"
+    first = _train(spleen_task_dir, run, "--epochs=1", "--val_every=1000")
+    assert first.returncode == 0, first.stderr[-3000:]
+    filler = _fill(small_disk, keep=LIMIT)  # room for the JSON files, not for a checkpoint
+    full = _train(spleen_task_dir, run, "--epochs=3", "--val_every=1000")
+    assert full.returncode == 1, full.stderr[-3000:]
+    assert _last_line(full) == (
+        f"tf-medseg-train: cannot write the checkpoint {checkpoints / 'ckpt-4'}: No space left "
+        f"on device; the last checkpoint, {checkpoints / 'ckpt-2'}, is intact: free space and "
+        "run the same command to resume from it"
+    )
+    assert sorted(os.listdir(checkpoints)) == [
+        "checkpoint",
+        "ckpt-2.data-00000-of-00001",
+        "ckpt-2.index",
+    ]
+    os.remove(filler)
+    resumed = _train(spleen_task_dir, run, "--epochs=3", "--val_every=1000")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {checkpoints / 'ckpt-2'} at step 2" in resumed.stderr
+    assert _index(run) == "ckpt-6"
+
+
+def test_a_full_disk_at_metrics_jsonl_is_one_line_and_the_run_resumes(spleen_task_dir, tmp_path):
+    run = tmp_path / "run"
+    first = _train(spleen_task_dir, run, "--epochs=1", "--val_every=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    metrics = run / "metrics.jsonl"
+    long = metrics.read_text() * 1000  # a long run's validations: larger than a checkpoint
+    metrics.write_text(long)
+    limit = 256 * 1024  # room for a checkpoint and the best model, not for metrics.jsonl
+    assert len(long) > limit > os.path.getsize(run / "best_model.keras")
+    failed = _train(spleen_task_dir, run, "--epochs=2", "--val_every=1", file_size_limit=limit)
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    assert _last_line(failed).startswith(f"tf-medseg-train: cannot write {metrics}: File too large")
+    assert metrics.read_text() == long and _index(run) == "ckpt-2"
+    resumed = _train(spleen_task_dir, run, "--epochs=2", "--val_every=1")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _steps(run) == [2] * 1000 + [4]
