@@ -86,7 +86,7 @@ def test_every_flagfile_dry_runs_outside_the_repository_as_its_comment_says(dry_
         assert proposed["adaptive_sampling"] and proposed["norm"] == "instance"
         assert proposed["precision"] == "mixed_float16"
         assert proposed["sampler_damping"] == 1.0 and proposed["sampler_warmup_validations"] == 0
-        assert proposed["pos_fraction_bounds"] == [0.1, 0.9]
+        assert proposed["pos_fraction_bounds"] == [0.1, 0.9] and not proposed["balance_classes"]
         # The package's sampler differs from the paper's; nothing else does.
         differ = {k for k in proposed if proposed[k] != package[k]} - {"workdir"}
         assert differ and differ <= {
@@ -94,6 +94,7 @@ def test_every_flagfile_dry_runs_outside_the_repository_as_its_comment_says(dry_
             "sampler_warmup_validations",
             "sampler_warmup_dice",
             "pos_fraction_bounds",
+            "balance_classes",
         }, differ
         # The baseline: the paper's "Native TF".
         assert baseline["cache"] == "none" and baseline["optimizer"] == "adam"
