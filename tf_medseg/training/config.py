@@ -337,7 +337,7 @@ def _percentile_errors(percentiles: tuple[float, ...]) -> list[str]:
     """``--ct_percentiles`` must name two of the percentiles the statistics hold, low first."""
     from tf_medseg.data.stats import PERCENTILES
 
-    if len(percentiles) == 2 and percentiles[0] < percentiles[1] <= max(PERCENTILES):
+    if len(percentiles) == 2 and percentiles[0] < percentiles[1]:
         if all(float(p) in PERCENTILES for p in percentiles):
             return []
     held = [f"{p:g}" for p in PERCENTILES]
@@ -479,7 +479,9 @@ def _task_or_none(data_dir: str):
 
 
 def _same_path(a: str, b: str) -> bool:
-    return os.path.realpath(a) == os.path.realpath(b) if a and b else a == b
+    """The same folder or file: the same text (a relative path resumed from the same place), or
+    the same place on disk."""
+    return a == b or bool(a and b) and os.path.realpath(a) == os.path.realpath(b)
 
 
 def _split_conflicts(config: TrainConfig, saved: TrainConfig, task, whose: str) -> list[str]:
