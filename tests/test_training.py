@@ -801,6 +801,18 @@ def test_resuming_on_a_data_folder_with_other_classes_names_them_in_one_line(
         f"and classes ['background', 'spleen'] ({run}/task.json): give its data folder, or train "
         "in another --workdir"
     ]
+    # The same flags on a dataset.json with a case fewer: another split, named as such.
+    from tf_medseg.training.config import resume_conflicts
+
+    del spec["labels"]["2"]
+    spec["training"] = spec["training"][1:]
+    (data / "dataset.json").write_text(json.dumps(spec))
+    assert resume_conflicts(tiny_config(str(data), run, epochs=2)) == [
+        f"the split of --data_dir={data} differs from {run / 'split.json'} of the run whose "
+        f"checkpoints are in {run / 'checkpoints'} with the same flags (its dataset.json or split "
+        "file changed): restore them, or train in another --workdir "
+        f"(--finetune_from={run} starts it from this run's weights)"
+    ]
 
 
 @pytest.mark.parametrize("dry_run", [True, False])
