@@ -14,12 +14,13 @@ import errno
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
 
 import pytest
-from tiny_config import TINY_FLAGS
+from tiny_config import TINY_FLAGS, tiny_config
 
 
 def _train(data_dir, workdir, *extra, file_size_limit: int | None = None):
@@ -232,3 +233,56 @@ def test_a_full_disk_at_metrics_jsonl_is_one_line_and_the_run_resumes(spleen_tas
     resumed = _train(spleen_task_dir, run, "--epochs=2", "--val_every=1")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _steps(run) == [2] * 1000 + [4]
+
+
+# ---------------------------------------------------------------------------- corrupt files
+def _copy_with_a_cut_file(task_dir, tmp_path, pick) -> tuple[str, str]:
+    """A copy of the task with one file cut in half; returns (task folder, the file)."""
+    from tf_medseg.data.msd import load_task, task_split
+
+    data = str(tmp_path / "data")
+    shutil.copytree(task_dir, data, ignore=shutil.ignore_patterns(".tf_medseg_cache"))
+    task = load_task(data)
+    victim = pick(task, *task_split(task, num_val=1, seed=0))
+    with open(victim, "r+b") as f:
+        f.truncate(os.path.getsize(victim) // 2)
+    return data, victim
+
+
+@pytest.mark.parametrize(
+    "pick",
+    [
+        lambda task, train, val: val[0]["image"],
+        lambda task, train, val: val[-1]["label"],
+        lambda task, train, val: task.test[0]["image"],
+    ],
+    ids=["validation image", "validation label", "test image"],
+)
+def test_a_cut_validation_or_test_file_stops_the_trainer_before_its_first_step(
+    heart_task_dir, tmp_path, pick
+):
+    """MRI: no intensity statistics read the files; before, the cut validation file was found
+    at the first validation, the test file never."""
+    from tf_medseg.data.io import DataError
+    from tf_medseg.training.loop import Trainer
+
+    data, victim = _copy_with_a_cut_file(heart_task_dir, tmp_path, pick)
+    with pytest.raises(DataError) as err:
+        Trainer(tiny_config(data, tmp_path / "run", num_val=1, epochs=1))
+    assert str(err.value).startswith(f"{victim}: not a readable NIfTI file")
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_dry_run_reads_every_files_header(heart_task_dir, tmp_path):
+    data, victim = _copy_with_a_cut_file(
+        heart_task_dir, tmp_path, lambda task, train, val: task.test[0]["image"]
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "tf_medseg.cli.train", *TINY_FLAGS, "--num_val=1", "--dry_run"]
+        + [f"--data_dir={data}", f"--workdir={tmp_path / 'run'}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert _last_line(result).startswith(f"tf-medseg-train: {victim}: not a readable NIfTI file")

@@ -165,3 +165,40 @@ def test_write_is_deterministic(tmp_path):
     a, b = _write(tmp_path / "a.nii.gz", data), _write(tmp_path / "b.nii.gz", data)
     assert open(a, "rb").read() == open(b, "rb").read()
     assert os.path.getsize(a) > 0
+
+
+def _cut(path: str, size: int) -> str:
+    with open(path, "r+b") as f:
+        f.truncate(size)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_the_header_check_finds_a_file_cut_anywhere_without_reading_its_data(tmp_path, suffix):
+    from tf_medseg.data.io import check_header
+
+    data = np.random.default_rng(0).normal(size=(20, 21, 22)).astype(np.float32)
+    whole = _write(tmp_path / f"whole{suffix}", data)
+    assert check_header(whole) == (20, 21, 22)
+    size = os.path.getsize(whole)
+    for cut in (200, size // 2, size - 1):  # in the header, in the data, the last byte
+        path = _cut(_write(tmp_path / f"cut_{cut}{suffix}", data), cut)
+        with pytest.raises(DataError, match="not a readable NIfTI") as err:
+            check_header(path)
+        assert str(err.value).startswith(f"{path}: ") and "\n" not in str(err.value)
+
+
+def test_the_header_check_accepts_a_gzip_file_of_several_members(tmp_path):
+    """bgzip and some archivers write a gzip file as several members: its last member's size
+    is not the file's, so the check reads it through."""
+    from tf_medseg.data.io import check_header
+
+    data = np.arange(10 * 11 * 12, dtype=np.int16).reshape(10, 11, 12)
+    plain = _write(tmp_path / "a.nii", data)
+    raw = open(plain, "rb").read()
+    path = str(tmp_path / "members.nii.gz")
+    with open(path, "wb") as f:
+        half = len(raw) // 2
+        f.write(gzip.compress(raw[:half]) + gzip.compress(raw[half:]))
+    assert check_header(path) == (10, 11, 12)
+    np.testing.assert_array_equal(read_nifti(path).data, data)

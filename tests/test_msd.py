@@ -256,3 +256,21 @@ def test_a_linked_task_still_refuses_paths_that_leave_it(spleen_task_dir, tmp_pa
     with pytest.raises(DataError, match="outside the data folder|absolute path") as err:
         load_task(root)
     assert "dataset.json" in str(err.value) and bad in str(err.value)
+
+
+def test_every_files_header_is_checked_and_a_label_of_another_shape_is_named(
+    spleen_task_dir, tmp_path
+):
+    import numpy as np
+
+    from tf_medseg.data.io import write_nifti
+    from tf_medseg.data.msd import check_task_files
+
+    root = str(tmp_path / "task")
+    shutil.copytree(spleen_task_dir, root, ignore=shutil.ignore_patterns(".tf_medseg_cache"))
+    check_task_files(load_task(root))
+    label = os.path.join(root, "labelsTr", "spleen_004.nii.gz")
+    write_nifti(label, np.zeros((5, 6, 7), np.uint8), np.eye(4))
+    with pytest.raises(DataError, match="label shape") as err:
+        check_task_files(load_task(root))
+    assert str(err.value).startswith(f"{label}: ") and "spleen_004.nii.gz)" in str(err.value)

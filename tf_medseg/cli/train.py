@@ -271,12 +271,13 @@ def _train(config, interrupts: Interrupts) -> int:
 
 def dry_run(config) -> int:
     """Everything before training that can fail on the user's input, without TensorFlow: the
-    task folder and its files, the split; writes ``config.json`` and ``split.json``."""
+    task folder and every file's header, the split; writes ``config.json`` and ``split.json``."""
     from tf_medseg.data.io import DataError
-    from tf_medseg.data.msd import load_task, write_split_file
+    from tf_medseg.data.msd import check_task_files, load_task, write_split_file
 
     try:
         task = load_task(config.data_dir)
+        check_task_files(task)
         train, val = split_of(config, task)
     except DataError as err:
         print(f"tf-medseg-train: {err}", file=sys.stderr)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tf_medseg.data.io import DataError
+from tf_medseg.data.io import DataError, check_header
 from tf_medseg.jsonio import write_json
 
 #: Number of validation cases of the paper's splits, by MSD task folder name.
@@ -180,6 +180,28 @@ def load_task(root: str, check_files: bool = True) -> MSDTask:
         training=tuple(training),
         test=tuple(test),
     )
+
+
+def check_task_files(task: MSDTask) -> None:
+    """Reads the header of every file the task lists (training images and labels, test images)
+    and checks that each file is complete and each label has its image's shape: milliseconds a
+    file, so that a cut or corrupt file is named before training, not at the first validation
+    minutes in (nor, for a test file, after training).
+
+    Raises:
+        DataError: The first bad file, named with its problem.
+    """
+    for item in (*task.training, *task.test):
+        shape = check_header(item["image"])
+        if "label" in item:
+            label_shape = check_header(item["label"])
+            if label_shape[3:] == (1,):  # (X, Y, Z, 1) is read as (X, Y, Z)
+                label_shape = label_shape[:3]
+            if label_shape != shape[:3]:
+                raise DataError(
+                    f"{item['label']}: label shape {label_shape} differs from image shape "
+                    f"{shape[:3]} ({item['image']})"
+                )
 
 
 def split_items(

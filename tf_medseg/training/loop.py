@@ -37,6 +37,7 @@ from absl import logging
 
 from tf_medseg import distributed
 from tf_medseg.cache.smart_cache import peak_rss_bytes
+from tf_medseg.data.msd import check_task_files, load_task
 from tf_medseg.inference import mean_predictor, overlap_from_flag
 from tf_medseg.training import hooks as hooks_lib
 from tf_medseg.training.build import (
@@ -94,6 +95,9 @@ class Trainer:
             tf.config.experimental.enable_op_determinism()
         tf.keras.mixed_precision.set_global_policy(config.precision)
         os.makedirs(config.workdir, exist_ok=True)
+        # Every listed file's header first (milliseconds each): a cut validation or test file
+        # is named now, not at the first validation minutes in, nor after training.
+        check_task_files(load_task(config.data_dir))
 
         inputs = build_inputs(config, self.dist)
         self.task, self.sampler, self.stream = inputs.task, inputs.sampler, inputs.stream
