@@ -849,3 +849,23 @@ def test_ct_percentiles_the_statistics_do_not_hold_are_refused_before_the_run(
     for bad in [(95.0, 5.0), (5.0, 5.0, 5.0), (5.0,)]:
         assert len(tiny_config(spleen_task_dir, tmp_path, ct_percentiles=bad).validate()) == 1
     assert tiny_config(spleen_task_dir, tmp_path, ct_percentiles=(0.5, 99.5)).validate() == []
+
+
+def test_a_resumed_run_keeps_the_ct_range_it_was_trained_with(spleen_task_dir, tmp_path, caplog):
+    """A run begun when the CT statistics were its training cases' (or before the data's files
+    changed) has another range in preprocessing.json than the data folder's statistics give:
+    resumed, it keeps the range its weights were trained with, and says so."""
+    run = tmp_path / "run"
+    _run(tiny_config(spleen_task_dir, run, epochs=1))
+    path = run / "preprocessing.json"
+    chain = json.loads(path.read_text())
+    (entry,) = [t for t in chain["transforms"] if t["name"] == "NormalizeCT"]
+    entry["lower"], entry["upper"] = [entry["lower"][0] - 7.0], [entry["upper"][0] + 5.0]
+    path.write_text(json.dumps(chain))
+    caplog.set_level("WARNING")
+    resumed = Trainer(tiny_config(spleen_task_dir, run, epochs=2))
+    resumed.close()
+    assert resumed.restored_from is not None
+    assert json.loads(path.read_text()) == chain
+    (line,) = [r.getMessage() for r in caplog.records if "keeps the CT range" in r.getMessage()]
+    assert line.startswith(f"{path}: the resumed run keeps the CT range it was trained with")

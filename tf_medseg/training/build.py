@@ -24,8 +24,10 @@ from tf_medseg.models import MODELS, build_model, main_output_model
 from tf_medseg.optim import build_optimizer
 from tf_medseg.pipeline import Source, SourceOptions, TailOptions, TrainStream, make_source
 from tf_medseg.sampling import AdaptiveSampler
-from tf_medseg.training.config import TrainConfig, split_of, steps_upper_bound
+from tf_medseg.training.config import TrainConfig, has_checkpoint, split_of, steps_upper_bound
 from tf_medseg.training.state import RunState
+from tf_medseg.transforms.base import Compose
+from tf_medseg.transforms.intensity import NormalizeCT
 from tf_medseg.transforms.preprocessing import PreprocessingConfig, build_preprocessing
 
 
@@ -91,6 +93,7 @@ def build_inputs(config: TrainConfig, dist: distributed.Distributed) -> Inputs:
         fallback_dir=config.workdir,
         num_workers=config.cache_workers or None,
     )
+    prefix = keep_trained_ct_range(prefix, config.workdir)
     if chief:
         config.save(config.workdir)
         write_split_file(os.path.join(config.workdir, "split.json"), train_items, val_items)
@@ -141,6 +144,39 @@ def build_inputs(config: TrainConfig, dist: distributed.Distributed) -> Inputs:
         train_source, tail, sampler.positive_fraction, num_channels=task.num_channels
     )
     return Inputs(task, len(val_items), prefix, train_source, val_source, sampler, stream)
+
+
+def keep_trained_ct_range(prefix: Compose, workdir: str) -> Compose:
+    """``prefix`` with the CT range of ``workdir/preprocessing.json`` when the run resumes and
+    the two differ: a run keeps the normalisation its checkpoints were trained with.
+
+    They differ for a run begun before the statistics were the data folder's (over its training
+    cases only, then), or when the data's files changed since.
+    """
+    path = os.path.join(workdir, "preprocessing.json")
+    if not has_checkpoint(workdir) or not os.path.isfile(path):
+        return prefix
+    try:
+        with open(path) as f:
+            saved = [t for t in json.load(f)["transforms"] if t.get("name") == "NormalizeCT"]
+        trained = NormalizeCT(saved[0]["lower"], saved[0]["upper"]) if saved else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
+        return prefix
+    for i, transform in enumerate(prefix.transforms):
+        if isinstance(transform, NormalizeCT) and trained is not None:
+            if transform.config() == trained.config():
+                return prefix
+            logging.warning(
+                "%s: the resumed run keeps the CT range it was trained with, %s to %s (the data "
+                "folder's statistics now give %s to %s)",
+                path,
+                trained.lower,
+                trained.upper,
+                transform.lower,
+                transform.upper,
+            )
+            return Compose([*prefix.transforms[:i], trained, *prefix.transforms[i + 1 :]])
+    return prefix
 
 
 @dataclasses.dataclass
