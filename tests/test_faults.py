@@ -46,6 +46,21 @@ def _last_line(result: subprocess.CompletedProcess) -> str:
     return result.stderr.strip().splitlines()[-1]
 
 
+@pytest.fixture(scope="module")
+def one_epoch(spleen_task_dir, tmp_path_factory) -> str:
+    """A finished one-epoch run (2 steps, validated, ``checkpoints/ckpt-2``), for tests to copy
+    and go on from."""
+    run = tmp_path_factory.mktemp("faults") / "one_epoch"
+    result = _train(spleen_task_dir, run, "--epochs=1", "--val_every=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return str(run)
+
+
+def _copy(run: str, to) -> str:
+    shutil.copytree(run, to)
+    return to
+
+
 def _steps(workdir) -> list[int]:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line)["step"] for line in f]
@@ -53,30 +68,25 @@ def _steps(workdir) -> list[int]:
 
 # ---------------------------------------------------------------------------- metrics.jsonl
 def test_a_truncated_last_metrics_line_is_dropped_with_a_warning_and_the_run_resumes(
-    spleen_task_dir, tmp_path
+    spleen_task_dir, one_epoch, tmp_path
 ):
-    run = tmp_path / "run"
-    first = _train(spleen_task_dir, run, "--epochs=2", "--val_every=1")
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert _steps(run) == [2, 4]
+    run = _copy(one_epoch, tmp_path / "run")
     path = run / "metrics.jsonl"
-    text = path.read_text()
-    path.write_text(text[: len(text) - 40])  # killed in the middle of writing the last line
-    resumed = _train(spleen_task_dir, run, "--epochs=3", "--val_every=1")
+    (line,) = path.read_text().splitlines(keepends=True)
+    path.write_text(line + line[:-40])  # killed in the middle of writing its second line
+    resumed = _train(spleen_task_dir, run, "--epochs=2", "--val_every=1")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     warnings = [line for line in resumed.stderr.splitlines() if f"{path}: line 2" in line]
     assert len(warnings) == 1 and "incomplete" in warnings[0], resumed.stderr[-3000:]
-    assert _steps(run) == [2, 6]  # the cut validation is gone; every line is whole
+    assert _steps(run) == [2, 4]  # the cut line is gone; every line is whole
 
 
-def test_a_corrupt_metrics_line_before_the_last_is_one_line(spleen_task_dir, tmp_path):
-    run = tmp_path / "run"
-    first = _train(spleen_task_dir, run, "--epochs=2", "--val_every=1")
-    assert first.returncode == 0, first.stderr[-3000:]
+def test_a_corrupt_metrics_line_before_the_last_is_one_line(spleen_task_dir, one_epoch, tmp_path):
+    run = _copy(one_epoch, tmp_path / "run")
     path = run / "metrics.jsonl"
-    lines = path.read_text().splitlines(keepends=True)
-    path.write_text(lines[0][:30] + "\n" + lines[1])
-    resumed = _train(spleen_task_dir, run, "--epochs=3", "--val_every=1")
+    (line,) = path.read_text().splitlines(keepends=True)
+    path.write_text(line[:30] + "\n" + line)
+    resumed = _train(spleen_task_dir, run, "--epochs=2", "--val_every=1")
     assert resumed.returncode == 1
     last = _last_line(resumed)
     assert last.startswith(f"tf-medseg-train: {path}: line 1 ") and "not JSON" in last
@@ -95,12 +105,10 @@ def _index(workdir) -> str:
 
 
 def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_last_checkpoint_resumes(
-    spleen_task_dir, tmp_path
+    spleen_task_dir, one_epoch, tmp_path
 ):
-    run = tmp_path / "run"
+    run = _copy(one_epoch, tmp_path / "run")
     checkpoints = run / "checkpoints"
-    first = _train(spleen_task_dir, run, "--epochs=1", "--val_every=1000")
-    assert first.returncode == 0, first.stderr[-3000:]
     before = sorted(os.listdir(checkpoints))
     assert _index(run) == "ckpt-2"
     full = _train(spleen_task_dir, run, "--epochs=3", "--val_every=1000", file_size_limit=LIMIT)
@@ -137,10 +145,10 @@ def test_a_full_disk_at_the_best_model_keeps_the_previous_file_and_the_run_goes_
     assert best.stat().st_size > LIMIT
 
 
-def test_an_unwritable_summary_is_one_line_and_the_run_resumes(spleen_task_dir, tmp_path):
-    run = tmp_path / "run"
-    first = _train(spleen_task_dir, run, "--epochs=1", "--val_every=1000")
-    assert first.returncode == 0, first.stderr[-3000:]
+def test_an_unwritable_summary_is_one_line_and_the_run_resumes(
+    spleen_task_dir, one_epoch, tmp_path
+):
+    run = _copy(one_epoch, tmp_path / "run")
     summary = run / "summary.json"
     summary.unlink()
     summary.mkdir()  # the rename onto it fails: a real OSError of the real write
@@ -191,12 +199,10 @@ def _fill(disk, keep: int) -> str:
 
 
 def test_a_full_tmpfs_at_a_checkpoint_is_one_line_and_the_last_checkpoint_resumes(
-    spleen_task_dir, small_disk
+    spleen_task_dir, one_epoch, small_disk
 ):
-    run = small_disk / "run"
+    run = _copy(one_epoch, small_disk / "run")
     checkpoints = run / "checkpoints"
-    first = _train(spleen_task_dir, run, "--epochs=1", "--val_every=1000")
-    assert first.returncode == 0, first.stderr[-3000:]
     filler = _fill(small_disk, keep=LIMIT)  # room for the JSON files, not for a checkpoint
     full = _train(spleen_task_dir, run, "--epochs=3", "--val_every=1000")
     assert full.returncode == 1, full.stderr[-3000:]
@@ -217,10 +223,10 @@ def test_a_full_tmpfs_at_a_checkpoint_is_one_line_and_the_last_checkpoint_resume
     assert _index(run) == "ckpt-6"
 
 
-def test_a_full_disk_at_metrics_jsonl_is_one_line_and_the_run_resumes(spleen_task_dir, tmp_path):
-    run = tmp_path / "run"
-    first = _train(spleen_task_dir, run, "--epochs=1", "--val_every=1")
-    assert first.returncode == 0, first.stderr[-3000:]
+def test_a_full_disk_at_metrics_jsonl_is_one_line_and_the_run_resumes(
+    spleen_task_dir, one_epoch, tmp_path
+):
+    run = _copy(one_epoch, tmp_path / "run")
     metrics = run / "metrics.jsonl"
     long = metrics.read_text() * 1000  # a long run's validations: larger than a checkpoint
     metrics.write_text(long)
