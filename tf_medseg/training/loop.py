@@ -416,7 +416,8 @@ class Trainer:
             # What the next run resumes from is what the index file on disk names.
             saved = tf.train.get_checkpoint_state(self.manager.directory)
             last = saved.model_checkpoint_path if saved else None
-            shutil.rmtree(f"{prefix}_temp", ignore_errors=True)
+            for temporary in glob.glob(f"{glob.escape(prefix)}_temp*"):  # the shards' folder
+                shutil.rmtree(temporary, ignore_errors=True)
             if last is None or os.path.basename(last) != os.path.basename(prefix):
                 for leftover in glob.glob(f"{glob.escape(prefix)}.*"):
                     with contextlib.suppress(OSError):
