@@ -292,3 +292,19 @@ def test_dry_run_reads_every_files_header(heart_task_dir, tmp_path):
     )
     assert result.returncode == 2
     assert _last_line(result).startswith(f"tf-medseg-train: {victim}: not a readable NIfTI file")
+
+
+def test_the_run_files_are_written_with_the_users_umask_like_any_other_file(tmp_path):
+    """Atomic writes go through a temporary file; it must not leave metrics.jsonl or
+    summary.json readable by their owner alone (mkstemp's 0600) where others read the runs."""
+    from tf_medseg.training.hooks import write_run_file
+
+    previous = os.umask(0o022)
+    try:
+        path = str(tmp_path / "metrics.jsonl")
+        write_run_file(path, "{}\n")
+        plain = tmp_path / "plain"
+        plain.write_text("")
+    finally:
+        os.umask(previous)
+    assert oct(os.stat(path).st_mode & 0o777) == oct(plain.stat().st_mode & 0o777) == "0o644"
