@@ -81,7 +81,7 @@ def test_every_flagfile_dry_runs_outside_the_repository_as_its_comment_says(dry_
         proposed = dry_runs[f"{task}/proposed"]
         baseline = dry_runs[f"{task}/baseline"]
         package = dry_runs[f"{task}/package"]
-        # The paper's proposed configuration, with the paper's sampler exactly.
+        # The paper's proposed configuration, with the paper's sampler update and centres.
         assert proposed["cache"] == "smart" and proposed["optimizer"] == "novograd"
         assert proposed["adaptive_sampling"] and proposed["norm"] == "instance"
         assert proposed["precision"] == "mixed_float16"

@@ -83,9 +83,11 @@ flags.DEFINE_enum(
     "The adaptive sampler's settings. default: equation 4 after a warm-up, damped, and at "
     "least a third of the patches foreground-centred (the flags' defaults, "
     + _sampler_flags({f.name: f.default for f in dataclasses.fields(TrainConfig)})
-    + "). paper: the paper's sampler exactly, "
+    + "). paper: the paper's update, undamped from the first validation, within a clamp of the "
+    "package's (the paper states none), "
     + _sampler_flags(PAPER_SAMPLER)
-    + " (a flag given with a different value is refused).",
+    + " (a flag given with a different value is refused); add --nobalance_classes for the "
+    "paper's pooled-foreground centres.",
 )
 flags.DEFINE_bool(
     "allow_cpu_float16",

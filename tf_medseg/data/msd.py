@@ -7,8 +7,9 @@ A task folder holds ``dataset.json`` (name, modality, labels, training and test 
 
 Training/validation splits are deterministic: by seed and fraction (or count), by seed into
 cross-validation folds, or from an explicit split file (``split.json``, which
-:func:`write_split_file` writes). The paper's splits (validation cases) are spleen 9 of 41,
-heart 4 of 20 and liver 27 of 131: :data:`PAPER_VALIDATION_CASES`.
+:func:`write_split_file` writes). The paper's split sizes (validation cases) are spleen 9 of 41,
+heart 4 of 20 and liver 27 of 131: :data:`PAPER_VALIDATION_CASES`; which cases, the seed draws (the
+paper does not list them).
 """
 
 from __future__ import annotations

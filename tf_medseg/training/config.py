@@ -20,8 +20,10 @@ from tf_medseg.jsonio import write_text
 
 POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
 DISTRIBUTIONS = ("auto", "horovod", "tf", "none")  # tf_medseg.distributed.BACKENDS
-#: The paper's adaptive sampler exactly: the neutral values of the warm-up, the damping and the
-#: floor (``dataclasses.replace(config, **PAPER_SAMPLER)``; ``tf-medseg-train --sampler=paper``).
+#: The paper's adaptive update (equation 4 from the first validation, undamped): the neutral values
+#: of the warm-up and the damping, and the wide clamp [0.1, 0.9] instead of the floor of 1/3 (the
+#: paper states no clamp; ``dataclasses.replace(config, **PAPER_SAMPLER)``; ``tf-medseg-train
+#: --sampler=paper``). The paper's pooled-foreground centres are ``balance_classes=False`` too.
 PAPER_SAMPLER = {
     "sampler_warmup_validations": 0,
     "sampler_warmup_dice": 0.0,
