@@ -25,7 +25,7 @@ import pytest
 from tiny_config import TINY_FLAGS, tiny_config, validations
 
 from tf_medseg.cache import CacheBudgetError, CachePrefixError
-from tf_medseg.data.io import DataError
+from tf_medseg.data.io import DataError, read_nifti, write_nifti
 from tf_medseg.data.msd import load_task, task_split
 from tf_medseg.training.loop import NonFiniteLossError, Trainer
 
@@ -292,10 +292,10 @@ def test_corrupt_training_file_stops_before_training(spleen_task_dir, tmp_path):
 
 
 def test_corrupt_mri_training_file_is_one_line_before_training(heart_task_dir, tmp_path):
-    # MRI reads no file for intensity statistics: the cache's first fill, before the first
-    # epoch and outside tf.data, is where the broken file is found.
+    # Every listed file's header and length are checked before training (MRI reads no file
+    # for intensity statistics, so this is the first read of the broken file).
     data, victim = _copy_with_truncated(heart_task_dir, tmp_path, lambda t, v: t[0])
-    with pytest.raises(CachePrefixError, match="not a readable NIfTI") as err:
+    with pytest.raises(DataError, match="not a readable NIfTI") as err:
         Trainer(tiny_config(data, tmp_path / "run"))
     assert victim in str(err.value)
     result = subprocess.run(
@@ -307,13 +307,21 @@ def test_corrupt_mri_training_file_is_one_line_before_training(heart_task_dir, t
     assert not glob.glob(os.path.join(str(tmp_path / "cli"), "checkpoints", "*"))
 
 
-def test_worker_exception_ends_training_with_the_path(spleen_task_dir, tmp_path):
-    # A validation volume is first read by the cache's worker threads at the first validation.
-    data, victim = _copy_with_truncated(spleen_task_dir, tmp_path, lambda t, v: v[0])
-    trainer = Trainer(tiny_config(data, tmp_path / "run", epochs=5))
+def test_worker_exception_ends_training_with_the_path(heart_task_dir, tmp_path):
+    # A validation volume is first read by the cache's worker threads at the first validation;
+    # a NaN intensity is a fault its header cannot show.
+    data = str(tmp_path / "data")
+    shutil.copytree(heart_task_dir, data)
+    _, val = task_split(load_task(data), num_val=1, seed=0)
+    victim = val[0]["image"]
+    volume = read_nifti(victim)
+    image = np.asarray(volume.data, np.float32)
+    image.flat[image.size // 2] = np.nan
+    write_nifti(victim, image, volume.affine)
+    trainer = Trainer(tiny_config(data, tmp_path / "run", num_val=1, epochs=5))
     start = time.time()
     try:
-        with pytest.raises(CachePrefixError) as err:
+        with pytest.raises(CachePrefixError, match="NaN") as err:
             trainer.fit()
     finally:
         trainer.close()
