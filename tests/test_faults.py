@@ -223,6 +223,23 @@ def test_a_full_tmpfs_at_a_checkpoint_is_one_line_and_the_last_checkpoint_resume
     assert _index(run) == "ckpt-6"
 
 
+def test_a_full_disk_at_the_start_is_one_line_and_the_same_command_starts_after(
+    spleen_task_dir, small_disk
+):
+    """The run's first files (config.json, split.json...) cannot be written: one line naming
+    the file, exit 1, and the same command starts once there is room."""
+    run = small_disk / "run"
+    filler = _fill(small_disk, keep=0)
+    full = _train(spleen_task_dir, run, "--epochs=1", "--val_every=1")
+    assert full.returncode == 1, full.stderr[-3000:]
+    line = _last_line(full)
+    assert line.startswith(f"tf-medseg-train: cannot write {run}")
+    assert "No space left on device; nothing was trained" in line
+    os.remove(filler)
+    again = _train(spleen_task_dir, run, "--epochs=1", "--val_every=1")
+    assert again.returncode == 0, again.stderr[-3000:]
+
+
 def test_a_full_disk_at_metrics_jsonl_is_one_line_and_the_run_resumes(
     spleen_task_dir, one_epoch, tmp_path
 ):

@@ -255,6 +255,19 @@ def _train(config, interrupts: Interrupts) -> int:
     except (DataError, CacheBudgetError, CachePrefixError, DistributionError) as err:
         print(f"tf-medseg-train: {err}", file=sys.stderr)
         return 2
+    except WorkdirError as err:
+        print(f"tf-medseg-train: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        # Writing the run's first files (config.json, split.json, preprocessing.json...) on a
+        # full disk or a read-only or lost mount: nothing was trained, nothing is lost.
+        where = err.filename or config.workdir
+        print(
+            f"tf-medseg-train: cannot write {where}: {err.strerror or err}; nothing was trained: "
+            "free space (or fix the folder) and run the same command again",
+            file=sys.stderr,
+        )
+        return 1
     try:
         summary = trainer.fit(interrupts)
     except TrainingInterrupted as err:
