@@ -3,9 +3,15 @@ component only where it raises the mean validation Dice."""
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+
 import numpy as np
 import pytest
+import tensorflow as tf
 
+from tf_medseg.inference import keep_largest_component
 from tf_medseg.metrics import dice_per_class
 from tf_medseg.postprocessing import PostprocessingDecision, decide, read_decision
 
@@ -65,3 +71,64 @@ def test_the_decision_round_trips_through_the_run_folder(tmp_path):
     nan = PostprocessingDecision((), (float("nan"),), (float("nan"),), 1)
     again = PostprocessingDecision.from_json(nan.to_json())
     assert np.isnan(again.dice_without[0]) and again.keep_largest == ()
+
+
+# ------------------------------------------------------------------ the run folder, predict, export
+def _test_image(trained) -> str:
+    folder = os.path.join(trained["data"], "imagesTs")
+    return os.path.join(folder, sorted(os.listdir(folder))[0])
+
+
+def _with_decision(trained, tmp_path, name: str, keep: tuple[int, ...]) -> str:
+    """A copy of the trained run folder whose postprocessing.json keeps ``keep``."""
+    folder = str(tmp_path / name)
+    shutil.copytree(trained["workdir"], folder, ignore=shutil.ignore_patterns("checkpoints"))
+    decision = PostprocessingDecision(keep, (0.5,), (0.6 if keep else 0.4,), 1)
+    with open(os.path.join(folder, "postprocessing.json"), "w") as f:
+        f.write(decision.to_json())
+    return folder
+
+
+def test_training_writes_the_choice_its_validation_made(trained):
+    decision = read_decision(trained["workdir"])
+    assert decision is not None and decision.cases == 1
+    assert len(decision.dice_without) == len(decision.dice_with) == 1
+    gained = decision.dice_with[0] > decision.dice_without[0]
+    assert decision.keep_largest == ((1,) if gained else ())
+
+
+def test_predict_and_ensembles_apply_the_choice_and_a_flag_overrides_it(trained, tmp_path, caplog):
+    from tf_medseg.cli.predict import Segmenter
+
+    image = _test_image(trained)
+    keep = _with_decision(trained, tmp_path, "keep", (1,))
+    leave = _with_decision(trained, tmp_path, "leave", ())
+    raw = Segmenter.load(keep, keep_largest=False)
+    assert not raw.settings.keep_largest
+    labels, _ = raw.segment(image)
+    kept = Segmenter.load(keep)
+    assert kept.settings.keep_largest and kept.settings.largest_classes == (1,)
+    np.testing.assert_array_equal(kept.segment(image)[0], keep_largest_component(labels))
+    assert not Segmenter.load(leave).settings.keep_largest
+    # An ensemble keeps what every model chose, and says so when they differ.
+    with caplog.at_level(logging.WARNING):
+        both = Segmenter.load([keep, leave])
+    assert not both.settings.keep_largest and both.settings.largest_classes == ()
+    assert any("chose the largest component" in r.getMessage() for r in caplog.records)
+    assert Segmenter.load([keep, keep]).settings.largest_classes == (1,)
+
+
+def test_the_serving_export_bakes_the_choice_in(trained, tmp_path):
+    from tf_medseg import export
+    from tf_medseg.cli.predict import Segmenter
+
+    keep = _with_decision(trained, tmp_path, "keep", (1,))
+    segmenter = Segmenter.load(keep)
+    plan = export.plan_from_chain(segmenter.preprocessing, segmenter.settings)
+    assert plan.keep_largest and plan.largest_classes == (1,)
+    labels = np.zeros((8, 8, 8), np.int32)
+    labels[0:2, 0:2, 0:2] = 1
+    labels[5:8, 5:8, 5:8] = 1
+    labels[0, 7, 7] = 2
+    got = export.keep_largest(tf.constant(labels), 3, plan.largest_classes).numpy()
+    np.testing.assert_array_equal(got, keep_largest_component(labels, classes=[1]))

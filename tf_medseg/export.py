@@ -80,6 +80,8 @@ class GraphPlan:
         sw_batch_size: Windows per forward pass.
         keep_largest: Largest connected component per class.
         tta: Average over the 8 mirrorings of each window batch.
+        largest_classes: The classes ``keep_largest`` applies to (None: every foreground
+            class; chosen by validation, ``postprocessing.json``).
     """
 
     num_channels: int
@@ -96,6 +98,7 @@ class GraphPlan:
     sw_batch_size: int
     keep_largest: bool
     tta: bool
+    largest_classes: tuple[int, ...] | None = None
 
 
 def plan_from_chain(chain: Compose, settings, tta: bool = False) -> GraphPlan:
@@ -153,6 +156,7 @@ def plan_from_chain(chain: Compose, settings, tta: bool = False) -> GraphPlan:
         sw_batch_size=int(settings.sw_batch_size),
         keep_largest=bool(settings.keep_largest),
         tta=bool(tta),
+        largest_classes=settings.largest_classes,
     )
 
 
@@ -526,10 +530,13 @@ def largest_component(mask: tf.Tensor) -> tf.Tensor:
     return tf.scatter_nd(coords, keep, shape) > 0
 
 
-def keep_largest(labels: tf.Tensor, num_classes: int) -> tf.Tensor:
-    """:func:`tf_medseg.inference.keep_largest_component` over every foreground class."""
+def keep_largest(
+    labels: tf.Tensor, num_classes: int, classes: tuple[int, ...] | None = None
+) -> tf.Tensor:
+    """:func:`tf_medseg.inference.keep_largest_component` over the given foreground classes
+    (None: every one)."""
     out = labels
-    for value in range(1, num_classes):
+    for value in range(1, num_classes) if classes is None else classes:
         mask = labels == value
         keep = largest_component(mask)
         out = tf.where(mask & ~keep, tf.zeros_like(out), out)
@@ -630,7 +637,7 @@ class ServingModule(tf.Module):
         probs = sliding_window(volume, self.predict_windows, plan)
         labels = tf.argmax(probs, axis=-1, output_type=tf.int32)
         if plan.keep_largest:
-            labels = keep_largest(labels, plan.num_classes)
+            labels = keep_largest(labels, plan.num_classes, plan.largest_classes)
         start, stop = geometry["start"], geometry["stop"]
         pads = tf.stack([start, geometry["new_shape"] - stop], axis=1)
         labels = tf.pad(labels, pads)

@@ -80,6 +80,53 @@ class PostprocessingDecision:
         return "\n".join(lines)
 
 
+def case_dice(
+    prediction: np.ndarray, label: np.ndarray, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """One case's per-class Dice as predicted, and with each class's largest component kept
+    (that class alone); NaN where the class is not labelled.
+
+    Returns:
+        Two float64 arrays ``(num_classes - 1,)``: without and with.
+    """
+    prediction = np.asarray(prediction)
+    without = metrics.dice_per_class(prediction, label, num_classes)
+    with_ = np.full(num_classes - 1, np.nan)
+    for c in range(1, num_classes):
+        cleaned = keep_largest_component(prediction, classes=[c])
+        with_[c - 1] = metrics.dice_per_class(cleaned, label, num_classes)[c - 1]
+    return without, with_
+
+
+def decide_from_dice(
+    without: np.ndarray, with_: np.ndarray, min_gain: float = 0.0
+) -> PostprocessingDecision:
+    """The decision from per-case Dice rows (:func:`case_dice`), ``(num_cases, num_classes - 1)``
+    each: a class is post-processed where its mean Dice with is above its mean without by more
+    than ``min_gain``.
+
+    Raises:
+        ValueError: When there are no cases.
+    """
+    without, with_ = np.atleast_2d(without), np.atleast_2d(with_)
+    if without.size == 0:
+        raise ValueError("no validation cases to decide the post-processing on")
+    mean_without = metrics.mean_dice_per_class(without)
+    mean_with = metrics.mean_dice_per_class(with_)
+    chosen = tuple(
+        c + 1
+        for c in range(len(mean_without))
+        if not np.isnan(mean_without[c]) and mean_with[c] > mean_without[c] + min_gain
+    )
+    return PostprocessingDecision(
+        keep_largest=chosen,
+        dice_without=tuple(float(v) for v in mean_without),
+        dice_with=tuple(float(v) for v in mean_with),
+        cases=len(without),
+        min_gain=float(min_gain),
+    )
+
+
 def decide(
     cases: Iterable[tuple[np.ndarray, np.ndarray]], num_classes: int, min_gain: float = 0.0
 ) -> PostprocessingDecision:
@@ -96,32 +143,18 @@ def decide(
     Raises:
         ValueError: When there are no cases.
     """
-    foreground = num_classes - 1
-    without, with_ = [], []
-    for prediction, label in cases:
-        prediction = np.asarray(prediction)
-        without.append(metrics.dice_per_class(prediction, label, num_classes))
-        row = np.full(foreground, np.nan)
-        for c in range(1, num_classes):
-            cleaned = keep_largest_component(prediction, classes=[c])
-            row[c - 1] = metrics.dice_per_class(cleaned, label, num_classes)[c - 1]
-        with_.append(row)
-    if not without:
+    rows = [case_dice(prediction, label, num_classes) for prediction, label in cases]
+    if not rows:
         raise ValueError("no validation cases to decide the post-processing on")
-    mean_without = metrics.mean_dice_per_class(np.stack(without))
-    mean_with = metrics.mean_dice_per_class(np.stack(with_))
-    chosen = tuple(
-        c
-        for c in range(1, num_classes)
-        if not np.isnan(mean_without[c - 1]) and mean_with[c - 1] > mean_without[c - 1] + min_gain
-    )
-    return PostprocessingDecision(
-        keep_largest=chosen,
-        dice_without=tuple(float(v) for v in mean_without),
-        dice_with=tuple(float(v) for v in mean_with),
-        cases=len(without),
-        min_gain=float(min_gain),
-    )
+    without, with_ = (np.stack(column) for column in zip(*rows, strict=True))
+    return decide_from_dice(without, with_, min_gain)
+
+
+def write_decision(folder: str, decision: PostprocessingDecision) -> str:
+    """Writes the decision to the run folder (atomically); returns its path."""
+    from tf_medseg.jsonio import write_text
+
+    return write_text(os.path.join(folder, DECISION_FILE), decision.to_json())
 
 
 def read_decision(folder: str) -> PostprocessingDecision | None:

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import nibabel as nib
 import numpy as np
 import tensorflow as tf
-from absl import app, flags
+from absl import app, flags, logging
 from tqdm import tqdm
 
 import tf_medseg.models  # noqa: F401  (registers the custom layers that load_model needs)
@@ -46,6 +46,7 @@ from tf_medseg.inference import (
     overlap_from_flag,
     sliding_window_inference,
 )
+from tf_medseg.postprocessing import read_decision
 from tf_medseg.training.config import TrainConfig
 from tf_medseg.training.validation import make_window_predictor
 from tf_medseg.transforms.base import Compose
@@ -72,7 +73,9 @@ class WindowSettings:
         overlap: A fraction in [0, 1), or an int number of voxels.
         mode: ``constant`` or ``gaussian`` blending.
         sw_batch_size: Windows per forward pass.
-        keep_largest: Keep the largest connected component of each class.
+        keep_largest: Keep the largest connected component of the classes below.
+        largest_classes: The classes ``keep_largest`` applies to (None: every foreground
+            class), as chosen by validation (``postprocessing.json``).
     """
 
     roi_size: tuple[int, int, int]
@@ -80,6 +83,7 @@ class WindowSettings:
     mode: str
     sw_batch_size: int
     keep_largest: bool
+    largest_classes: tuple[int, ...] | None = None
 
 
 def model_files(model: str) -> tuple[str, str]:
@@ -132,6 +136,29 @@ def window_settings(config: TrainConfig, **overrides) -> WindowSettings:
     values["sw_batch_size"] = int(values["sw_batch_size"])
     values["keep_largest"] = bool(values["keep_largest"])
     return WindowSettings(**values)
+
+
+def chosen_postprocessing(settings: WindowSettings, folders: Sequence[str]) -> WindowSettings:
+    """The window settings with the post-processing chosen by validation after training
+    (``postprocessing.json`` in each model's folder, :mod:`tf_medseg.postprocessing`) in place
+    of the configuration's ``val_keep_largest``. An ensemble keeps a class's largest component
+    only where every model's validation chose it (said in one line when they differ); a model
+    without the file keeps the configuration's setting for all."""
+    decisions = [read_decision(folder) for folder in folders]
+    if any(d is None for d in decisions):
+        return settings
+    chosen = [set(d.keep_largest) for d in decisions]
+    classes = set.intersection(*chosen)
+    if any(c != classes for c in chosen):
+        logging.warning(
+            "the ensemble's models chose the largest component for other classes (%s): kept "
+            "for those all chose, %s",
+            "; ".join(f"{f}: {sorted(c) or 'none'}" for f, c in zip(folders, chosen, strict=True)),
+            sorted(classes) or "none",
+        )
+    return dataclasses.replace(
+        settings, keep_largest=bool(classes), largest_classes=tuple(sorted(classes))
+    )
 
 
 def list_inputs(path: str) -> list[str]:
@@ -245,6 +272,8 @@ class Segmenter:
             raise FileNotFoundError("no model given")
         first = runs[0]
         settings = window_settings(first["config"], **overrides)
+        if overrides.get("keep_largest") is None:
+            settings = chosen_postprocessing(settings, [run["folder"] for run in runs])
         for run in runs[1:]:
             for key, what in (("image_chain", "preprocessing.json"), ("labels", "classes")):
                 if run[key] != first[key]:
@@ -300,7 +329,7 @@ class Segmenter:
         )
         labels = np.argmax(probs[0], axis=-1).astype(np.uint8)
         if s.keep_largest:
-            labels = keep_largest_component(labels)
+            labels = keep_largest_component(labels, classes=s.largest_classes)
         geometry = item["geometry"]
         return invert_label(labels, geometry), np.asarray(geometry["source_affine"])
 

@@ -188,6 +188,13 @@ class TrainConfig:
     val_mode: str = _f("constant", "Window blending: constant or gaussian.")
     val_sw_batch_size: int = _f(1, "Windows per forward pass in validation.")
     val_keep_largest: bool = _f(False, "Keep the largest connected component before scoring.")
+    choose_postprocessing: bool = _f(
+        True,
+        "After training, decide per class from the validation cases whether keeping only its "
+        "largest connected component raises the best model's mean Dice (nnU-Net's rule), and "
+        "write the choice to postprocessing.json, which tf-medseg-predict and tf-medseg-export "
+        "apply (instead of --val_keep_largest for every class).",
+    )
     val_tta: bool = _f(
         False,
         "Validate with test-time augmentation: the mean over the 8 flips of the three axes.",

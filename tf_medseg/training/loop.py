@@ -39,6 +39,7 @@ from tf_medseg import distributed
 from tf_medseg.cache.smart_cache import peak_rss_bytes
 from tf_medseg.data.msd import check_task_files, load_task
 from tf_medseg.inference import mean_predictor, overlap_from_flag
+from tf_medseg.postprocessing import PostprocessingDecision, decide_from_dice, write_decision
 from tf_medseg.training import hooks as hooks_lib
 from tf_medseg.training.build import (
     build_checkpoint,
@@ -51,7 +52,12 @@ from tf_medseg.training.config import TrainConfig, resume_conflicts
 from tf_medseg.training.hooks import WorkdirError
 from tf_medseg.training.interrupts import Interrupts, TrainingInterrupted
 from tf_medseg.training.state import RunState
-from tf_medseg.training.validation import ValidationResult, make_window_predictor, validate
+from tf_medseg.training.validation import (
+    ValidationResult,
+    make_window_predictor,
+    postprocessing_dice,
+    validate,
+)
 
 BEST_MODEL = "best_model.keras"
 
@@ -231,6 +237,8 @@ class Trainer:
         logs.update(step=state.step, epoch=state.epoch)
         self._call("on_train_end", logs)
         logging.info("stopped: %s", state.stop_reason or "reached --epochs")
+        if self.config.choose_postprocessing:
+            self.choose_postprocessing()
         return self.summary()
 
     def train_epoch(self) -> dict:
@@ -456,6 +464,49 @@ class Trainer:
                 "last checkpoint are intact: free space, or make the folder writable, and run "
                 "the same command to resume)"
             ) from err
+
+    def choose_postprocessing(self) -> PostprocessingDecision | None:
+        """Decides per class whether keeping its largest component raises the best model's
+        mean validation Dice (:mod:`tf_medseg.postprocessing`), on the validation cases as
+        preprocessed (the training grid), shared out across the workers like validation; the
+        chief writes ``postprocessing.json`` and logs one line per class.
+
+        Returns:
+            The decision, or None without validation cases or a best model.
+        """
+        c = self.config
+        path = os.path.join(c.workdir, BEST_MODEL)
+        if not self.num_val_cases or not os.path.isfile(path):
+            return None
+        best = tf.keras.models.load_model(path, compile=False)
+        window = make_window_predictor(
+            best, c.val_roi_size, self.task.num_channels, c.val_sw_batch_size
+        )
+        without, with_ = postprocessing_dice(
+            mean_predictor([window], tta=c.val_tta),
+            self.validation_items(),
+            self.task.num_classes,
+            c.val_roi_size,
+            overlap_from_flag(c.val_overlap),
+            c.val_mode,
+            c.val_sw_batch_size,
+            self.dist,
+            case_offset=self.dist.rank,
+            num_cases=self.num_val_cases,
+        )
+        decision = decide_from_dice(without, with_)
+        if self.chief:
+            try:
+                write_decision(c.workdir, decision)
+            except OSError as err:
+                raise WorkdirError(
+                    f"cannot write the post-processing choice to {c.workdir}: "
+                    f"{_write_failure(err)} (the model is saved; tf-medseg-predict then uses "
+                    "--val_keep_largest's setting)"
+                ) from err
+            for line in decision.describe().splitlines():
+                logging.info("post-processing: %s", line)
+        return decision
 
     def summary(self) -> dict:
         path = os.path.join(self.config.workdir, "summary.json")

@@ -155,3 +155,46 @@ def validate(
         r_fn_per_class=r_fn_per_class,
         example=example,
     )
+
+
+def postprocessing_dice(
+    predictor,
+    items: Sequence[dict],
+    num_classes: int,
+    roi_size: Sequence[int],
+    overlap: float,
+    mode: str = "constant",
+    sw_batch_size: int = 1,
+    dist: Distributed | None = None,
+    case_offset: int = 0,
+    num_cases: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per validation case and class, the Dice as predicted and with the class's largest
+    component kept (:func:`tf_medseg.postprocessing.case_dice`), over all workers' cases.
+
+    The arguments are :func:`validate`'s. Each worker fills the rows of its cases; a row of
+    another worker's case is zeros, so the all-reduced sum is every case's row (a NaN, a class
+    not labelled in the case, stays NaN).
+
+    Returns:
+        ``(without, with)``, float64 arrays ``(num_cases, num_classes - 1)``, the same on every
+        worker.
+    """
+    from tf_medseg.postprocessing import case_dice
+
+    dist = dist or Distributed()
+    num_cases = len(items) if num_cases is None else num_cases
+    rows = np.zeros((num_cases, 2, num_classes - 1), np.float64)
+    for j, item in enumerate(items):
+        probs = sliding_window_inference(
+            np.asarray(item["image"], np.float32)[None],
+            predictor,
+            roi_size,
+            overlap=overlap,
+            mode=mode,
+            sw_batch_size=sw_batch_size,
+        )
+        pred = np.argmax(np.asarray(probs)[0], axis=-1).astype(np.uint8)
+        rows[case_offset + j * dist.size] = case_dice(pred, np.asarray(item["label"]), num_classes)
+    rows = dist.allreduce_sum(rows, name="postprocessing_dice")
+    return rows[:, 0], rows[:, 1]
