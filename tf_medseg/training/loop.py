@@ -349,10 +349,7 @@ class Trainer:
         """
         c = self.config
         if self._window_predictor is None:
-            model = make_window_predictor(
-                self.model, c.val_roi_size, self.task.num_channels, c.val_sw_batch_size
-            )
-            self._window_predictor = mean_predictor([model], tta=c.val_tta)
+            self._window_predictor = self._predictor_of(self.model)
         return validate(
             self._window_predictor,
             self.validation_items(),
@@ -369,6 +366,14 @@ class Trainer:
             check_interrupt=self.interrupts.check if self.dist.size == 1 else None,
             progress=c.progress and self.chief,
         )
+
+    def _predictor_of(self, model: tf.keras.Model):
+        """The validation's window predictor of ``model`` (traced once per window shape)."""
+        c = self.config
+        window = make_window_predictor(
+            model, c.val_roi_size, self.task.num_channels, c.val_sw_batch_size
+        )
+        return mean_predictor([window], tta=c.val_tta)
 
     def validation_items(self):
         """This worker's preprocessed validation items, in case order."""
@@ -479,11 +484,8 @@ class Trainer:
         if not self.num_val_cases or not os.path.isfile(path):
             return None
         best = tf.keras.models.load_model(path, compile=False)
-        window = make_window_predictor(
-            best, c.val_roi_size, self.task.num_channels, c.val_sw_batch_size
-        )
         without, with_ = postprocessing_dice(
-            mean_predictor([window], tta=c.val_tta),
+            self._predictor_of(best),
             self.validation_items(),
             self.task.num_classes,
             c.val_roi_size,

@@ -71,6 +71,22 @@ def _middle_foreground_slice(image, label, pred):
     return image[:, :, z, 0], label[:, :, z], pred[:, :, z]
 
 
+def predict_labels(
+    predictor, image, roi_size: Sequence[int], overlap: float, mode: str, sw_batch_size: int
+) -> np.ndarray:
+    """The argmax labels (uint8) of one preprocessed volume ``(*spatial, C)`` by sliding
+    window."""
+    probs = sliding_window_inference(
+        np.asarray(image, np.float32)[None],
+        predictor,
+        roi_size,
+        overlap=overlap,
+        mode=mode,
+        sw_batch_size=sw_batch_size,
+    )
+    return np.argmax(np.asarray(probs)[0], axis=-1).astype(np.uint8)
+
+
 def validate(
     predictor,
     items: Sequence[dict],
@@ -119,15 +135,7 @@ def validate(
     for j, item in enumerate(items):
         if check_interrupt is not None:
             check_interrupt()
-        probs = sliding_window_inference(
-            np.asarray(item["image"], np.float32)[None],
-            predictor,
-            roi_size,
-            overlap=overlap,
-            mode=mode,
-            sw_batch_size=sw_batch_size,
-        )
-        pred = np.argmax(np.asarray(probs)[0], axis=-1).astype(np.uint8)
+        pred = predict_labels(predictor, item["image"], roi_size, overlap, mode, sw_batch_size)
         if keep_largest:
             pred = keep_largest_component(pred)
         label = np.asarray(item["label"])
@@ -186,15 +194,7 @@ def postprocessing_dice(
     num_cases = len(items) if num_cases is None else num_cases
     rows = np.zeros((num_cases, 2, num_classes - 1), np.float64)
     for j, item in enumerate(items):
-        probs = sliding_window_inference(
-            np.asarray(item["image"], np.float32)[None],
-            predictor,
-            roi_size,
-            overlap=overlap,
-            mode=mode,
-            sw_batch_size=sw_batch_size,
-        )
-        pred = np.argmax(np.asarray(probs)[0], axis=-1).astype(np.uint8)
+        pred = predict_labels(predictor, item["image"], roi_size, overlap, mode, sw_batch_size)
         rows[case_offset + j * dist.size] = case_dice(pred, np.asarray(item["label"]), num_classes)
     rows = dist.allreduce_sum(rows, name="postprocessing_dice")
     return rows[:, 0], rows[:, 1]
