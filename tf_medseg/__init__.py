@@ -1,6 +1,7 @@
-"""tf_medseg: train 3D medical image segmentation models an order of magnitude faster.
+"""tf_medseg: train 3D medical image segmentation models with the methods of a fast-training paper.
 
-The package reproduces "Training Models 20X Faster in Medical Image Analysis" (MIDL 2020) on
+The package implements "Training Models 20X Faster in Medical Image Analysis" (MIDL 2020; the 20x
+is the paper's claim, on GPUs; what this package measured is in the README) on
 TensorFlow / Keras 2: smart cache with gradual replacement, adaptive positive/negative patch
 sampling, NovoGrad, mixed precision and multi-worker training (Horovod or tf.distribute). It runs
 on the paper's TensorFlow 2.15 and on TensorFlow 2.16+ with tf-keras (:mod:`tf_medseg.stack`).
@@ -9,10 +10,10 @@ on the paper's TensorFlow 2.15 and on TensorFlow 2.16+ with tf-keras (:mod:`tf_m
 import importlib.util
 import os
 
-# TensorFlow 2.15 turns its oneDNN kernels on by default only on some Intel CPUs. On others (this
-# project's 2-core AMD EPYC CI machine among them) a 3D U-Net training step ran 9x faster with them
-# (90 ms vs 837 ms for 2x32^3, measured). It must be set before TensorFlow is imported; an
-# explicit TF_ENABLE_ONEDNN_OPTS=0 in the environment still turns them off.
+# TensorFlow 2.15 turns its oneDNN kernels on by default only on some Intel CPUs; on others a 3D
+# U-Net training step is many times slower without them (the README's performance section). It
+# must be set before TensorFlow is imported; an explicit TF_ENABLE_ONEDNN_OPTS=0 in the
+# environment still turns them off.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 # TensorFlow 2.16+ makes tf.keras Keras 3 unless this is set before tf.keras is first touched;
 # with tf-keras installed it stays Keras 2, whose models, layers, legacy optimisers, loss
