@@ -455,3 +455,36 @@ def test_bad_metric_flags_are_one_line_and_exit_2(tmp_path, flag, message):
     assert completed.returncode == 2, completed.stderr
     assert completed.stderr.strip().splitlines() == [completed.stderr.strip()]
     assert completed.stderr.startswith("tf-medseg-evaluate: ") and message in completed.stderr
+
+
+def test_training_validation_gives_evaluates_surface_metrics(tmp_path):
+    """--val_metrics: validation's per-class NSD, HD95 and ASSD are tf-medseg-evaluate's class
+    means of the same predictions (the model reads them from the image channel), at the labels'
+    spacing."""
+    import tensorflow as tf
+
+    from tf_medseg.training.validation import SurfaceOptions, validate
+
+    cases = make_cases(tmp_path)
+    names = ("nsd", "hd95", "assd")
+    evaluated = evaluate.evaluate_dirs(
+        tmp_path / "preds", tmp_path / "labels", metric_names=names, nsd_tolerance_mm=1.5
+    )
+    shape = next(iter(cases.values()))[0].shape
+    items = [
+        {"image": cases[n][0][..., None].astype(np.float32), "label": cases[n][1]}
+        for n in sorted(cases)
+    ]
+
+    def predictor(windows):
+        return tf.one_hot(tf.cast(tf.round(windows[..., 0]), tf.int32), 3)
+
+    spacing = tuple(float(s) for s in np.abs(np.diag(AFFINE)[:3]))
+    surface = SurfaceOptions(names, spacing, 1.5)
+    result = validate(predictor, items, 3, shape, overlap=0.0, surface=surface)
+    assert set(result.surface) == set(names)
+    for name in names:
+        means = [np.nanmean(evaluated.surface[name][:, c]) for c in range(2)]
+        np.testing.assert_allclose(result.surface[name], means, rtol=1e-9)
+    assert 0.0 <= result.surface["nsd"].min() <= result.surface["nsd"].max() <= 1.0
+    assert validate(predictor, items, 3, shape, overlap=0.0).surface == {}

@@ -869,3 +869,26 @@ def test_a_resumed_run_keeps_the_ct_range_it_was_trained_with(spleen_task_dir, t
     assert json.loads(path.read_text()) == chain
     (line,) = [r.getMessage() for r in caplog.records if "keeps the CT range" in r.getMessage()]
     assert line.startswith(f"{path}: the resumed run keeps the CT range it was trained with")
+
+
+def test_val_metrics_adds_the_surface_metrics_to_metrics_jsonl_and_tensorboard(
+    spleen_task_dir, tmp_path
+):
+    import tensorflow as tf
+
+    config = tiny_config(
+        spleen_task_dir, tmp_path / "run", epochs=1, val_every=1, val_metrics="dice,nsd,hd95"
+    )
+    _run(config)
+    (line,) = [json.loads(text) for text in open(os.path.join(config.workdir, "metrics.jsonl"))]
+    assert set(line["nsd"]) == set(line["hd95"]) == {"spleen"} and "assd" not in line
+    nsd, hd95 = line["nsd"]["spleen"], line["hd95"]["spleen"]
+    assert 0.0 <= nsd <= 1.0
+    assert hd95 == "inf" if nsd == 0.0 else hd95 >= 0.0
+    (events,) = glob.glob(os.path.join(config.workdir, "tensorboard", "events.out.tfevents.*"))
+    tags = {v.tag for e in tf.compat.v1.train.summary_iterator(events) for v in e.summary.value}
+    assert {"val/nsd_spleen", "val/hd95_spleen"} <= tags and "val/assd_spleen" not in tags
+    errors = dataclasses.replace(config, val_metrics="dice,nsd,volume").validate()
+    assert errors == [
+        "--val_metrics=dice,nsd,volume: unknown volume; choose from dice, nsd, hd95, assd"
+    ]

@@ -188,6 +188,16 @@ class TrainConfig:
     val_mode: str = _f("constant", "Window blending: constant or gaussian.")
     val_sw_batch_size: int = _f(1, "Windows per forward pass in validation.")
     val_keep_largest: bool = _f(False, "Keep the largest connected component before scoring.")
+    val_metrics: str = _f(
+        "dice",
+        "Validation metrics, comma-separated: dice, and any of the Decathlon's surface metrics "
+        "nsd, hd95, assd (tf_medseg.surface_metrics; millimetres on the training grid's "
+        "--spacing; slower than Dice). In metrics.jsonl and TensorBoard; Dice decides the best "
+        "model and the target.",
+    )
+    val_nsd_tolerance_mm: float = _f(
+        2.0, "NSD tolerance (mm) of --val_metrics=...,nsd, one for every class."
+    )
     choose_postprocessing: bool = _f(
         True,
         "After training, decide per class from the validation cases whether keeping only its "
@@ -320,6 +330,7 @@ class TrainConfig:
         if not 0.0 <= self.target_dice <= 1.0:
             errors.append(f"--target_dice must be in [0, 1], got {self.target_dice}")
         errors += _percentile_errors(self.ct_percentiles)
+        errors += _val_metrics_errors(self.val_metrics, self.val_nsd_tolerance_mm)
         if self.profile_steps and (
             len(self.profile_steps) != 2 or not 0 <= self.profile_steps[0] < self.profile_steps[1]
         ):
@@ -340,6 +351,28 @@ class TrainConfig:
     def save(self, workdir: str) -> str:
         """Writes ``workdir/config.json`` atomically; returns its path."""
         return write_text(os.path.join(workdir, "config.json"), self.to_json())
+
+
+def surface_metric_names(val_metrics: str) -> tuple[str, ...]:
+    """The surface metrics (nsd, hd95, assd) a ``--val_metrics`` value asks for, in its order."""
+    return tuple(
+        name.strip() for name in val_metrics.split(",") if name.strip() and name.strip() != "dice"
+    )
+
+
+def _val_metrics_errors(val_metrics: str, tolerance_mm: float) -> list[str]:
+    from tf_medseg.surface_metrics import METRICS
+
+    unknown = [n for n in surface_metric_names(val_metrics) if n not in METRICS]
+    errors = []
+    if unknown:
+        errors.append(
+            f"--val_metrics={val_metrics}: unknown {', '.join(unknown)}; choose from "
+            f"{', '.join(METRICS)}"
+        )
+    if not (math.isfinite(tolerance_mm) and tolerance_mm >= 0):
+        errors.append(f"--val_nsd_tolerance_mm must be a finite value >= 0, got {tolerance_mm}")
+    return errors
 
 
 def _percentile_errors(percentiles: tuple[float, ...]) -> list[str]:

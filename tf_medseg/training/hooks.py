@@ -221,6 +221,9 @@ class TensorBoardHook(Hook):
                 tf.summary.scalar("val/mean_dice", v.mean_dice)
                 for name, dice in zip(trainer.task.labels[1:], v.dice, strict=True):
                     tf.summary.scalar(f"val/dice_{name.replace(' ', '_')}", dice)
+                for metric, values in v.surface.items():
+                    for name, value in zip(trainer.task.labels[1:], values, strict=True):
+                        tf.summary.scalar(f"val/{metric}_{name.replace(' ', '_')}", value)
                 tf.summary.scalar("val/r_fp", v.r_fp)
                 tf.summary.scalar("val/r_fn", v.r_fn)
                 for name, r_fp, r_fn in zip(
@@ -395,6 +398,8 @@ class MetricsLogHook(Hook):
                 "sampler_updated": sampler.get("updated"),
                 "validation_s": round(logs["validation_s"], 3),
             }
+            for metric, values in v.surface.items():  # --val_metrics: NaN null, inf "inf"
+                line[metric] = {n: _distance(x) for n, x in zip(names, values, strict=True)}
             # The whole file again, atomically (a line per validation: a few kB): appending
             # could leave a cut line behind, which would stop every later resume.
             lines = [text for _, text in read_metrics_lines(self.metrics_path)]
@@ -425,6 +430,12 @@ class MetricsLogHook(Hook):
             "cache": trainer.cache_summary(),
         }
         write_run_file(self.summary_path, dumps(summary) + "\n")
+
+
+def _distance(value):
+    """A surface metric for JSON: None where undefined (NaN), "inf" where a class was missed."""
+    value = float(value)
+    return "inf" if math.isinf(value) else _num(value)
 
 
 def _num(value):

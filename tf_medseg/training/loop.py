@@ -48,11 +48,12 @@ from tf_medseg.training.build import (
     restore_latest,
     source_state_json,
 )
-from tf_medseg.training.config import TrainConfig, resume_conflicts
+from tf_medseg.training.config import TrainConfig, resume_conflicts, surface_metric_names
 from tf_medseg.training.hooks import WorkdirError
 from tf_medseg.training.interrupts import Interrupts, TrainingInterrupted
 from tf_medseg.training.state import RunState
 from tf_medseg.training.validation import (
+    SurfaceOptions,
     ValidationResult,
     make_window_predictor,
     postprocessing_dice,
@@ -365,7 +366,16 @@ class Trainer:
             # One worker stops between cases; several only at the loop's collective check.
             check_interrupt=self.interrupts.check if self.dist.size == 1 else None,
             progress=c.progress and self.chief,
+            surface=self._surface_options(),
         )
+
+    def _surface_options(self) -> SurfaceOptions | None:
+        """What ``--val_metrics`` asks of validation besides Dice (None: nothing)."""
+        c = self.config
+        names = surface_metric_names(c.val_metrics)
+        if not names:
+            return None
+        return SurfaceOptions(names, tuple(float(s) for s in c.spacing), c.val_nsd_tolerance_mm)
 
     def _predictor_of(self, model: tf.keras.Model):
         """The validation's window predictor of ``model`` (traced once per window shape)."""

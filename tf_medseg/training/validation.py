@@ -21,6 +21,7 @@ import tensorflow as tf
 from tf_medseg import metrics
 from tf_medseg.distributed import Distributed
 from tf_medseg.inference import keep_largest_component, sliding_window_inference
+from tf_medseg.surface_metrics import surface_metrics_per_class
 
 
 @dataclass
@@ -38,6 +39,9 @@ class ValidationResult:
         r_fn_per_class: Equation 6 per foreground class.
         example: For image summaries: (image slice, true slice, predicted slice) of the first
             case this worker predicted, or None.
+        surface: The surface metrics asked for (``nsd``, ``hd95``, ``assd``), per foreground
+            class the mean over the cases where it is defined (mm for the distances; an
+            infinite distance, a class missed in some case, makes its mean infinite).
     """
 
     dice: np.ndarray
@@ -49,6 +53,22 @@ class ValidationResult:
     r_fp_per_class: np.ndarray
     r_fn_per_class: np.ndarray
     example: tuple[np.ndarray, np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    surface: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SurfaceOptions:
+    """The surface metrics validation computes besides Dice.
+
+    Attributes:
+        metrics: Any of ``nsd``, ``hd95``, ``assd`` (:mod:`tf_medseg.surface_metrics`).
+        spacing: The validation volumes' voxel size in mm (the training grid's).
+        tolerance_mm: The NSD tolerance.
+    """
+
+    metrics: tuple[str, ...]
+    spacing: tuple[float, ...]
+    tolerance_mm: float
 
 
 def make_window_predictor(
@@ -101,6 +121,7 @@ def validate(
     num_cases: int | None = None,
     check_interrupt=None,
     progress: bool = False,
+    surface: SurfaceOptions | None = None,
 ) -> ValidationResult:
     """Scores this worker's validation volumes and combines the result over all workers.
 
@@ -120,6 +141,7 @@ def validate(
         check_interrupt: Called before each case; raises to abandon the validation (the
             trainer's Ctrl-C check, single worker only).
         progress: Show a progress bar over this worker's volumes.
+        surface: The surface metrics to compute too (None: Dice only).
 
     Returns:
         The combined :class:`ValidationResult` (identical on every worker).
@@ -127,6 +149,9 @@ def validate(
     dist = dist or Distributed()
     num_cases = len(items) if num_cases is None else num_cases
     per_case = np.zeros((num_cases, 3, num_classes - 1), np.float64)
+    names = surface.metrics if surface is not None else ()
+    # Per case, like the sums: a row of another worker's case is zeros (NaN and inf survive).
+    distances = np.zeros((num_cases, len(names), num_classes - 1), np.float64)
     example = None
     if progress and items:
         from tqdm import tqdm
@@ -139,12 +164,18 @@ def validate(
         if keep_largest:
             pred = keep_largest_component(pred)
         label = np.asarray(item["label"])
-        per_case[case_offset + j * dist.size] = metrics.confusion_sums(
-            pred, label, num_classes
-        ).to_array()
+        case = case_offset + j * dist.size
+        per_case[case] = metrics.confusion_sums(pred, label, num_classes).to_array()
+        if names:
+            values = surface_metrics_per_class(
+                pred, label, num_classes, surface.spacing, surface.tolerance_mm, names
+            )
+            distances[case] = np.stack([values[name] for name in names])
         if example is None:
             example = _middle_foreground_slice(np.asarray(item["image"]), label, pred)
     per_case = dist.allreduce_sum(per_case, name="validation_sums")
+    if names:
+        distances = dist.allreduce_sum(distances, name="validation_surface")
     case_dice = np.stack(
         [metrics.dice_from_sums(metrics.ConfusionSums.from_array(s)) for s in per_case]
     )
@@ -162,6 +193,9 @@ def validate(
         r_fp_per_class=r_fp_per_class,
         r_fn_per_class=r_fn_per_class,
         example=example,
+        surface={
+            name: metrics.mean_dice_per_class(distances[:, k]) for k, name in enumerate(names)
+        },
     )
 
 
