@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -327,8 +328,12 @@ def test_a_resumed_run_takes_its_plan_json_and_replans_only_the_machine_sizes(
     resumed = json.loads((workdir / "config.json").read_text())
     assert (resumed["depth"], resumed["base_filters"], resumed["learning_rate"]) == (2, 4, 0.002)
     assert json.loads((workdir / "summary.json").read_text())["steps"] == 4
-    budget, windows = here.flags["memory_budget_gb"], here.flags["val_sw_batch_size"]
+    # The budget is planned from the RAM available when the CLI plans, which other processes
+    # move between two readings: the CLI's own line says which value it planned.
+    (budget,) = re.findall(r"--memory_budget_gb=123 -> ([0-9.]+): re-planned", result.stdout)
+    windows = here.flags["val_sw_batch_size"]
     assert resumed["memory_budget_gb"] == float(budget) != 123
+    assert 0 < float(budget) <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
     assert resumed["val_sw_batch_size"] == int(windows) != 1
     assert f"--memory_budget_gb=123 -> {budget}: re-planned for this machine (" in result.stdout
     assert f"--val_sw_batch_size=1 -> {windows}: re-planned for this machine (" in result.stdout
