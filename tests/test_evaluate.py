@@ -67,16 +67,11 @@ def test_per_case_per_class_dice_and_means(tmp_path):
     assert result.overall != pytest.approx(np.mean(case_means), rel=1e-6)
 
 
-def test_training_validation_and_evaluate_give_the_same_means(tmp_path):
+def _reading_model(cases):
+    """Validation items of ``cases`` whose "model" reads the prediction from the image channel,
+    so that validation scores exactly the predicted files: (shape, items, predictor)."""
     import tensorflow as tf
 
-    from tf_medseg.training.validation import validate
-
-    cases = make_cases(tmp_path)
-    evaluated = evaluate.evaluate_dirs(tmp_path / "preds", tmp_path / "labels")
-    shape = next(iter(cases.values()))[0].shape
-    # The "model" reads the prediction from the image channel, so validation scores exactly
-    # the predicted files.
     items = [
         {"image": cases[n][0][..., None].astype(np.float32), "label": cases[n][1]}
         for n in sorted(cases)
@@ -85,6 +80,15 @@ def test_training_validation_and_evaluate_give_the_same_means(tmp_path):
     def predictor(windows):
         return tf.one_hot(tf.cast(tf.round(windows[..., 0]), tf.int32), 3)
 
+    return next(iter(cases.values()))[0].shape, items, predictor
+
+
+def test_training_validation_and_evaluate_give_the_same_means(tmp_path):
+    from tf_medseg.training.validation import validate
+
+    cases = make_cases(tmp_path)
+    evaluated = evaluate.evaluate_dirs(tmp_path / "preds", tmp_path / "labels")
+    shape, items, predictor = _reading_model(cases)
     result = validate(predictor, items, 3, shape, overlap=0.0)
     np.testing.assert_allclose(result.case_dice, evaluated.dice, rtol=1e-12, equal_nan=True)
     np.testing.assert_allclose(result.dice, evaluated.class_means, rtol=1e-12)
@@ -461,7 +465,6 @@ def test_training_validation_gives_evaluates_surface_metrics(tmp_path):
     """--val_metrics: validation's per-class NSD, HD95 and ASSD are tf-medseg-evaluate's class
     means of the same predictions (the model reads them from the image channel), at the labels'
     spacing."""
-    import tensorflow as tf
 
     from tf_medseg.training.validation import SurfaceOptions, validate
 
@@ -470,15 +473,7 @@ def test_training_validation_gives_evaluates_surface_metrics(tmp_path):
     evaluated = evaluate.evaluate_dirs(
         tmp_path / "preds", tmp_path / "labels", metric_names=names, nsd_tolerance_mm=1.5
     )
-    shape = next(iter(cases.values()))[0].shape
-    items = [
-        {"image": cases[n][0][..., None].astype(np.float32), "label": cases[n][1]}
-        for n in sorted(cases)
-    ]
-
-    def predictor(windows):
-        return tf.one_hot(tf.cast(tf.round(windows[..., 0]), tf.int32), 3)
-
+    shape, items, predictor = _reading_model(cases)
     spacing = tuple(float(s) for s in np.abs(np.diag(AFFINE)[:3]))
     surface = SurfaceOptions(names, spacing, 1.5)
     result = validate(predictor, items, 3, shape, overlap=0.0, surface=surface)

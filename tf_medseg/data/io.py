@@ -56,6 +56,14 @@ _UNREADABLE = (
 )
 
 
+def _check_present(path: str) -> None:
+    """Raises :class:`DataError` for a missing or empty file."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found")
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: file is empty (0 bytes)")
+
+
 def read_nifti(path: str, dtype: np.dtype | None = None) -> Volume:
     """Reads a NIfTI file, checking that it is readable, complete and geometrically valid.
 
@@ -70,10 +78,7 @@ def read_nifti(path: str, dtype: np.dtype | None = None) -> Volume:
         DataError: The file is missing, empty, not NIfTI, truncated or corrupt, or its spacing is
             zero, negative or not finite.
     """
-    if not os.path.exists(path):
-        raise DataError(f"{path}: file not found")
-    if os.path.getsize(path) == 0:
-        raise DataError(f"{path}: file is empty (0 bytes)")
+    _check_present(path)
     try:
         img = nib.load(path)
         if dtype is None:
@@ -115,10 +120,7 @@ def check_header(path: str) -> tuple[int, ...]:
     Raises:
         DataError: The file is missing, empty, not NIfTI, or shorter than its header says.
     """
-    if not os.path.exists(path):
-        raise DataError(f"{path}: file not found")
-    if os.path.getsize(path) == 0:
-        raise DataError(f"{path}: file is empty (0 bytes)")
+    _check_present(path)
     try:
         img = nib.load(path)
         offset = getattr(img.dataobj, "offset", None)
