@@ -132,3 +132,15 @@ def test_the_serving_export_bakes_the_choice_in(trained, tmp_path):
     labels[0, 7, 7] = 2
     got = export.keep_largest(tf.constant(labels), 3, plan.largest_classes).numpy()
     np.testing.assert_array_equal(got, keep_largest_component(labels, classes=[1]))
+
+
+def test_a_corrupt_choice_is_one_line_naming_the_file(trained, tmp_path):
+    from tf_medseg.cli.predict import ModelError, Segmenter
+
+    folder = _with_decision(trained, tmp_path, "cut", (1,))
+    path = os.path.join(folder, "postprocessing.json")
+    with open(path, "w") as f:
+        f.write('{"keep_largest": [1], "dice_wi')
+    with pytest.raises(ModelError, match="not a readable post-processing choice") as err:
+        Segmenter.load(folder)
+    assert path in str(err.value) and "\n" not in str(err.value)

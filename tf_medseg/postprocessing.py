@@ -158,9 +158,19 @@ def write_decision(folder: str, decision: PostprocessingDecision) -> str:
 
 
 def read_decision(folder: str) -> PostprocessingDecision | None:
-    """The decision in a run folder, or None when it has none."""
+    """The decision in a run folder, or None when it has none.
+
+    Raises:
+        ValueError: The file is there but unreadable (one line naming it).
+    """
     path = os.path.join(folder, DECISION_FILE)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return PostprocessingDecision.from_json(f.read())
+    try:
+        with open(path) as f:
+            return PostprocessingDecision.from_json(f.read())
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"{path}: not a readable post-processing choice ({type(err).__name__}: {err}); "
+            "remove it (predict then uses the run's --val_keep_largest) or train again"
+        ) from err

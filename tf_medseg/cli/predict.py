@@ -144,7 +144,10 @@ def chosen_postprocessing(settings: WindowSettings, folders: Sequence[str]) -> W
     of the configuration's ``val_keep_largest``. An ensemble keeps a class's largest component
     only where every model's validation chose it (said in one line when they differ); a model
     without the file keeps the configuration's setting for all."""
-    decisions = [read_decision(folder) for folder in folders]
+    try:
+        decisions = [read_decision(folder) for folder in folders]
+    except ValueError as err:
+        raise ModelError(str(err)) from err
     if any(d is None for d in decisions):
         return settings
     chosen = [set(d.keep_largest) for d in decisions]
