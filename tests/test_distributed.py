@@ -225,7 +225,7 @@ def killed(backend, trained, task_dir, workdir, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def resumed(backend, killed, task_dir, workdir, tmp_path_factory) -> Job:
-    config = hvd_config(task_dir, workdir, epochs=100000, max_minutes=30.0, fp16_allreduce=True)
+    config = hvd_config(task_dir, workdir, epochs=100000, budget_minutes=30.0, fp16_allreduce=True)
     out = tmp_path_factory.mktemp("job") / "resumed"
     return _run(Job(backend, config, out, "--skew_clock_rank", "1"))
 
@@ -355,7 +355,7 @@ def test_restart_resumes_the_last_checkpoint_and_stops_on_an_agreed_time_bound(
     # ends, so the resumed run starts on one; --log_every is 10).
     stop = last_step + STEPS_PER_EPOCH
     for info in (info0, info1):
-        assert info["stop_reason"] == "reached --max_minutes"
+        assert info["stop_reason"] == "reached --budget_minutes=30"
         assert info["step"] == stop
     assert tf.train.latest_checkpoint(str(workdir / "checkpoints")).endswith(f"-{stop}")
     for name in (k for k in arr0 if k.startswith("w")):  # fp16 compression on the wire

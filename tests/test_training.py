@@ -556,7 +556,9 @@ def test_multi_worker_stop_votes_are_taken_only_at_sync_points(spleen_task_dir, 
             return bool(flag)
 
     trainer_ref = []
-    config = tiny_config(spleen_task_dir, tmp_path / "run", epochs=4, log_every=3, max_minutes=60.0)
+    config = tiny_config(
+        spleen_task_dir, tmp_path / "run", epochs=4, log_every=3, budget_minutes=60.0
+    )
     trainer = Trainer(config, dist=TwoWorkers(size=2))
     trainer_ref.append(trainer)
     try:
@@ -565,7 +567,7 @@ def test_multi_worker_stop_votes_are_taken_only_at_sync_points(spleen_task_dir, 
         trainer.close()
     steps_per_epoch = trainer.steps_per_epoch
     assert trainer.state.step == 4 * steps_per_epoch
-    voted = sorted({step for name, step in votes if name == "stop_max_minutes"})
+    voted = sorted({step for name, step in votes if name == "stop_budget_minutes"})
     expected = sorted(
         {s for s in range(1, trainer.state.step + 1) if s % 3 == 0 or s % steps_per_epoch == 0}
     )

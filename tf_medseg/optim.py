@@ -175,18 +175,26 @@ OPTIMIZERS = {
     ),
 }
 
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "plateau")
 
 
 @tf.keras.utils.register_keras_serializable(package="tf_medseg")
 class WarmupSchedule(tf.keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warm-up to ``base_lr`` over ``warmup_steps``, then constant or cosine decay.
+    """Linear warm-up to ``base_lr`` over ``warmup_steps``, then constant, cosine or plateau.
+
+    Two values are set from the host while training (:meth:`set_scale`,
+    :meth:`set_time_fraction`) and read by the graph: ``scale``, the multiple of the schedule
+    that plateau decays lower (:mod:`tf_medseg.training.plateau`; 1 otherwise), and
+    ``time_fraction``, the part of a wall-time budget already spent, with which the cosine
+    anneals over the budget when that ends the run before ``total_steps``. They are
+    ``tf.Variable`` s outside the checkpoint: the trainer checkpoints the scale with its
+    counters and recomputes the time fraction on resume.
 
     Args:
         base_lr: Peak learning rate.
         total_steps: Steps of the whole run (cosine reaches ``min_ratio * base_lr`` there).
         warmup_steps: Linear warm-up steps (0: none).
-        decay: ``constant`` or ``cosine``.
+        decay: One of :data:`SCHEDULES`.
         min_ratio: Floor of the cosine decay, as a fraction of ``base_lr``.
     """
 
@@ -198,13 +206,22 @@ class WarmupSchedule(tf.keras.optimizers.schedules.LearningRateSchedule):
         self.warmup_steps = max(0, int(warmup_steps))
         self.decay = decay
         self.min_ratio = float(min_ratio)
+        self.scale = tf.Variable(1.0, trainable=False, dtype=tf.float32, name="lr_scale")
+        self.time_fraction = tf.Variable(0.0, trainable=False, dtype=tf.float32, name="lr_time")
+
+    def set_scale(self, scale: float) -> None:
+        self.scale.assign(float(scale))
+
+    def set_time_fraction(self, fraction: float) -> None:
+        self.time_fraction.assign(float(fraction))
 
     def __call__(self, step):
         step = tf.cast(step, tf.float32)
-        lr = tf.constant(self.base_lr, tf.float32)
+        lr = tf.constant(self.base_lr, tf.float32) * self.scale
         if self.decay == "cosine":
             span = float(max(1, self.total_steps - self.warmup_steps))
-            progress = tf.clip_by_value((step - self.warmup_steps) / span, 0.0, 1.0)
+            progress = tf.maximum((step - self.warmup_steps) / span, self.time_fraction)
+            progress = tf.clip_by_value(progress, 0.0, 1.0)
             cosine = 0.5 * (1.0 + tf.cos(math.pi * progress))
             lr = lr * (self.min_ratio + (1.0 - self.min_ratio) * cosine)
         if self.warmup_steps > 0:
@@ -219,6 +236,15 @@ class WarmupSchedule(tf.keras.optimizers.schedules.LearningRateSchedule):
             "decay": self.decay,
             "min_ratio": self.min_ratio,
         }
+
+
+def learning_rate_schedule(optimizer: tf.keras.optimizers.Optimizer) -> WarmupSchedule | None:
+    """The optimiser's :class:`WarmupSchedule` (through a loss-scale wrapper), or None."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    lr = getattr(inner, "_learning_rate", None)
+    if not isinstance(lr, WarmupSchedule):
+        lr = getattr(inner, "learning_rate", None)
+    return lr if isinstance(lr, WarmupSchedule) else None
 
 
 def build_optimizer(
@@ -236,7 +262,7 @@ def build_optimizer(
         name: A key of :data:`OPTIMIZERS`.
         learning_rate: Peak learning rate.
         total_steps: Steps of the run (for the cosine schedule).
-        schedule: ``constant`` or ``cosine``.
+        schedule: One of :data:`SCHEDULES`.
         warmup_steps: Linear warm-up steps.
         weight_decay: NovoGrad's decoupled weight decay (ignored by the others).
         mixed_float16: Wrap in a dynamic ``LossScaleOptimizer`` (for the float16 policy).

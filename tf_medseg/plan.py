@@ -79,6 +79,10 @@ SMALL_CLASS_SHARE = 0.1
 #: in the MSD-size phantoms, sized as the Decathlon's; lung and colon tumours are typically far
 #: smaller).
 SMALL_CLASS_FRACTION = 0.001
+#: The plateau stop waits this many training steps without a gain (in validations: the steps
+#: over the steps between validations, at least :data:`MIN_PATIENCE`).
+PLATEAU_STEPS = 400
+MIN_PATIENCE = 10
 #: Peak memory of a training step over the stored activations counted below: the backward pass
 #: holds gradient tensors beside them. Measured on this CPU (2 x 64^3 and 2 x 96^3, U-Net depth 3
 #: with 8 filters, peak RSS less a 16^3 run's): 1.56 and 1.52.
@@ -345,7 +349,31 @@ def _spacing_grid(base: float) -> list[float]:
     return [round(base * f, 3) for f in (1, 1.25, 1.5, 2, 2.5, 3, 4)]
 
 
-def make_plan(fp: dict, machine: dict, workers: int = 1, local_workers: int | None = None) -> Plan:
+def stopping(steps_per_validation: int, budget_minutes: float = 0.0) -> tuple[dict, dict]:
+    """The planned schedule and stop (flags, reasons). A run of unknown length (no budget)
+    lowers its learning rate on a plateau and stops on a longer one; a run with a wall-time
+    budget knows its length, and anneals a cosine over it."""
+    if budget_minutes > 0:
+        why = f"a budget of {budget_minutes:g} min: the cosine anneals over it"
+        flags = {"lr_schedule": "cosine", "budget_minutes": f"{budget_minutes:g}", "patience": "0"}
+        return flags, {"lr_schedule": why, "budget_minutes": "given", "patience": why}
+    patience = max(MIN_PATIENCE, math.ceil(PLATEAU_STEPS / max(1, steps_per_validation)))
+    flags = {"lr_schedule": "plateau", "patience": str(patience)}
+    reasons = {
+        "lr_schedule": f"halved after {patience // 2} validations without a gain",
+        "patience": f"~{PLATEAU_STEPS} steps without a gain of --min_delta (at least "
+        f"{MIN_PATIENCE} validations)",
+    }
+    return flags, reasons
+
+
+def make_plan(
+    fp: dict,
+    machine: dict,
+    workers: int = 1,
+    local_workers: int | None = None,
+    budget_minutes: float = 0.0,
+) -> Plan:
     """The configuration for this data on this machine (the module's rules).
 
     Args:
@@ -353,6 +381,8 @@ def make_plan(fp: dict, machine: dict, workers: int = 1, local_workers: int | No
         machine: The machine (:func:`describe_machine`).
         workers: Training workers in all (they share the training cases).
         local_workers: Workers on this machine, which share its RAM (default: ``workers``).
+        budget_minutes: The run's wall-time budget (0: none), for the schedule and the stop
+            (:func:`stopping`).
     """
     local_workers = local_workers or workers
     reasons: dict[str, str] = {}
@@ -512,6 +542,9 @@ def make_plan(fp: dict, machine: dict, workers: int = 1, local_workers: int | No
             "val_sw_batch_size": "windows per forward pass",
         }
     )
+    stop_flags, stop_reasons = stopping(steps_per_epoch * val_every, budget_minutes)
+    flags.update(stop_flags)
+    reasons.update(stop_reasons)
     memory = estimate_memory_gb(patch, batch, depth, base_filters, channels, classes, precision)
     return Plan(flags, reasons, memory, machine, fp)
 

@@ -110,7 +110,7 @@ def run_config(
         f"--flagfile={flagfile}",
         f"--data_dir={data_dir}",
         f"--workdir={workdir}",
-        f"--max_minutes={max_minutes}",
+        f"--budget_minutes={max_minutes}",
         f"--target_dice={target}",
         "--progress=false",
         *[f"--{k}={v}" for k, v in overrides.items()],

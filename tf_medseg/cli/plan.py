@@ -23,6 +23,9 @@ flags.DEFINE_string("data_dir", None, "MSD-layout task folder.", required=True)
 flags.DEFINE_enum("target", "auto", ["auto", "cpu", "gpu"], "Plan for: auto (this machine).")
 flags.DEFINE_float("gpu_memory_gb", None, "Memory of each GPU (default: from nvidia-smi).")
 flags.DEFINE_integer("workers", 1, "Training workers (GPUs, or Horovod processes).", lower_bound=1)
+flags.DEFINE_float(
+    "budget_minutes", 0.0, "The run's wall-time budget (0: none): a cosine anneals over it."
+)
 flags.DEFINE_string("json", None, "Write the plan (flags, reasons, fingerprint) as JSON here.")
 flags.DEFINE_string("out", None, "Write the plan as a flagfile here.")
 
@@ -36,7 +39,13 @@ def main(argv: list[str]) -> int:
 
     try:
         task = load_task(FLAGS.data_dir)
-        result = plan.plan_for(task, FLAGS.target, FLAGS.gpu_memory_gb, workers=FLAGS.workers)
+        result = plan.plan_for(
+            task,
+            FLAGS.target,
+            FLAGS.gpu_memory_gb,
+            workers=FLAGS.workers,
+            budget_minutes=FLAGS.budget_minutes,
+        )
     except DataError as err:
         print(f"tf-medseg-plan: {err}", file=sys.stderr)
         return 2

@@ -118,6 +118,7 @@ def apply_plan(data_dir: str, workdir: str | None):
         fallback_dir=workdir,
         workers=int(os.environ.get("HOROVOD_SIZE", "1")),
         local_workers=int(os.environ.get("HOROVOD_LOCAL_SIZE", "1")),
+        budget_minutes=FLAGS.budget_minutes,
     )
     lines = []
     saved_path = os.path.join(workdir, "plan.json") if workdir else ""
@@ -371,6 +372,8 @@ def result_table(summary: dict, config) -> str:
     width = max(len(name) for name, _ in rows)
     lines = [f"{'result'.ljust(width)}  value", f"{'-' * width}  {'-' * 12}"]
     lines += [f"{name.ljust(width)}  {value}" for name, value in rows]
+    if summary.get("stop_reason"):
+        lines.append(f"stopped: {summary['stop_reason']}")
     lines.append(f"(summary.json, metrics.jsonl, TensorBoard logs in {config.workdir})")
     return "\n".join(lines)
 

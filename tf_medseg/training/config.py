@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from tf_medseg.jsonio import write_text
 
 POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
+#: The learning-rate schedules: :data:`tf_medseg.optim.SCHEDULES` (named here without importing
+#: TensorFlow; a test keeps the two equal).
+SCHEDULES = ("constant", "cosine", "plateau")
 DISTRIBUTIONS = ("auto", "horovod", "tf", "none")  # tf_medseg.distributed.BACKENDS
 #: The paper's adaptive update (equation 4 from the first validation, undamped): the neutral values
 #: of the warm-up and the damping, and the wide clamp [0.1, 0.9] instead of the floor of 1/3 (the
@@ -156,7 +159,13 @@ class TrainConfig:
     # Optimisation
     optimizer: str = _f("novograd", "Optimizer: novograd (paper), adam (baseline) or sgd.")
     learning_rate: float = _f(5e-4, "Peak learning rate (paper: NovoGrad 5e-4, Adam 1e-4).")
-    lr_schedule: str = _f("constant", "Learning-rate schedule: constant or cosine.")
+    lr_schedule: str = _f(
+        "constant",
+        "Learning-rate schedule: constant; cosine, annealed over the run's known length (the "
+        "--epochs or --max_steps bound, or --budget_minutes of wall time if that ends first); "
+        "or plateau: multiplied by --lr_decay_factor after every --lr_decay_patience "
+        "validations without a gain (for runs whose length a --patience stop decides).",
+    )
     warmup_steps: int = _f(0, "Linear warm-up steps.")
     weight_decay: float = _f(0.0, "NovoGrad's decoupled weight decay.")
     loss: str = _f("dice", "Loss: dice (equation 1), dice_ce or ce.")
@@ -180,7 +189,23 @@ class TrainConfig:
     # Schedule and stopping
     epochs: int = _f(1000, "Upper bound of epochs.")
     max_steps: int = _f(0, "Stop after this many training steps (0: no bound).")
-    max_minutes: float = _f(0.0, "Stop after this many minutes of wall time (0: no bound).")
+    budget_minutes: float = _f(
+        0.0,
+        "Wall-time budget: stop after this many minutes, set-up included (0: no bound). A "
+        "cosine schedule anneals over it.",
+    )
+    patience: int = _f(
+        0,
+        "Plateau stop: end the run after this many validations without a gain of more than "
+        "--min_delta in mean Dice (0: never; planned runs get one, see tf-medseg-plan).",
+    )
+    min_delta: float = _f(0.001, "The rise in mean validation Dice that counts as a gain.")
+    lr_decay_patience: int = _f(
+        0,
+        "--lr_schedule=plateau: validations without a gain before each decay (0: half of "
+        "--patience).",
+    )
+    lr_decay_factor: float = _f(0.5, "--lr_schedule=plateau: each decay's multiplier.")
     target_dice: float = _f(0.0, "Stop when the mean validation Dice reaches this (0: never).")
     val_every: int = _f(1, "Validate every N epochs.")
     val_roi_size: tuple[int, ...] = _f((224, 224, 224), "Sliding-window size (paper: 224^3).")
@@ -327,6 +352,9 @@ class TrainConfig:
             )
         if self.memory_budget_gb < 0:
             errors.append(f"--memory_budget_gb must be >= 0, got {self.memory_budget_gb}")
+        errors += self.plateau_rule().errors() + self._schedule_errors()
+        if self.budget_minutes < 0:
+            errors.append(f"--budget_minutes must be >= 0, got {self.budget_minutes}")
         if not 0.0 <= self.target_dice <= 1.0:
             errors.append(f"--target_dice must be in [0, 1], got {self.target_dice}")
         errors += _percentile_errors(self.ct_percentiles)
@@ -339,12 +367,30 @@ class TrainConfig:
             )
         return errors
 
+    def plateau_rule(self):
+        """The plateau stop and decay of these flags (:mod:`tf_medseg.training.plateau`)."""
+        from tf_medseg.training.plateau import PlateauRule
+
+        decay = 0
+        if self.lr_schedule == "plateau":
+            decay = self.lr_decay_patience or max(1, self.patience // 2)
+        return PlateauRule(self.patience, self.min_delta, decay, self.lr_decay_factor)
+
+    def _schedule_errors(self) -> list[str]:
+        if self.lr_schedule not in SCHEDULES:
+            return [f"--lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}"]
+        if self.lr_schedule == "plateau" and not (self.patience or self.lr_decay_patience):
+            return ["--lr_schedule=plateau needs --lr_decay_patience or --patience"]
+        return []
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> TrainConfig:
         values = json.loads(text)
+        if "max_minutes" in values:  # the flag's name before --budget_minutes
+            values.setdefault("budget_minutes", values.pop("max_minutes"))
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: _coerce(cls, k, v) for k, v in values.items() if k in known})
 

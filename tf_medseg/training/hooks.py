@@ -21,7 +21,8 @@ import tensorflow as tf
 from absl import logging
 
 from tf_medseg.jsonio import dumps, write_text
-from tf_medseg.optim import current_learning_rate
+from tf_medseg.optim import current_learning_rate, learning_rate_schedule
+from tf_medseg.training import plateau
 
 
 class Hook:
@@ -425,6 +426,8 @@ class MetricsLogHook(Hook):
             "wall_s": round(state.wall_seconds(), 3),
             "patches_per_s": round(state.patches_per_s(), 3),
             "steady_patches_per_s": None if steady is None else round(steady, 3),
+            "stop_reason": state.stop_reason,
+            "learning_rate_scale": _num(state.lr_scale),
             "precision": trainer.config.precision,
             "workers": trainer.dist.size,
             "cache": trainer.cache_summary(),
@@ -445,6 +448,55 @@ def _num(value):
     return round(value, 6) if math.isfinite(value) else None
 
 
+class ScheduleHook(Hook):
+    """Keeps the learning rate where the run is, and stops a run whose Dice has stopped rising.
+
+    After each validation, :func:`tf_medseg.training.plateau.advance` updates the checkpointed
+    plateau counters: the plateau schedule's decay is applied to the optimiser's learning rate,
+    and ``--patience`` validations without a gain stop the run. At each epoch end, the
+    cosine schedule learns the part of ``--budget_minutes`` spent (the workers' mean, so that
+    all apply the same rate). Runs before the checkpoint hook, so a checkpoint holds the counts
+    of the validation it follows.
+    """
+
+    def __init__(self, trainer):
+        self.rule = trainer.config.plateau_rule()
+        self.schedule = learning_rate_schedule(trainer.optimizer)
+
+    def on_train_begin(self, trainer):
+        if self.schedule is not None:  # a resumed run's decays
+            self.schedule.set_scale(trainer.state.lr_scale)
+        self._budget(trainer)
+
+    def on_epoch_end(self, trainer, logs):
+        v, state = logs.get("validation"), trainer.state
+        if v is not None:
+            step = plateau.advance(self.rule, state.plateau(), float(v.mean_dice))
+            state.set_plateau(step.state)
+            if step.decayed and self.schedule is not None:
+                self.schedule.set_scale(step.state.scale)
+                logging.info(
+                    "plateau: %d validations without a gain: learning rate x%g (now %.3g)",
+                    self.rule.decay_patience,
+                    self.rule.decay_factor,
+                    current_learning_rate(trainer.optimizer),
+                )
+            if step.stop:
+                state.stop(
+                    plateau.stop_line(self.rule, step.state, state.best_dice, state.best_step)
+                )
+        self._budget(trainer)
+
+    def _budget(self, trainer):
+        minutes = trainer.config.budget_minutes
+        if self.schedule is None or not minutes or trainer.config.lr_schedule != "cosine":
+            return
+        fraction = trainer.state.wall_seconds() / (60.0 * minutes)
+        if trainer.dist.size > 1:
+            fraction = trainer.dist.allreduce_mean(fraction, "lr_time_fraction")
+        self.schedule.set_time_fraction(min(1.0, fraction))
+
+
 class CheckpointHook(Hook):
     """Saves model, optimizer, counters, sampler ratio and cache position every N epochs."""
 
@@ -460,7 +512,8 @@ class CheckpointHook(Hook):
 
 
 class StopHook(Hook):
-    """Stops at the target Dice, the step bound or the time bound."""
+    """Stops at the target Dice, the step bound or the time budget (the plateau stop is the
+    :class:`ScheduleHook`'s)."""
 
     def on_step_end(self, trainer, logs):
         c, state = trainer.config, trainer.state
@@ -471,10 +524,10 @@ class StopHook(Hook):
         # points (every --log_every steps) and epoch ends, which all workers reach together.
         elif trainer.dist.size > 1 and not logs.get("synced", True):
             return
-        elif c.max_minutes and trainer.dist.any_rank(
-            state.wall_seconds() >= 60.0 * c.max_minutes, "stop_max_minutes"
+        elif c.budget_minutes and trainer.dist.any_rank(
+            state.wall_seconds() >= 60.0 * c.budget_minutes, "stop_budget_minutes"
         ):
-            state.stop("reached --max_minutes")
+            state.stop(f"reached --budget_minutes={c.budget_minutes:g}")
 
     def on_epoch_end(self, trainer, logs):
         v = logs.get("validation")

@@ -139,7 +139,11 @@ class Trainer:
 
     def _make_hooks(self) -> list[hooks_lib.Hook]:
         c = self.config
-        hooks = [hooks_lib.ValidationHook(c.val_every), hooks_lib.SamplerHook()]
+        hooks = [
+            hooks_lib.ValidationHook(c.val_every),
+            hooks_lib.SamplerHook(),
+            hooks_lib.ScheduleHook(self),
+        ]
         if self.chief:
             logdir = os.path.join(c.workdir, "tensorboard")
             hooks += [
@@ -236,8 +240,9 @@ class Trainer:
                 raise
         logs.pop("validation", None)
         logs.update(step=state.step, epoch=state.epoch)
+        state.stop(f"reached --epochs={epochs}")  # unless another reason came first
         self._call("on_train_end", logs)
-        logging.info("stopped: %s", state.stop_reason or "reached --epochs")
+        logging.info("stopped: %s", state.stop_reason)
         if self.config.choose_postprocessing:
             self.choose_postprocessing()
         return self.summary()

@@ -10,8 +10,9 @@ What is checkpointed (besides the model, the optimiser and the sampler): ``step`
 epoch being trained); ``epoch_step`` (steps of that epoch already taken: a run stopped in the
 middle of an epoch resumes at the next batch, not at the epoch's first); ``elapsed_s`` (wall time
 of the earlier sessions); the best validation Dice and when it was reached; the time and steps
-to ``--target_dice``; and ``cache_state``, the training source's position at the start of the
-current epoch (JSON; every worker's with several).
+to ``--target_dice``; the plateau stop's and decay's counts and the learning rate's scale
+(:mod:`tf_medseg.training.plateau`); and ``cache_state``, the training source's position at the
+start of the current epoch (JSON; every worker's with several).
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ SAVED = {
     "time_to_target_s": (tf.float64, -1.0),
     "steps_to_target": (tf.int64, 0),
     "cache_state": (tf.string, ""),
+    "plateau_reference": (tf.float64, -1.0),
+    "plateau_stale": (tf.int64, 0),
+    "plateau_since_decay": (tf.int64, 0),
+    "lr_scale": (tf.float64, 1.0),
 }
 
 
@@ -40,7 +45,8 @@ class RunState(tf.Module):
 
     Attributes:
         step, epoch, epoch_step, elapsed_s, best_dice, best_step, best_wall_s,
-            time_to_target_s, steps_to_target, cache_state: the checkpointed counters (see the
+            time_to_target_s, steps_to_target, plateau_reference, plateau_stale,
+            plateau_since_decay, lr_scale, cache_state: the checkpointed counters (see the
             module docstring); ``best_dice`` is -1 and ``time_to_target_s`` -1 until set.
         variables_by_name: The ``tf.Variable`` s a checkpoint saves, by the names above.
         stop_reason: Why the run stops (None: it goes on).
@@ -120,6 +126,20 @@ class RunState(tf.Module):
         """As :meth:`patches_per_s` without this session's first epoch, whose graph tracing and
         optimisation take seconds; None before a second epoch has run."""
         return self.steady_patches / self.steady_seconds if self.steady_seconds else None
+
+    def plateau(self):
+        """The plateau counters as a :class:`~tf_medseg.training.plateau.PlateauState`."""
+        from tf_medseg.training.plateau import PlateauState
+
+        return PlateauState(
+            self.plateau_reference, self.plateau_stale, self.plateau_since_decay, self.lr_scale
+        )
+
+    def set_plateau(self, plateau) -> None:
+        self.plateau_reference = plateau.reference
+        self.plateau_stale = plateau.stale
+        self.plateau_since_decay = plateau.since_decay
+        self.lr_scale = plateau.scale
 
     def reached_target(self) -> bool:
         return self.time_to_target_s >= 0
