@@ -84,8 +84,9 @@ def main() -> None:
 
         recording_step.get_concrete_function = train_step.get_concrete_function
         trainer.train_step = recording_step
+    summary = {}
     try:
-        trainer.fit()
+        summary = trainer.fit()
         votes = {
             "rank1_true": dist.any_rank(dist.rank == 1, "vote_rank1"),
             "none_true": dist.any_rank(False, "vote_none"),
@@ -112,6 +113,7 @@ def main() -> None:
             "step": trainer.state.step,
             "losses": trainer.state.losses,
             "stop_reason": trainer.state.stop_reason,
+            "summary": {k: summary.get(k) for k in ("steps", "best_dice", "workers")},
             "votes": votes,
             "local_val_cases": [item["case"] for item in local_items],
             "mean_dice": result.mean_dice,

@@ -162,6 +162,11 @@ def test_every_run_gets_the_chosen_sampler(spleen_task_dir, tmp_path):
         "--seed=2",
     ]
     assert ttd.run_flags([], "default", 0) == ["--sampler=default", "--seed=0"]
+    assert ttd.run_flags([], "default", 0, native=True) == [
+        "--sampler=default",
+        "--seed=0",
+        "--val_native=every",
+    ]
     flags = [f for f in TINY_FLAGS if not f.startswith(("--epochs", "--progress"))]
     flagfile = tmp_path / "tiny.flags"
     flagfile.write_text("\n".join([*flags, "--epochs=1", "--val_every=1"]))

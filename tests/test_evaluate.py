@@ -9,8 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tf_medseg.cli import evaluate
 from tf_medseg.data.io import DataError
+from tf_medseg.inference import scoring
 
 AFFINE = np.diag([1.5, 1.5, 2.0, 1.0])
 
@@ -53,7 +53,7 @@ def expected_table(cases, num_classes=3):
 def test_per_case_per_class_dice_and_means(tmp_path):
     cases = make_cases(tmp_path)
     names, table = expected_table(cases)
-    result = evaluate.evaluate_dirs(tmp_path / "preds", tmp_path / "labels")
+    result = scoring.evaluate_dirs(tmp_path / "preds", tmp_path / "labels")
     assert result.cases == tuple(names)
     np.testing.assert_allclose(result.dice, table, rtol=1e-12, equal_nan=True)
     assert np.isnan(result.dice[1, 1])  # case_b has no class 2: excluded, not zero
@@ -87,7 +87,7 @@ def test_training_validation_and_evaluate_give_the_same_means(tmp_path):
     from tf_medseg.training.validation import validate
 
     cases = make_cases(tmp_path)
-    evaluated = evaluate.evaluate_dirs(tmp_path / "preds", tmp_path / "labels")
+    evaluated = scoring.evaluate_dirs(tmp_path / "preds", tmp_path / "labels")
     shape, items, predictor = _reading_model(cases)
     result = validate(predictor, items, 3, shape, overlap=0.0)
     np.testing.assert_allclose(result.case_dice, evaluated.dice, rtol=1e-12, equal_nan=True)
@@ -122,13 +122,13 @@ def test_csv_and_table_from_the_command_line(tmp_path):
     values = np.array([[float(v) for v in row[1:3]] for row in rows[1:4]])
     np.testing.assert_allclose(values, table, atol=1e-6, equal_nan=True)
     assert rows[-1][0] == "mean"
-    result = evaluate.evaluate_dirs(tmp_path / "preds", tmp_path / "labels")
+    result = scoring.evaluate_dirs(tmp_path / "preds", tmp_path / "labels")
     assert float(rows[-1][-1]) == pytest.approx(result.overall, abs=1e-6)
 
 
 def test_num_classes_adds_absent_classes_as_nan(tmp_path):
     cases = make_cases(tmp_path)
-    result = evaluate.evaluate_dirs(tmp_path / "preds", tmp_path / "labels", num_classes=4)
+    result = scoring.evaluate_dirs(tmp_path / "preds", tmp_path / "labels", num_classes=4)
     assert result.dice.shape == (3, 3)
     assert np.all(np.isnan(result.dice[:, 2])) and np.isnan(result.class_means[2])
     _, table = expected_table(cases)
@@ -144,7 +144,7 @@ def test_matches_by_case_name_and_ignores_unpredicted_labels(tmp_path):
     save(tmp_path / "labels" / "liver_2.nii.gz", true)
     save(tmp_path / "labels" / "._liver_1.nii.gz", true)  # a hidden resource fork: ignored
     save(tmp_path / "preds" / "liver_1.nii", pred.astype(np.float32))  # .nii, float labels
-    result = evaluate.evaluate_dirs(tmp_path / "preds", tmp_path / "labels")
+    result = scoring.evaluate_dirs(tmp_path / "preds", tmp_path / "labels")
     assert result.cases == ("liver_1",)
     assert result.dice[0, 0] == pytest.approx(2 * 18 / 54, rel=1e-12)
 
@@ -153,7 +153,7 @@ def test_missing_label_names_the_prediction(tmp_path):
     make_cases(tmp_path)
     save(tmp_path / "preds" / "case_z.nii.gz", np.zeros((12, 10, 8), dtype=np.uint8))
     with pytest.raises(FileNotFoundError, match="case_z.nii.gz has no label"):
-        evaluate.evaluate_dirs(tmp_path / "preds", tmp_path / "labels")
+        scoring.evaluate_dirs(tmp_path / "preds", tmp_path / "labels")
 
 
 def test_command_line_error_is_a_message_naming_the_file(tmp_path):
@@ -169,14 +169,14 @@ def test_shape_mismatch_names_both_files(tmp_path):
     make_cases(tmp_path)
     save(tmp_path / "preds" / "case_b.nii.gz", np.zeros((12, 10, 9), dtype=np.uint8))
     with pytest.raises(DataError, match=r"case_b.nii.gz has shape \(12, 10, 9\).*case_b"):
-        evaluate.evaluate_dirs(tmp_path / "preds", tmp_path / "labels")
+        scoring.evaluate_dirs(tmp_path / "preds", tmp_path / "labels")
 
 
 def test_affine_mismatch_is_an_error(tmp_path):
     make_cases(tmp_path)
     save(tmp_path / "preds" / "case_a.nii.gz", np.zeros((12, 10, 8), np.uint8), np.eye(4))
     with pytest.raises(DataError, match="different affines"):
-        evaluate.evaluate_dirs(tmp_path / "preds", tmp_path / "labels")
+        scoring.evaluate_dirs(tmp_path / "preds", tmp_path / "labels")
 
 
 def test_bad_label_values_name_the_file(tmp_path):
@@ -185,17 +185,17 @@ def test_bad_label_values_name_the_file(tmp_path):
     bad[0, 0, 0] = 0.5
     save(tmp_path / "preds" / "case_c.nii.gz", bad)
     with pytest.raises(DataError, match="case_c.nii.gz: holds non-integer"):
-        evaluate.evaluate_dirs(tmp_path / "preds", tmp_path / "labels")
+        scoring.evaluate_dirs(tmp_path / "preds", tmp_path / "labels")
     save(tmp_path / "preds" / "case_c.nii.gz", np.full((12, 10, 8), 5, np.uint8))
     with pytest.raises(DataError, match="case_c.nii.gz: holds label 5"):
-        evaluate.evaluate_dirs(tmp_path / "preds", tmp_path / "labels", num_classes=3)
+        scoring.evaluate_dirs(tmp_path / "preds", tmp_path / "labels", num_classes=3)
 
 
 def test_empty_prediction_folder_is_an_error(tmp_path):
     (tmp_path / "preds").mkdir()
     (tmp_path / "labels").mkdir()
     with pytest.raises(FileNotFoundError, match="no NIfTI predictions"):
-        evaluate.evaluate_dirs(tmp_path / "preds", tmp_path / "labels")
+        scoring.evaluate_dirs(tmp_path / "preds", tmp_path / "labels")
 
 
 # --- The Decathlon's surface metrics (NSD, HD95, ASSD) against a brute-force reference ---
@@ -439,7 +439,7 @@ def test_dice_only_skips_the_surface_metrics(tmp_path):
     assert report["metrics"] == ["dice"] and report["nsd_tolerance_mm"] is None
     assert report["cases"]["case_a"]["1"].keys() == {"dice"}
     assert "\n\n" not in completed.stdout.strip()  # the Dice table alone
-    result = evaluate.evaluate_dirs(tmp_path / "preds", tmp_path / "labels")
+    result = scoring.evaluate_dirs(tmp_path / "preds", tmp_path / "labels")
     assert result.surface == {}  # the Python API's default is Dice alone too
 
 
@@ -470,7 +470,7 @@ def test_training_validation_gives_evaluates_surface_metrics(tmp_path):
 
     cases = make_cases(tmp_path)
     names = ("nsd", "hd95", "assd")
-    evaluated = evaluate.evaluate_dirs(
+    evaluated = scoring.evaluate_dirs(
         tmp_path / "preds", tmp_path / "labels", metric_names=names, nsd_tolerance_mm=1.5
     )
     shape, items, predictor = _reading_model(cases)

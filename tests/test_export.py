@@ -14,11 +14,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_medseg import export
 from tf_medseg.cli.export import serving_inputs
-from tf_medseg.cli.predict import WindowSettings
 from tf_medseg.data.msd import load_task, split_items
-from tf_medseg.inference import (
+from tf_medseg.inference.serving import components as serving_components
+from tf_medseg.inference.serving import grid as serving_grid
+from tf_medseg.inference.serving import module as serving_module
+from tf_medseg.inference.serving import spec as serving_spec
+from tf_medseg.inference.serving import window as serving_window
+from tf_medseg.inference.window import (
+    WindowSettings,
     keep_largest_component,
     mean_predictor,
     sliding_window_inference,
@@ -99,7 +103,7 @@ def _rotation(axis, degrees):
 def test_orientation_is_nibabels(direction):
     affine = np.eye(4)
     affine[:3, :3] = direction
-    axes, flips = export.orientation(tf.constant(affine))
+    axes, flips = serving_grid.orientation(tf.constant(affine))
     expected = nib.orientations.io_orientation(affine)
     np.testing.assert_array_equal(axes.numpy(), expected[:, 0])
     np.testing.assert_array_equal(flips.numpy(), expected[:, 1])
@@ -116,11 +120,11 @@ def test_preprocessing_and_the_way_back_equal_predicts(request, task_fixture, sp
     chain = build_preprocessing(
         task, train, PreprocessingConfig(spacing=(spacing,) * 3, crop_margin=margin), progress=False
     )
-    plan = export.plan_from_chain(chain, SETTINGS)
+    spec = serving_spec.spec_from_chain(chain, SETTINGS)
     item = task.training[0]
     expected = chain({"case": item["case"], "image": item["image"]})
     image, affine = serving_inputs(item["image"])
-    volume, geometry = export.ServingModule([], plan).preprocess(
+    volume, geometry = serving_module.ServingModule([], spec).preprocess(
         tf.constant(image), tf.constant(affine)
     )
     assert volume.shape == expected["image"].shape
@@ -135,7 +139,9 @@ def test_preprocessing_and_the_way_back_equal_predicts(request, task_fixture, sp
     label = (np.linalg.norm((grid - np.array(shape) / 2) / np.array(shape), axis=-1) < 0.3) * 1
     label[: shape[0] // 3] *= 2
     pads = tf.stack([geometry["start"], geometry["new_shape"] - geometry["stop"]], axis=1)
-    back = export.back_to_source_grid(tf.pad(label.astype(np.int32), pads), geometry, plan.spacing)
+    back = serving_grid.back_to_source_grid(
+        tf.pad(label.astype(np.int32), pads), geometry, spec.spacing
+    )
     reference = invert_label(label, expected["geometry"])
     assert back.shape == reference.shape == image.shape[:3]
     # Only ties of the nearest-neighbour rounding can differ (SimpleITK's own arithmetic).
@@ -151,7 +157,7 @@ def test_preprocessing_and_the_way_back_equal_predicts(request, task_fixture, sp
     ],
 )
 def test_window_corners_are_window_starts(size, roi, overlap):
-    corners = export.window_corners(tf.constant(size), roi, overlap).numpy()
+    corners = serving_window.window_corners(tf.constant(size), roi, overlap).numpy()
     assert [tuple(c) for c in corners] == window_starts(size, roi, overlap)
 
 
@@ -166,7 +172,7 @@ def _position_dependent(windows):
 def test_sliding_window_equals_the_numpy_one(mode):
     rng = np.random.default_rng(0)
     volume = rng.normal(size=(37, 20, 12, 1)).astype(np.float32)  # z smaller than the window
-    plan = export.GraphPlan(
+    spec = serving_spec.ServingSpec(
         num_channels=1,
         num_classes=2,
         spacing=None,
@@ -175,14 +181,10 @@ def test_sliding_window_equals_the_numpy_one(mode):
         normalise="mri",
         ct_lower=(),
         ct_upper=(),
-        roi_size=(16, 16, 16),
-        overlap=0.25,
-        mode=mode,
-        sw_batch_size=3,
-        keep_largest=False,
+        window=WindowSettings((16, 16, 16), 0.25, mode, 3, False),
         tta=False,
     )
-    got = export.sliding_window(tf.constant(volume), _position_dependent, plan).numpy()
+    got = serving_window.sliding_window(tf.constant(volume), _position_dependent, spec).numpy()
     expected = sliding_window_inference(
         volume[None], _position_dependent, (16, 16, 16), 0.25, mode, sw_batch_size=3
     )[0]
@@ -196,11 +198,10 @@ def test_an_ensemble_with_mirroring_is_predicts_mean():
         inputs = tf.keras.Input((8, 8, 8, 1))
         x = tf.keras.layers.Conv3D(2, 3, padding="same")(inputs)
         models.append(tf.keras.Model(inputs, tf.keras.layers.Softmax()(x)))
-    plan = export.GraphPlan(
-        1, 2, None, None, 0, "mri", (), (), (8, 8, 8), 0.5, "constant", 2, False, True
-    )
+    window = WindowSettings((8, 8, 8), 0.5, "constant", 2, False)
+    spec = serving_spec.ServingSpec(1, 2, None, None, 0, "mri", (), (), window, True)
     windows = tf.random.normal((2, 8, 8, 8, 1), seed=1)
-    got = export.ServingModule(models, plan).predict_windows(windows).numpy()
+    got = serving_module.ServingModule(models, spec).predict_windows(windows).numpy()
     expected = mean_predictor(models, tta=True)(windows)
     np.testing.assert_allclose(got, expected, atol=1e-6)
 
@@ -215,7 +216,7 @@ def test_largest_component_is_simpleitks():
             box = tuple(slice(max(c - radius, 0), c + radius + 1) for c in centre)
             labels[box] = value
     labels[0, 0, 0], labels[1, 1, 1] = 1, 1  # two voxels joined by a corner
-    got = export.keep_largest(tf.constant(labels), 3).numpy()
+    got = serving_components.keep_largest(tf.constant(labels), 3).numpy()
     np.testing.assert_array_equal(got, keep_largest_component(labels))
     # A winding one-voxel path (the longest way a label travels) beside a compact blob 2 smaller.
     snake = np.zeros((24, 24, 6), np.int32)
@@ -224,23 +225,23 @@ def test_largest_component_is_simpleitks():
         snake[row + 1, 21 if row % 4 == 0 else 0, 1] = 1
     size = int(snake.sum())
     snake[:, :, 4].flat[: size - 2] = 1  # a slab of 2 rows and a bit: one component
-    got = export.keep_largest(tf.constant(snake), 2).numpy()
+    got = serving_components.keep_largest(tf.constant(snake), 2).numpy()
     np.testing.assert_array_equal(got, keep_largest_component(snake))
     assert got[:, :, 1].sum() == size and not got[:, :, 4].any()
     tie = np.zeros((10, 10, 10), np.int32)
     tie[6:8, 1:3, 1:3], tie[1:3, 6:8, 6:8] = 1, 1  # equal sizes: the first in C order stays
     np.testing.assert_array_equal(
-        export.keep_largest(tf.constant(tie), 2).numpy(), keep_largest_component(tie)
+        serving_components.keep_largest(tf.constant(tie), 2).numpy(), keep_largest_component(tie)
     )
-    assert not export.largest_component(tf.zeros((4, 4, 4), tf.bool)).numpy().any()
+    assert not serving_components.largest_component(tf.zeros((4, 4, 4), tf.bool)).numpy().any()
 
 
 def test_an_unknown_chain_is_refused():
     from tf_medseg.transforms.base import Compose
     from tf_medseg.transforms.load import LoadImage
 
-    with pytest.raises(export.ExportError, match="reorient"):
-        export.plan_from_chain(Compose([LoadImage(1, 2)]), SETTINGS)
+    with pytest.raises(serving_spec.ExportError, match="reorient"):
+        serving_spec.spec_from_chain(Compose([LoadImage(1, 2)]), SETTINGS)
 
 
 def test_the_saved_model_serves_what_predict_writes_without_tf_medseg(trained, tmp_path):
@@ -335,10 +336,10 @@ def test_exporting_over_a_saved_model_is_one_line(trained, tmp_path):
 def exported(trained, tmp_path_factory):
     """The trained spleen model's export (one CT channel), loaded, and a test image with its
     affine as the signature takes them."""
-    from tf_medseg.cli.predict import Segmenter
+    from tf_medseg.inference.segmenter import Segmenter
 
     out = str(tmp_path_factory.mktemp("serving") / "export")
-    export.export_segmenter(Segmenter.load(trained["workdir"]), out)
+    serving_module.export_segmenter(Segmenter.load(trained["workdir"]), out)
     images = os.path.join(trained["data"], "imagesTs")
     image, affine = serving_inputs(os.path.join(images, sorted(os.listdir(images))[0]))
     return tf.saved_model.load(out).signatures["serving_default"], image, affine

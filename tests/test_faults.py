@@ -314,7 +314,7 @@ def test_dry_run_reads_every_files_header(heart_task_dir, tmp_path):
 def test_the_run_files_are_written_with_the_users_umask_like_any_other_file(tmp_path):
     """Atomic writes go through a temporary file; it must not leave metrics.jsonl or
     summary.json readable by their owner alone (mkstemp's 0600) where others read the runs."""
-    from tf_medseg.training.hooks import write_run_file
+    from tf_medseg.training.records import write_run_file
 
     previous = os.umask(0o022)
     try:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_medseg.inference import (
+from tf_medseg.inference.window import (
     compute_importance_map,
     flip_combinations,
     keep_largest_component,

@@ -15,7 +15,7 @@ from tiny_config import TINY_FLAGS
 
 from tf_medseg import distributed, stack
 from tf_medseg.cli import launch
-from tf_medseg.system import LOCAL_RANK_VARIABLE
+from tf_medseg.planning.system import LOCAL_RANK_VARIABLE
 
 LAUNCH = [sys.executable, "-m", "tf_medseg.cli.launch"]
 

@@ -3,23 +3,19 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+from pipeline_reference import build_train_dataset
 
 from tf_medseg.cache import SmartCache
-from tf_medseg.pipeline import (
-    SourceOptions,
-    TailOptions,
-    TrainStream,
-    UncachedSource,
-    build_train_dataset,
+from tf_medseg.cache.sources import SourceOptions, UncachedSource, make_source
+from tf_medseg.pipeline import TailOptions, TrainStream, foreground_counts
+from tf_medseg.transforms.indices import ForegroundIndices
+from tf_medseg.transforms.random import (
     choose_centre,
     crop_with_padding,
-    foreground_counts,
-    make_source,
     random_flip,
     random_intensity_shift,
     sample_seed,
 )
-from tf_medseg.transforms.indices import ForegroundIndices
 
 
 def cached_item(case, shape, channels=1, box=None, seed=0):
@@ -423,7 +419,7 @@ def test_real_prefix_on_a_synthetic_task(tmp_path):
     generate_task("spleen", str(tmp_path / "task"), num_train=3, num_test=0, size=32, seed=0)
     task = load_task(str(tmp_path / "task"))
     items = list(task.training)
-    chain = build_preprocessing(task, items, progress=False).deterministic_prefix()
+    chain = build_preprocessing(task, items, progress=False)
     kwargs = dict(replace_rate=0.0, cache_dir=str(tmp_path / "cache"), progress=False)
     first = CountingPrefix(chain)
     with SmartCache(items, first, **kwargs) as cache:

@@ -1,5 +1,5 @@
-"""tf_medseg.plan: the fingerprint, the rules, the memory estimate against a measured peak, and
-training without a preset."""
+"""tf_medseg.planning: the fingerprint, the rules, the memory estimate against a measured peak,
+and training without a preset."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import textwrap
 import numpy as np
 import pytest
 
-from tf_medseg import plan
 from tf_medseg.data.io import read_nifti, spacing_from_affine
 from tf_medseg.data.msd import load_task
+from tf_medseg.planning import fingerprint
+from tf_medseg.planning import rules as plan
 
 CPU = {"kind": "cpu", "cpu_cores": 2, "cpu_bf16_native": False, "ram_gb": 24.0}
 CPU = {**CPU, "ram_available_gb": 20.0, "gpus": []}
@@ -33,7 +34,7 @@ def _fingerprint(
     case = {"spacing": spacing, "shape": shape, "foreground_extent_mm": extent}
     voxels = class_voxels or [1000] + [10] * (classes - 1)
     case |= {"components": components, "class_voxels": voxels}
-    return plan.summarise(
+    return fingerprint.summarise(
         {
             "task": "t",
             "modalities": [modality],
@@ -46,7 +47,7 @@ def _fingerprint(
 
 def test_fingerprint_reads_every_case_and_is_stored(spleen_task_dir, tmp_path):
     task = load_task(spleen_task_dir)
-    fp = plan.fingerprint(task, folders=[str(tmp_path)], num_workers=2)
+    fp = fingerprint.fingerprint(task, folders=[str(tmp_path)], num_workers=2)
     assert fp["num_cases"] == len(task.training) == len(fp["cases"])
     for item, case in zip(task.training, fp["cases"], strict=True):
         label = read_nifti(item["label"])
@@ -54,8 +55,8 @@ def test_fingerprint_reads_every_case_and_is_stored(spleen_task_dir, tmp_path):
         assert np.allclose(case["spacing"], spacing_from_affine(label.affine))
         assert case["class_voxels"][1] == int(np.sum(label.data == 1)) > 0
         assert case["components"] == 1 and all(e > 0 for e in case["foreground_extent_mm"])
-    assert os.path.isfile(tmp_path / plan.FINGERPRINT_FILE)
-    assert plan.fingerprint(task, folders=[str(tmp_path)]) == json.loads(json.dumps(fp))
+    assert os.path.isfile(tmp_path / fingerprint.FINGERPRINT_FILE)
+    assert fingerprint.fingerprint(task, folders=[str(tmp_path)]) == json.loads(json.dumps(fp))
 
 
 def test_precision_follows_the_device():
@@ -96,7 +97,7 @@ def test_a_small_class_keeps_four_voxels_across_on_a_cpu():
     # Two classes of similar size: no small class, the organ's rule alone.
     similar = _fingerprint(*args, classes=3, class_voxels=[10**7, 200_000, 100_000])
     assert float(plan.make_plan(similar, CPU).flags["spacing"]) == 4.0
-    assert plan.class_diameters({"labels": ["b", "x"], "cases": [
+    assert fingerprint.class_diameters({"labels": ["b", "x"], "cases": [
         {"spacing": [1, 1, 1], "class_voxels": [5]}]}) == {"x": 0.0}  # fmt: skip
 
 
@@ -129,10 +130,10 @@ def test_class_fractions_pool_the_cases_and_count_a_missing_class_as_zero():
     fp = _fingerprint([1, 1, 1], [10, 10, 10], [5, 5, 5], classes=3)
     # np.bincount of a case without lesions stops at the liver: a short list.
     fp["cases"] = [dict(fp["cases"][0], class_voxels=v) for v in ([700, 280, 20], [900, 100])]
-    fractions = plan.class_fractions(fp)
+    fractions = fingerprint.class_fractions(fp)
     assert fractions["of_image"] == pytest.approx({"c1": 380 / 2000, "c2": 20 / 2000})
     assert fractions["of_foreground"] == pytest.approx({"c1": 380 / 400, "c2": 20 / 400})
-    assert plan.smallest_class(fp)[:2] == ("c2", True)  # 5% of the foreground
+    assert fingerprint.smallest_class(fp)[:2] == ("c2", True)  # 5% of the foreground
 
 
 @pytest.mark.parametrize(
@@ -156,19 +157,19 @@ def test_a_small_class_gets_dice_ce_and_no_largest_component(class_voxels, small
 
 
 def test_the_synthetic_liver_plans_dice_ce(liver_task_dir, tmp_path):
-    fp = plan.fingerprint(load_task(liver_task_dir), folders=[str(tmp_path)], num_workers=2)
-    assert plan.smallest_class(fp)[:2] == ("cancer", True)
+    fp = fingerprint.fingerprint(load_task(liver_task_dir), folders=[str(tmp_path)], num_workers=2)
+    assert fingerprint.smallest_class(fp)[:2] == ("cancer", True)
     planned = plan.make_plan(fp, CPU)
     assert planned.flags["loss"] == "dice_ce" and planned.flags["val_keep_largest"] == "false"
 
 
 def test_a_fingerprint_stored_before_the_class_fractions_gains_them(spleen_task_dir, tmp_path):
     task = load_task(spleen_task_dir)
-    fp = plan.fingerprint(task, folders=[str(tmp_path)], num_workers=2)
-    stored = json.loads((tmp_path / plan.FINGERPRINT_FILE).read_text())
+    fp = fingerprint.fingerprint(task, folders=[str(tmp_path)], num_workers=2)
+    stored = json.loads((tmp_path / fingerprint.FINGERPRINT_FILE).read_text())
     del stored["stats"]["class_fractions"]
-    (tmp_path / plan.FINGERPRINT_FILE).write_text(json.dumps(stored))
-    again = plan.fingerprint(task, folders=[str(tmp_path)])
+    (tmp_path / fingerprint.FINGERPRINT_FILE).write_text(json.dumps(stored))
+    again = fingerprint.fingerprint(task, folders=[str(tmp_path)])
     assert again["class_fractions"] == fp["class_fractions"]
 
 

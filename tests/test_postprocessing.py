@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_medseg.inference import keep_largest_component
+from tf_medseg.inference.window import keep_largest_component
 from tf_medseg.metrics import dice_per_class
 from tf_medseg.postprocessing import PostprocessingDecision, decide, read_decision
 
@@ -98,7 +98,7 @@ def test_training_writes_the_choice_its_validation_made(trained):
 
 
 def test_predict_and_ensembles_apply_the_choice_and_a_flag_overrides_it(trained, tmp_path, caplog):
-    from tf_medseg.cli.predict import Segmenter
+    from tf_medseg.inference.segmenter import Segmenter
 
     image = _test_image(trained)
     keep = _with_decision(trained, tmp_path, "keep", (1,))
@@ -119,23 +119,25 @@ def test_predict_and_ensembles_apply_the_choice_and_a_flag_overrides_it(trained,
 
 
 def test_the_serving_export_bakes_the_choice_in(trained, tmp_path):
-    from tf_medseg import export
-    from tf_medseg.cli.predict import Segmenter
+    from tf_medseg.inference.segmenter import Segmenter
+    from tf_medseg.inference.serving import components as serving_components
+    from tf_medseg.inference.serving import spec as serving_spec
 
     keep = _with_decision(trained, tmp_path, "keep", (1,))
     segmenter = Segmenter.load(keep)
-    plan = export.plan_from_chain(segmenter.preprocessing, segmenter.settings)
-    assert plan.keep_largest and plan.largest_classes == (1,)
+    spec = serving_spec.spec_from_chain(segmenter.preprocessing, segmenter.settings)
+    assert spec.window.keep_largest and spec.window.largest_classes == (1,)
     labels = np.zeros((8, 8, 8), np.int32)
     labels[0:2, 0:2, 0:2] = 1
     labels[5:8, 5:8, 5:8] = 1
     labels[0, 7, 7] = 2
-    got = export.keep_largest(tf.constant(labels), 3, plan.largest_classes).numpy()
+    classes = spec.window.largest_classes
+    got = serving_components.keep_largest(tf.constant(labels), 3, classes).numpy()
     np.testing.assert_array_equal(got, keep_largest_component(labels, classes=[1]))
 
 
 def test_a_corrupt_choice_is_one_line_naming_the_file(trained, tmp_path):
-    from tf_medseg.cli.predict import ModelError, Segmenter
+    from tf_medseg.inference.segmenter import ModelError, Segmenter
 
     folder = _with_decision(trained, tmp_path, "cut", (1,))
     path = os.path.join(folder, "postprocessing.json")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,9 +17,10 @@ import sys
 import numpy as np
 import pytest
 
-from tf_medseg.cli.predict import ModelError, list_inputs, window_settings
 from tf_medseg.data.io import DataError, read_nifti, write_nifti
 from tf_medseg.data.msd import load_task, split_items
+from tf_medseg.inference.segmenter import list_inputs
+from tf_medseg.inference.window import window_settings
 from tf_medseg.metrics import dice_per_class
 from tf_medseg.training.config import TrainConfig
 from tf_medseg.transforms import PreprocessingConfig, build_preprocessing
@@ -47,6 +49,14 @@ def test_predict_writes_labels_in_the_input_geometry_then_evaluate_scores_them(t
     )
     assert result.returncode == 0, result.stderr[-2000:]
     (case,) = [n for n in os.listdir(os.path.join(data, "imagesTs"))]
+    # One log line per volume with its seconds by stage.
+    (timing,) = [line for line in result.stderr.splitlines() if "(load " in line]
+    total, parts = timing.split(": ", 1)[1].split(" s (", 1)
+    stages = re.findall(r"(\w+) (\d+\.\d+) s", parts)
+    names = [name for name, _ in stages]
+    assert names[0] == "load" and names[-4:] == ["windows", "components", "back", "write"]
+    assert {"reorient", "resample", "normalise"} <= set(names)
+    assert float(total) == pytest.approx(sum(float(x) for _, x in stages), abs=0.01 * len(stages))
     image = read_nifti(os.path.join(data, "imagesTs", case))
     label = read_nifti(os.path.join(data, "labelsTs", case))
     pred = read_nifti(os.path.join(out, case))
@@ -115,7 +125,7 @@ def _second_model(trained, name, scale=0.05):
 def test_an_ensemble_averages_the_models_probabilities(trained):
     import tensorflow as tf
 
-    from tf_medseg.cli.predict import Segmenter
+    from tf_medseg.inference.segmenter import Segmenter
 
     other = _second_model(trained, "fold_b")
     one, two = Segmenter.load(trained["workdir"]), Segmenter.load(other)
@@ -167,7 +177,7 @@ def test_models_of_other_seeds_ensemble_the_sampler_settings_are_not_compared(tr
     """preprocessing.json holds the patch sampler's seed (ForegroundIndices, which acts on the
     label alone and does not run in prediction): models of other seeds share what an image
     goes through, and predict together."""
-    from tf_medseg.cli.predict import Segmenter
+    from tf_medseg.inference.segmenter import Segmenter
 
     other = trained["root"] / "other_seed"
     shutil.copytree(trained["workdir"], other, ignore=shutil.ignore_patterns("checkpoints"))
@@ -233,7 +243,7 @@ def test_window_settings_come_from_the_config_unless_overridden():
     )
     assert settings.roi_size == (48, 48, 48) and settings.overlap == 0.25
     assert settings.mode == "gaussian" and not settings.keep_largest
-    with pytest.raises(ModelError, match="multiples of 4"):
+    with pytest.raises(ValueError, match="multiples of 4"):
         window_settings(config, roi_size=["30"])
 
 

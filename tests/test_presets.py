@@ -249,3 +249,28 @@ def test_every_preset_says_which_sampler_it_runs(name):
     else:
         expected = "the package's sampler"
     assert expected in comment, f"{name}: runs {expected}; its comment: {comment}"
+
+
+def test_a_configuration_resolves_defaults_then_the_plan_then_the_given_flags():
+    from tf_medseg.training.config import TrainConfig, resolve_config
+
+    planned = {"spacing": "2", "norm": "batch", "val_keep_largest": "true"}
+    planned |= {"learning_rate": "5e-3", "patch_size": "32", "depth": "3"}
+    config = resolve_config({"norm": "instance", "patch_size": ["48", "48", "32"]}, planned)
+    assert config.spacing == (2.0, 2.0, 2.0) and config.val_keep_largest is True
+    assert config.learning_rate == 5e-3 and config.depth == 3  # the plan's
+    assert config.norm == "instance" and config.patch_size == (48, 48, 32)  # given over planned
+    assert config.batch_size == TrainConfig.batch_size  # neither: the default
+    with pytest.raises(ValueError, match="val_keep_largest=maybe: not true or false"):
+        resolve_config({}, {"val_keep_largest": "maybe"})
+    # A preset's flag, then the command line's, as absl orders them, over the plan.
+    values = flags.FlagValues()
+    define_flags(values)
+    flags.DEFINE_string("preset", None, "", flag_values=values)
+    argv = presets.expand_flagfiles(["t", "--preset=synthetic_spleen", "--spacing=3"])
+    values([*argv, "--data_dir=d", "--workdir=w"])
+    planned = {"spacing": "2", "depth": "4", "base_filters": "4"}
+    resolved = config_from_flags(values, planned=planned)
+    assert resolved.spacing == (3.0, 3.0, 3.0)  # the command line over the preset and the plan
+    assert resolved.depth == 3  # the preset's over the plan's
+    assert resolved.base_filters == 8  # the preset's over the plan's

@@ -27,7 +27,8 @@ from tiny_config import TINY_FLAGS, tiny_config, validations
 from tf_medseg.cache import CacheBudgetError, CachePrefixError
 from tf_medseg.data.io import DataError, read_nifti, write_nifti
 from tf_medseg.data.msd import load_task, task_split
-from tf_medseg.training.loop import NonFiniteLossError, Trainer
+from tf_medseg.training.course import NonFiniteLossError
+from tf_medseg.training.loop import Trainer
 
 
 def _train_command(data_dir, workdir, *extra):

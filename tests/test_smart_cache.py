@@ -277,7 +277,7 @@ def test_no_two_ranks_ever_hold_the_same_item(num_items, world_size, cache_num, 
 
 
 def test_uncached_ranks_read_disjoint_items_in_epochs_of_equal_length():
-    from tf_medseg.pipeline import UncachedSource
+    from tf_medseg.cache.sources import UncachedSource
 
     items = make_items(11)
     sources = [

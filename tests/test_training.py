@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
-from tiny_config import TINY_FLAGS, tiny_config, validations
+from tiny_config import TINY_FLAGS, tiny_config, train_to_end, validations
 
 from tf_medseg.training import hooks as hooks_lib
 from tf_medseg.training.config import PAPER_SAMPLER
@@ -28,17 +28,8 @@ def _restore_policy():
     tf.keras.mixed_precision.set_global_policy("float32")
 
 
-def _run(config):
-    trainer = Trainer(config)
-    try:
-        summary = trainer.fit()
-    finally:
-        trainer.close()
-    return trainer, summary
-
-
 def test_end_to_end_writes_every_output(spleen_task_dir, tmp_path):
-    trainer, summary = _run(tiny_config(spleen_task_dir, tmp_path / "run", epochs=2))
+    trainer, summary = train_to_end(tiny_config(spleen_task_dir, tmp_path / "run", epochs=2))
     workdir = str(tmp_path / "run")
     # 2 cached items x 2 samples / batch 2 = 2 steps per epoch.
     assert summary["steps"] == 4 and summary["epochs"] == 2
@@ -77,7 +68,9 @@ def test_end_to_end_writes_every_output(spleen_task_dir, tmp_path):
 
 
 def test_resume_continues_from_saved_step_and_optimizer_state(spleen_task_dir, tmp_path):
-    first, _ = _run(tiny_config(spleen_task_dir, tmp_path / "run", epochs=1, optimizer="adam"))
+    first, _ = train_to_end(
+        tiny_config(spleen_task_dir, tmp_path / "run", epochs=1, optimizer="adam")
+    )
     saved_weights = [v.numpy() for v in first.model.trainable_variables]
     saved_slots = [v.numpy() for v in first.optimizer.variables()]
     saved_cache = json.loads(first.state.cache_state)
@@ -109,7 +102,7 @@ def test_resume_continues_from_saved_step_and_optimizer_state(spleen_task_dir, t
 def test_resume_into_a_changed_cache_says_what_changed_and_refills(
     spleen_task_dir, tmp_path, caplog, change, said
 ):
-    first, _ = _run(tiny_config(spleen_task_dir, tmp_path / "run", epochs=1, seed=0))
+    first, _ = train_to_end(tiny_config(spleen_task_dir, tmp_path / "run", epochs=1, seed=0))
     del first
     caplog.set_level("WARNING")
     second = Trainer(tiny_config(spleen_task_dir, tmp_path / "run", epochs=2, **change))
@@ -125,23 +118,25 @@ def test_resume_into_a_changed_cache_says_what_changed_and_refills(
 
 
 def test_val_tta_validates_with_the_mean_over_the_mirrored_windows(spleen_task_dir, tmp_path):
-    from tf_medseg.inference import flip_combinations
+    from tf_medseg.inference.window import flip_combinations
 
-    trainer, summary = _run(tiny_config(spleen_task_dir, tmp_path / "run", epochs=1, val_tta=True))
+    trainer, summary = train_to_end(
+        tiny_config(spleen_task_dir, tmp_path / "run", epochs=1, val_tta=True)
+    )
     assert 0.0 <= summary["best_dice"] <= 1.0
     windows = tf.random.stateless_normal((1, 16, 16, 16, 1), (4, 2))
     mirrored = [
         np.flip(trainer.model(np.flip(windows.numpy(), a), training=False).numpy(), a)
         for a in flip_combinations()
     ]
-    got = trainer._window_predictor(windows)
+    got = trainer.validator.training_predictor(windows)
     np.testing.assert_allclose(got, np.mean(mirrored, axis=0), atol=1e-5)
     assert not np.allclose(got, mirrored[0], atol=1e-4)
 
 
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16", "mixed_float16"])
 def test_policies_run_with_finite_loss(spleen_task_dir, tmp_path, policy):
-    trainer, summary = _run(
+    trainer, summary = train_to_end(
         tiny_config(spleen_task_dir, tmp_path / policy, precision=policy, epochs=1)
     )
     assert len(trainer.state.losses) == 2 and np.all(np.isfinite(trainer.state.losses))
@@ -159,7 +154,7 @@ def _two_deterministic_runs(data_dir, tmp_path, **overrides):
     runs = []
     for name in ("a", "b"):
         config = tiny_config(data_dir, tmp_path / name, deterministic=True, **overrides)
-        runs.append((_run(config)[0], tmp_path / name))
+        runs.append((train_to_end(config)[0], tmp_path / name))
     return runs
 
 
@@ -172,15 +167,15 @@ def test_deterministic_runs_give_identical_losses(spleen_task_dir, tmp_path):
 
 
 def test_deterministic_runs_with_a_replacing_smart_cache_are_identical(spleen_task_dir, tmp_path):
-    """--deterministic implies --cache_strict: every replacement is swapped in at its boundary,
-    so two runs train on the same items in the same epochs, and summary.json says so."""
+    """--deterministic implies --wait_for_replacements: every replacement is swapped in at its
+    boundary, so two runs train on the same items in the same epochs, and summary.json says so."""
     runs = _two_deterministic_runs(spleen_task_dir, tmp_path, **REPLACING)
     outcomes = []
     for trainer, workdir in runs:
         metrics = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
         outcomes.append((trainer.state.losses, [m["dice"] for m in metrics]))
         cache = json.load(open(workdir / "summary.json"))["cache"]
-        assert cache["mode"] == "smart" and cache["strict"]
+        assert cache["mode"] == "smart" and cache["wait_for_replacements"]
         assert cache["cache_num"] == 2 and cache["items_in_shard"] == 4
         assert cache["items_replaced"] == 6 and cache["late_swaps"] == 0  # one per boundary
         assert cache["peak_rss_bytes"] > 50 * 2**20
@@ -207,7 +202,7 @@ def test_a_run_interrupted_in_the_middle_of_epochs_resumes_exactly(spleen_task_d
     the first validation (at step 6), so the run resumed at step 13 must restore it to update
     the fraction at step 18 as the whole run does."""
     settings = dict(REPLACING, deterministic=True, num_samples=3, sampler_warmup_dice=0.0)
-    whole, _ = _run(tiny_config(spleen_task_dir, tmp_path / "whole", **settings))
+    whole, _ = train_to_end(tiny_config(spleen_task_dir, tmp_path / "whole", **settings))
     assert whole.steps_per_epoch == 3 and whole.state.step == 18
     workdir = tmp_path / "stopped"
     losses, resumed_at = [], []
@@ -272,7 +267,7 @@ def test_a_run_resumed_from_an_older_checkpoint_drops_the_latervalidations(
     are those of a finished run whose checkpoint list ends at step 6): resumed, it drops the
     validations after step 6 and writes them again, one line per validation, equal."""
     settings = dict(deterministic=True, seed=3, epochs=6, val_every=2, keep_checkpoints=10)
-    whole, _ = _run(tiny_config(spleen_task_dir, tmp_path / "run", **settings))
+    whole, _ = train_to_end(tiny_config(spleen_task_dir, tmp_path / "run", **settings))
     expected = validations(tmp_path / "run")
     checkpoints = str(tmp_path / "run" / "checkpoints")
     listed = tf.train.get_checkpoint_state(checkpoints)
@@ -284,7 +279,7 @@ def test_a_run_resumed_from_an_older_checkpoint_drops_the_latervalidations(
         all_model_checkpoint_paths=paths[:last],
         all_model_checkpoint_timestamps=list(listed.all_model_checkpoint_timestamps)[:last],
     )
-    resumed, _ = _run(tiny_config(spleen_task_dir, tmp_path / "run", **settings))
+    resumed, _ = train_to_end(tiny_config(spleen_task_dir, tmp_path / "run", **settings))
     assert resumed.restored_from.endswith("ckpt-6")
     assert resumed.state.losses == whole.state.losses[6:]
     assert validations(tmp_path / "run") == expected
@@ -385,11 +380,14 @@ def small_lesion_config(data_dir, workdir, **overrides):
     """The default settings (the plan's loss and largest-component rule for the data, the
     sampler's defaults) at a size that trains in seconds: 24^3 patches of 1 mm, validation
     every 48 steps."""
-    from tf_medseg import plan
     from tf_medseg.data.msd import load_task
+    from tf_medseg.planning import fingerprint, system
+    from tf_medseg.planning import rules as plan
 
-    fp = plan.fingerprint(load_task(data_dir), folders=[str(workdir) + "_plan"], num_workers=2)
-    planned = plan.make_plan(fp, plan.describe_machine("cpu")).flags
+    fp = fingerprint.fingerprint(
+        load_task(data_dir), folders=[str(workdir) + "_plan"], num_workers=2
+    )
+    planned = plan.make_plan(fp, system.describe_machine("cpu")).flags
     settings = dict(
         spacing=(1.0, 1.0, 1.0),
         patch_size=(24, 24, 24),
@@ -440,7 +438,7 @@ def test_profile_steps_write_a_trace_that_names_the_step_ops(spleen_task_dir, tm
         spleen_task_dir, tmp_path / "run", epochs=2, profile_steps=(1, 3), val_every=10
     )
     assert config.validate() == []
-    _run(config)
+    train_to_end(config)
     trace = newest_trace(str(tmp_path / "run"))
     assert trace.startswith(str(tmp_path / "run" / "tensorboard" / "plugins" / "profile"))
     summary = summarise(trace)
@@ -528,7 +526,7 @@ def test_hot_path_reads_losses_back_every_log_every_steps_without_retracing(
         deterministic=True,
         seed=3,
     )
-    trainer, summary = _run(config)
+    trainer, summary = train_to_end(config)
     assert trainer.steps_per_epoch == 2 and summary["steps"] == 6
     assert trainer.train_step.experimental_get_tracing_count() == 1
     assert len(trainer.state.losses) == 6 and np.all(np.isfinite(trainer.state.losses))
@@ -584,13 +582,13 @@ DEEP = dict(deep_supervision=True, deterministic=True, cache="full")
 def test_deep_supervision_trains_validates_and_exports_a_one_output_model(
     spleen_task_dir, tmp_path
 ):
-    from tf_medseg.cli.predict import Segmenter
+    from tf_medseg.inference.segmenter import Segmenter
 
     workdir = tmp_path / "run"
     config = tiny_config(
         spleen_task_dir, workdir, epochs=4, val_every=2, learning_rate=5e-3, **DEEP
     )
-    trainer, summary = _run(config)
+    trainer, summary = train_to_end(config)
     assert len(trainer.train_model.outputs) == 2 and len(trainer.model.outputs) == 1
     losses = trainer.state.losses
     assert len(losses) == 16 and np.all(np.isfinite(losses))
@@ -609,8 +607,8 @@ def test_deep_supervision_trains_validates_and_exports_a_one_output_model(
 
 def test_a_deep_supervision_run_resumes_exactly(spleen_task_dir, tmp_path):
     """A run of 2 epochs equals one of 1 epoch resumed for a second, auxiliary head included."""
-    whole, _ = _run(tiny_config(spleen_task_dir, tmp_path / "whole", epochs=2, **DEEP))
-    first, _ = _run(tiny_config(spleen_task_dir, tmp_path / "run", epochs=1, **DEEP))
+    whole, _ = train_to_end(tiny_config(spleen_task_dir, tmp_path / "whole", epochs=2, **DEEP))
+    first, _ = train_to_end(tiny_config(spleen_task_dir, tmp_path / "run", epochs=1, **DEEP))
     aux = first.train_model.get_layer("ds1_logits").kernel.numpy()
     second = Trainer(tiny_config(spleen_task_dir, tmp_path / "run", epochs=2, **DEEP))
     try:
@@ -651,7 +649,7 @@ def test_deep_supervision_is_refused_for_other_models_in_one_line(spleen_task_di
 def test_resuming_with_another_network_names_the_flags_in_one_line_each(spleen_task_dir, tmp_path):
     """A checkpoint restores only into the network and optimiser that wrote it: a changed
     --deep_supervision or --depth is named, not reported as an unreadable checkpoint."""
-    first, _ = _run(tiny_config(spleen_task_dir, tmp_path, epochs=1))
+    first, _ = train_to_end(tiny_config(spleen_task_dir, tmp_path, epochs=1))
     checkpoints = os.path.join(str(tmp_path), "checkpoints")
     changed = tiny_config(
         spleen_task_dir,
@@ -706,10 +704,10 @@ def test_resuming_on_another_split_is_refused_and_finetune_from_starts_a_new_run
     """Another seed, fold or validation count would validate on cases the weights trained on:
     refused, one line per flag (the Trainer and the CLI); --finetune_from in another workdir
     takes the weights alone (step, optimiser, sampler and best Dice start afresh)."""
-    from tf_medseg.training.config import resume_conflicts
+    from tf_medseg.training.resume import resume_conflicts
 
     run = tmp_path / "run"
-    first, _ = _run(tiny_config(spleen_task_dir, run, epochs=1, pos_fraction=0.6))
+    first, _ = train_to_end(tiny_config(spleen_task_dir, run, epochs=1, pos_fraction=0.6))
     seed_line = _refusal(
         run, "seed", 7, 0, "the seed draws the split, the cache order and the patches"
     )
@@ -759,10 +757,10 @@ def test_resuming_on_another_split_is_refused_and_finetune_from_starts_a_new_run
 
 
 def test_finetune_from_is_checked_before_the_run(spleen_task_dir, heart_task_dir, tmp_path):
-    from tf_medseg.training.config import resume_conflicts
+    from tf_medseg.training.resume import resume_conflicts
 
     run = tmp_path / "run"
-    _run(tiny_config(spleen_task_dir, run, epochs=1))
+    train_to_end(tiny_config(spleen_task_dir, run, epochs=1))
     ok = tiny_config(spleen_task_dir, tmp_path / "tuned", finetune_from=str(run))
     assert resume_conflicts(ok) == []
     assert resume_conflicts(dataclasses.replace(ok, optimizer="adam", seed=3)) == []
@@ -791,7 +789,7 @@ def test_resuming_on_a_data_folder_with_other_classes_names_them_in_one_line(
     data = tmp_path / "data"
     shutil.copytree(spleen_task_dir, data, ignore=shutil.ignore_patterns(".tf_medseg_cache"))
     run = tmp_path / "run"
-    _run(tiny_config(str(data), run, epochs=1))
+    train_to_end(tiny_config(str(data), run, epochs=1))
     spec = json.loads((data / "dataset.json").read_text())
     spec["labels"] = {"0": "background", "1": "spleen", "2": "lesion"}
     (data / "dataset.json").write_text(json.dumps(spec))
@@ -804,7 +802,7 @@ def test_resuming_on_a_data_folder_with_other_classes_names_them_in_one_line(
         "in another --workdir"
     ]
     # The same flags on a dataset.json with a case fewer: another split, named as such.
-    from tf_medseg.training.config import resume_conflicts
+    from tf_medseg.training.resume import resume_conflicts
 
     del spec["labels"]["2"]
     spec["training"] = spec["training"][1:]
@@ -858,7 +856,7 @@ def test_a_resumed_run_keeps_the_ct_range_it_was_trained_with(spleen_task_dir, t
     changed) has another range in preprocessing.json than the data folder's statistics give:
     resumed, it keeps the range its weights were trained with, and says so."""
     run = tmp_path / "run"
-    _run(tiny_config(spleen_task_dir, run, epochs=1))
+    train_to_end(tiny_config(spleen_task_dir, run, epochs=1))
     path = run / "preprocessing.json"
     chain = json.loads(path.read_text())
     (entry,) = [t for t in chain["transforms"] if t["name"] == "NormalizeCT"]
@@ -881,7 +879,7 @@ def test_val_metrics_adds_the_surface_metrics_to_metrics_jsonl_and_tensorboard(
     config = tiny_config(
         spleen_task_dir, tmp_path / "run", epochs=1, val_every=1, val_metrics="dice,nsd,hd95"
     )
-    _run(config)
+    train_to_end(config)
     (line,) = [json.loads(text) for text in open(os.path.join(config.workdir, "metrics.jsonl"))]
     assert set(line["nsd"]) == set(line["hd95"]) == {"spleen"} and "assd" not in line
     nsd, hd95 = line["nsd"]["spleen"], line["hd95"]["spleen"]

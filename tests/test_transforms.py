@@ -12,7 +12,6 @@ from tf_medseg.data.msd import load_task, split_items
 from tf_medseg.transforms import (
     Compose,
     PreprocessingConfig,
-    RandomTransform,
     Transform,
     build_preprocessing,
 )
@@ -39,23 +38,10 @@ class _Det(Transform):
         return {**data, "x": data.get("x", 0) + self.k}
 
 
-class _Rand(RandomTransform):
-    def __call__(self, data):
-        return data
-
-
-def test_deterministic_prefix_stops_at_first_random():
-    chain = Compose([_Det(), _Det(), _Rand(), _Det()])
-    prefix = chain.deterministic_prefix()
-    assert len(prefix) == 2 and not prefix.is_random and chain.is_random
-    assert prefix({"x": 0}) == {"x": 2}
-
-
-def test_prefix_stops_at_non_transform_and_nested_random():
-    assert len(Compose([_Det(), lambda d: d, _Det()]).deterministic_prefix()) == 1
-    nested_random = Compose([_Det(), _Rand()])
-    nested_det = Compose([_Det(), _Det()])
-    assert len(Compose([_Det(), nested_det, nested_random, _Det()]).deterministic_prefix()) == 2
+def test_a_chain_applies_its_transforms_in_order_and_nests():
+    chain = Compose([_Det(), Compose([_Det(), _Det()])])
+    assert chain({"x": 0}) == {"x": 3} and len(chain) == 2
+    assert chain.config()["transforms"][1]["name"] == "Compose"
 
 
 def test_fingerprint_changes_with_settings():
@@ -198,7 +184,6 @@ def test_full_chain_on_synthetic_ct_and_inverse(spleen_task_dir):
     task = load_task(spleen_task_dir)
     train, val = split_items(task.training, num_val=2, seed=0)
     chain = build_preprocessing(task, train, PreprocessingConfig(), progress=False)
-    assert len(chain.deterministic_prefix()) == len(chain)
     out = chain(val[0])
     assert out["image"].dtype == np.float32 and out["image"].ndim == 4
     assert out["image"].min() >= 0.0 and out["image"].max() <= 1.0

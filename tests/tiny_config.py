@@ -27,6 +27,9 @@ def tiny_config(data_dir, workdir, **overrides) -> TrainConfig:
         epochs=2,
         progress=False,
         cache_workers=1,
+        # The labels' geometry is tested on its own (test_native.py); elsewhere it would only
+        # add a segmentation of the validation files to every run.
+        val_native="off",
     )
     base.update(overrides)
     return TrainConfig(**base)
@@ -47,7 +50,8 @@ TINY_FLAGS = [
     "--cache_workers=1",
     "--epochs=1000",
     "--progress=false",
-    "--noplan",  # these exact settings, not tf_medseg.plan's for the data (the default here)
+    "--val_native=off",
+    "--noplan",  # these exact settings, not the plan for the data (the default here)
 ]
 
 
@@ -57,3 +61,15 @@ def validations(workdir) -> list[dict]:
         lines = [json.loads(line) for line in f]
     timings = ("wall_s", "validation_s")
     return [{k: v for k, v in line.items() if k not in timings} for line in lines]
+
+
+def train_to_end(config):
+    """Trains ``config``'s run in this process; returns the trainer (closed) and its summary."""
+    from tf_medseg.training.loop import Trainer
+
+    trainer = Trainer(config)
+    try:
+        summary = trainer.fit()
+    finally:
+        trainer.close()
+    return trainer, summary

@@ -52,10 +52,10 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_medseg.system import LOCAL_RANK_VARIABLE
+from tf_medseg.choices import BACKENDS
+from tf_medseg.planning.system import LOCAL_RANK_VARIABLE
 
 _LAUNCHER_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
-BACKENDS = ("auto", "horovod", "tf", "none")
 
 
 class WorkerMismatchError(RuntimeError):
@@ -307,13 +307,6 @@ class Distributed:
                 self.size,
             )
         return learning_rate * self.size
-
-    def barrier(self) -> None:
-        """Waits for every worker."""
-        if self.strategy is not None:
-            self.allreduce_sum(np.zeros(1), "barrier")
-        elif self.hvd is not None:
-            self.hvd.allreduce(tf.constant(0.0), name="barrier")
 
 
 def _pin_gpu(local_rank: int) -> None:

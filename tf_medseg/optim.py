@@ -20,6 +20,8 @@ import math
 
 import tensorflow as tf
 
+from tf_medseg.choices import SCHEDULES
+
 
 @tf.keras.utils.register_keras_serializable(package="tf_medseg")
 class NovoGrad(tf.keras.optimizers.legacy.Optimizer):
@@ -174,8 +176,6 @@ OPTIMIZERS = {
         learning_rate=lr, momentum=0.9, nesterov=True
     ),
 }
-
-SCHEDULES = ("constant", "cosine", "plateau")
 
 
 @tf.keras.utils.register_keras_serializable(package="tf_medseg")

@@ -6,7 +6,7 @@ A *source* (:mod:`tf_medseg.cache.sources`) hands over the deterministic prefix'
 item every epoch, the baseline). The random tail's TF ops are in
 :mod:`tf_medseg.transforms.random`.
 
-:func:`build_train_dataset` turns a source into a ``tf.data.Dataset`` of training batches. One
+:class:`TrainStream` turns a source into a stream of training batches. One
 element per cached item enters TF through ``from_generator`` (the cache keeps its arrays 64-byte
 aligned so TF takes them without a copy) and is repeated ``num_samples`` times by reference; a
 ``map(num_parallel_calls)`` then draws one patch per repetition with pure TF ops:
@@ -27,10 +27,9 @@ item index, sample index), so batches are bit-identical whatever ``num_parallel_
 The training loop takes its batches from a :class:`TrainStream`: one endless tf.data iterator
 over all epochs, whose epoch ``e + 1`` is built once the loop has called
 ``stream.end_epoch()`` (which calls ``source.end_epoch()``: the smart cache swaps in its
-replacements and the epoch folded into the seeds advances). A new iterator per epoch (what
-iterating :func:`build_train_dataset` once per epoch does) costs 60-100 ms on a small CPU and
-drains the pipeline at every boundary; with cached data and short epochs that halved the random
-tail's throughput.
+replacements and the epoch folded into the seeds advances). A new iterator per epoch costs tens
+of milliseconds on a small CPU and drains the pipeline at every boundary; with cached data and
+short epochs that halved the random tail's throughput.
 
 Labels come out as uint8 class indices (not one-hot, not int32): the train step one-hots them
 on the device, which moves ``4 * num_classes`` times fewer label bytes through the pipeline and
@@ -48,24 +47,8 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow as tf
 
-from tf_medseg.cache.sources import (  # noqa: F401  (the pipeline's public names)
-    CACHE_MODES,
-    CachedItem,
-    Prefix,
-    Source,
-    SourceOptions,
-    UncachedSource,
-    make_source,
-    patches_per_epoch,
-)
-from tf_medseg.transforms.random import (  # noqa: F401
-    choose_centre,
-    crop_with_padding,
-    random_flip,
-    random_intensity_shift,
-    sample_patch,
-    sample_seed,
-)
+from tf_medseg.cache.sources import Source, patches_per_epoch
+from tf_medseg.transforms.random import sample_patch, sample_seed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,11 +200,10 @@ def _deterministic() -> tf.data.Options:
     """Deterministic order; no autotuning thread.
 
     tf.data's autotuning runs a model thread that an iterator's destructor must join; in the
-    middle of an optimisation pass (measured: during training with validation every epoch,
-    after about 20 epochs) that took up to 10 s on this project's 2-core CPU, so a run stopped
-    by Ctrl-C hung that long in ``TrainStream.close``. Without it, ``AUTOTUNE`` parallelism is
-    the number of CPUs and prefetch buffers grow by tf.data's own rule; the demo preset's steady
-    rate was not lower (13.3 and 13.4 against 9.8 and 12.9 patches/s with it, two runs each).
+    middle of an optimisation pass that can take seconds on a small CPU, so a run stopped by
+    Ctrl-C would hang that long in ``TrainStream.close``. Without it, ``AUTOTUNE`` parallelism
+    is the number of CPUs and prefetch buffers grow by tf.data's own rule, at no lower steady
+    rate on the demo preset.
     """
     options = tf.data.Options()
     options.deterministic = True
@@ -229,48 +211,16 @@ def _deterministic() -> tf.data.Options:
     return options
 
 
-def build_train_dataset(
-    source: Source,
-    options: TailOptions,
-    pos_fraction: tf.Variable | float,
-    num_channels: int | None = None,
-) -> tf.data.Dataset:
-    """One epoch's training dataset: ``num_samples`` random patches per cached item, batched.
-
-    Iterate it once per epoch and call ``source.end_epoch()`` between epochs. Every pass
-    creates a tf.data iterator and drains the pipeline at its end; a training loop should use
-    :class:`TrainStream`, which gives the same batches from one iterator.
-
-    Args:
-        source: A :class:`SmartCache` or :class:`UncachedSource` (see :func:`make_source`).
-        options: The random tail's and the batching's settings.
-        pos_fraction: Probability of a foreground-centred patch, ``pos / (pos + neg)``; pass
-            the adaptive sampler's ``tf.Variable`` so updates apply without rebuilding.
-        num_channels: Image channels; read from one cached item when not given.
-
-    Returns:
-        Dataset of ``(image float32 (B, pd, ph, pw, C), label uint8 (B, pd, ph, pw))``.
-    """
-    channels = _num_channels(source, num_channels)
-
-    def generate():
-        yield from _item_elements(source, source.epoch)
-
-    items = tf.data.Dataset.from_generator(generate, output_signature=_item_signature(channels))
-    dataset = _patch_batches(items, options, pos_fraction, rank=int(getattr(source, "rank", 0)))
-    return dataset.prefetch(options.prefetch).with_options(_deterministic())
-
-
 class TrainStream:
     """Every epoch's training batches from one tf.data iterator.
 
-    The batches are those of :func:`build_train_dataset` (same seeds, same order), without its
-    two costs at every epoch boundary: creating an iterator (60-100 ms on a 2-core CPU, where
-    its functions are instantiated) and draining the pipeline. The dataset is endless: an outer
-    generator hands out epoch numbers and each epoch's batches are built inside a
-    ``flat_map``. Epoch ``e + 1`` is built as soon as ``end_epoch()`` has been called for epoch
-    ``e`` (the smart cache's contents for ``e + 1`` are known only then); the prefetched last
-    batches of ``e`` are still being consumed while its first patches are cut.
+    The batches are those of one tf.data pass per epoch (same seeds, same order; the tests'
+    reference), without its two costs at every epoch boundary: creating an iterator (tens of
+    milliseconds on a small CPU, where its functions are instantiated) and draining the pipeline.
+    The dataset is endless: an outer generator hands out epoch numbers and each epoch's batches are
+    built inside a ``flat_map``. Epoch ``e + 1`` is built as soon as ``end_epoch()`` has been called
+    for epoch ``e`` (the smart cache's contents for ``e + 1`` are known only then); the prefetched
+    last batches of ``e`` are still being consumed while its first patches are cut.
 
     Use::
 
@@ -318,7 +268,7 @@ class TrainStream:
         self._iterator: Iterator | None = None
         self._position = 0  # batches of the current epoch taken (or skipped on resume)
         signature = _item_signature(channels)
-        rank = int(getattr(source, "rank", 0))
+        rank = int(source.rank)
 
         def tickets(generation, first_epoch, skip_batches):
             # (epoch, patches to skip) of the epochs to build, each once the consumer has ended

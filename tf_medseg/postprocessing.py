@@ -6,8 +6,8 @@ whose islands are rare. As nnU-Net does, the decision is taken per class from th
 cases' predictions: for each foreground class, the mean Dice over the cases where the class is
 labelled, with and without its largest component kept (the other classes untouched); the class
 is post-processed when that raises its mean Dice by more than ``min_gain``. The decision and the
-figures it rests on are a small JSON file of the run folder (:data:`DECISION_FILE`), which predict,
-ensembles and the serving export read.
+figures it rests on are a small JSON file of the run folder (``postprocessing.json``), which
+predict, ensembles and the serving export read.
 """
 
 from __future__ import annotations
@@ -19,11 +19,9 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from tf_medseg import metrics
-from tf_medseg.inference import keep_largest_component
-
-#: The run folder's file with the decision.
-DECISION_FILE = "postprocessing.json"
+from tf_medseg import metrics, rundir
+from tf_medseg.inference.window import keep_largest_component
+from tf_medseg.rundir import RunDir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,9 +150,7 @@ def decide(
 
 def write_decision(folder: str, decision: PostprocessingDecision) -> str:
     """Writes the decision to the run folder (atomically); returns its path."""
-    from tf_medseg.jsonio import write_text
-
-    return write_text(os.path.join(folder, DECISION_FILE), decision.to_json())
+    return RunDir(folder).write_text(rundir.POSTPROCESSING, decision.to_json())
 
 
 def read_decision(folder: str) -> PostprocessingDecision | None:
@@ -163,7 +159,7 @@ def read_decision(folder: str) -> PostprocessingDecision | None:
     Raises:
         ValueError: The file is there but unreadable (one line naming it).
     """
-    path = os.path.join(folder, DECISION_FILE)
+    path = RunDir(folder).postprocessing
     if not os.path.isfile(path):
         return None
     try:

@@ -17,7 +17,7 @@ fraction lives in a non-trainable ``tf.Variable`` that the pipeline reads inside
 a ``tf.train.Checkpoint`` that tracks the :class:`AdaptiveSampler` saves and restores it.
 
 Applied as written, equation 4 reacts to the first validation of an untrained model, which may
-mark foreground nearly everywhere (r_FP near 1, r_FN near 0: issue #19), and drives the fraction
+mark foreground nearly everywhere (r_FP near 1, r_FN near 0), and drives the fraction
 to its lower bound at once; with a lower bound of 0.1 a small class (a lesion) is then rarely
 seen and may never be learned. Three additions, each with a neutral value that gives the paper's
 update (within the widest clamp, ``WIDE_BOUNDS``):

@@ -2,10 +2,10 @@
 
 For one model and for an ensemble of several (``--models``, comma separated workdirs), with and
 without ``--tta`` (the mean over the 8 mirrorings of every window batch), it segments every
-image of ``--images`` as ``tf-medseg-predict`` does (:class:`~tf_medseg.cli.predict.Segmenter`)
-and scores it against ``--labels``: per-class Dice per case, their mean over the cases, and the
-seconds per case (the first case of each row also loads the models and traces the predictors;
-the median over cases is reported)::
+image of ``--images`` as ``tf-medseg-predict`` does
+(:class:`~tf_medseg.inference.segmenter.Segmenter`) and scores it against ``--labels``: per-class
+Dice per case, their mean over the cases, and the seconds per case (the first case of each row
+also loads the models and traces the predictors; the median over cases is reported)::
 
     python -m tf_medseg.bench.ensemble --models=runs/demo,runs/demo_b \\
         --images=data/synthetic_spleen/imagesTs --labels=data/synthetic_spleen/labelsTs \\
@@ -22,9 +22,9 @@ import numpy as np
 from absl import app, flags
 
 from tf_medseg.bench import cpu_name, write_json
-from tf_medseg.cli.predict import Segmenter, list_inputs
 from tf_medseg.data.io import read_nifti
 from tf_medseg.data.msd import case_name
+from tf_medseg.inference.segmenter import Segmenter, list_inputs
 from tf_medseg.metrics import dice_per_class
 
 FLAGS = flags.FLAGS

@@ -29,14 +29,14 @@ from absl import app, flags
 
 from tf_medseg.bench import cpu_name, write_json
 from tf_medseg.data.synthetic import make_phantom
-from tf_medseg.inference import (
+from tf_medseg.inference.window import (
     BLEND_MODES,
+    make_window_predictor,
     overlap_from_flag,
     sliding_window_inference,
     window_starts,
 )
 from tf_medseg.models import build_model
-from tf_medseg.training.validation import make_window_predictor
 
 FLAGS = flags.FLAGS
 

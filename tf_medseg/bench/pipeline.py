@@ -40,10 +40,11 @@ import tensorflow as tf
 from absl import app, flags
 
 from tf_medseg.bench import write_json
-from tf_medseg.cache.smart_cache import peak_rss_bytes
+from tf_medseg.cache.sources import SourceOptions, make_source
 from tf_medseg.data.msd import load_task
 from tf_medseg.data.synthetic import generate_task
-from tf_medseg.pipeline import SourceOptions, TailOptions, TrainStream, make_source
+from tf_medseg.pipeline import TailOptions, TrainStream
+from tf_medseg.planning.system import peak_rss_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +90,7 @@ def _task_items(config: BenchConfig, scratch: str) -> tuple[list[dict], Callable
             )
     task = load_task(root)
     items = sorted(task.training, key=lambda item: item["case"])[: config.num_volumes]
-    prefix = build_preprocessing(task, items, progress=True).deterministic_prefix()
+    prefix = build_preprocessing(task, items, progress=True)
     return items, prefix
 
 

@@ -1,12 +1,13 @@
 """What the plateau stop saves, and what the schedule does with it: planned runs on synthetic tasks.
 
-Each run is ``tf-medseg-train`` with no flags but the data, the workdir and the seed (the plan
-decides everything else), in its own process, under one of these configurations:
+Each run is ``tf-medseg-train`` with no flags but the data, the workdir, the seed and the
+configuration's (the plan decides everything else: spacing, network, patience...), in its own
+process, under one of these configurations:
 
-- ``planned``: the plan as it is: the plateau schedule (the rate halved after half the
-  patience without a gain) and the plateau stop.
-- ``constant``: the same stop with a constant rate (``--lr_schedule=constant``): the schedule
-  without its decay.
+- ``decay``: the plateau stop, with the rate halved after half the patience without a gain
+  (``--lr_schedule=plateau``);
+- ``constant``: the plateau stop with a constant rate (``--lr_schedule=constant``, the plan's
+  default): the schedule without its decay;
 - ``reference``: no stop and a constant rate (``--patience=0 --lr_schedule=constant``), capped
   at ``--reference_minutes``: what a run without the stop does meanwhile, and the Dice it reaches.
 
@@ -17,7 +18,7 @@ cap less the stopped run's wall time; the reference runs tell the Dice that time
 ::
 
     python -m tf_medseg.bench.plateau_stop --tasks=spleen,heart --seeds=0,1,2 \\
-        --configs=planned,constant --json=runs/bench/plateau_stop.json
+        --configs=decay,constant,reference --json=runs/bench/plateau_stop.json
 """
 
 from __future__ import annotations
@@ -32,17 +33,19 @@ import time
 
 from absl import app, flags, logging
 
-from tf_medseg.bench import cpu_name, write_json
+from tf_medseg import rundir
+from tf_medseg.bench import cpu_name, run_training, write_json
+from tf_medseg.rundir import RunDir
 
 CONFIGS = {
-    "planned": [],
+    "decay": ["--lr_schedule=plateau"],
     "constant": ["--lr_schedule=constant"],
     "reference": ["--patience=0", "--lr_schedule=constant"],
 }
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("tasks", ["spleen", "heart"], "Synthetic tasks (tf-medseg-synth --task).")
-flags.DEFINE_list("configs", ["planned", "constant"], f"Of {sorted(CONFIGS)}.")
+flags.DEFINE_list("configs", ["decay", "constant"], f"Of {sorted(CONFIGS)}.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Run seeds (split, cache order, patches).")
 flags.DEFINE_list("reference_seeds", ["0"], "Seeds of the reference runs.")
 flags.DEFINE_float("reference_minutes", 10.0, "Wall-time cap of a reference run.")
@@ -86,17 +89,10 @@ def train(task: str, data: str, config: str, seed: int) -> dict:
     command += CONFIGS[config]
     logging.info("%s %s seed %d: %s", task, config, seed, " ".join(command[3:]))
     start = time.time()
-    with open(os.path.join(workdir, "train.log"), "w") as log:
-        proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{task} {config} seed {seed} failed; see {workdir}/train.log")
-    summary = _json(workdir, "summary.json")
-    curve = []
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            entry = json.loads(line)
-            curve.append([entry["wall_s"], entry["mean_dice"], entry["step"]])
-    plan = _json(workdir, "plan.json")
+    summary, records = run_training(command, workdir, f"{task} {config} seed {seed}")
+    curve = [[r["wall_s"], r["mean_dice"], r["step"]] for r in records]
+    run = RunDir(workdir)
+    plan = run.read_json(rundir.PLAN)
     return {
         "task": task,
         "config": config,
@@ -112,16 +108,10 @@ def train(task: str, data: str, config: str, seed: int) -> dict:
         "steps": summary["steps"],
         "learning_rate_scale": summary.get("learning_rate_scale"),
         "curve": curve,
-        "postprocessing": _json(workdir, "postprocessing.json", missing=None),
+        "postprocessing": (
+            run.read_json(rundir.POSTPROCESSING) if os.path.isfile(run.postprocessing) else None
+        ),
     }
-
-
-def _json(workdir: str, name: str, missing: object = ...) -> dict:
-    path = os.path.join(workdir, name)
-    if missing is not ... and not os.path.isfile(path):
-        return missing
-    with open(path) as f:
-        return json.load(f)
 
 
 def best_by(curve: list, seconds: float) -> float | None:

@@ -111,7 +111,7 @@ def run_benchmark(
         start = time.perf_counter()
         compute_intensity_stats(items, task.num_channels, task.num_classes, progress=False)
         stats_s = time.perf_counter() - start
-    prefix = build_preprocessing(task, items, progress=False).deterministic_prefix()
+    prefix = build_preprocessing(task, items, progress=False)
     cases = []
     for item in items:
         cases.append(time_steps(prefix, item, repeats))

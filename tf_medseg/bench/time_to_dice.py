@@ -30,14 +30,13 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 
 from absl import app, flags, logging
 
 from tf_medseg import presets
-from tf_medseg.bench import write_json
+from tf_medseg.bench import run_training, write_json
 
 #: The paper's baseline: each ingredient of the proposed preset turned off.
 BASELINE = {
@@ -118,20 +117,12 @@ def run_config(
     ]
     logging.info("%s: %s", name, " ".join(command[3:]))
     start = time.time()
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "train.log"), "w") as log:
-        proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{name} failed (exit {proc.returncode}); see {workdir}/train.log")
-    with open(os.path.join(workdir, "summary.json")) as f:
-        summary = json.load(f)
+    summary, records = run_training(command, workdir, name)
     curve, class_curves = [], {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            entry = json.loads(line)
-            curve.append([entry["wall_s"], entry["mean_dice"], entry["step"]])
-            for name, dice in (entry.get("dice") or {}).items():
-                class_curves.setdefault(name, []).append([entry["wall_s"], dice, entry["step"]])
+    for entry in records:
+        curve.append([entry["wall_s"], entry["mean_dice"], entry["step"]])
+        for name, dice in (entry.get("dice") or {}).items():
+            class_curves.setdefault(name, []).append([entry["wall_s"], dice, entry["step"]])
     reached = summary["time_to_target_s"] is not None
     return {
         "overrides": overrides,
@@ -325,6 +316,14 @@ def _define_flags() -> None:
     )
     flags.DEFINE_list("extra", [], "Extra flags for every run, e.g. --extra=--val_every=4.")
     flags.DEFINE_enum(
+        "on",
+        "native",
+        ["native", "grid"],
+        "What the target is judged on: native, the validation Dice in the labels' own geometry "
+        "(as tf-medseg-predict and -evaluate give it; configurations at different spacings "
+        "compare on one measurement), or grid, the training grid's (faster).",
+    )
+    flags.DEFINE_enum(
         "sampler",
         "default",
         ["default", "paper"],
@@ -334,11 +333,29 @@ def _define_flags() -> None:
     )
 
 
-def run_flags(extra: list[str], sampler: str, seed: int) -> list[str]:
+def run_flags(extra: list[str], sampler: str, seed: int, native: bool = False) -> list[str]:
     """The flags every run of one seed gets after its configuration's: ``extra`` (with or
-    without its leading ``--``), the sampler and the seed."""
+    without its leading ``--``), the sampler and the seed; with ``native``, the target judged
+    on the Dice in the labels' own geometry at every validation (``--val_native=every``)."""
     given = [e if e.startswith("--") else f"--{e}" for e in extra]
-    return [*given, f"--sampler={sampler}", f"--seed={seed}"]
+    return [*given, f"--sampler={sampler}", f"--seed={seed}"] + (
+        ["--val_native=every"] if native else []
+    )
+
+
+def generated_task(msd: bool, suffix: str) -> str:
+    """The benchmark's synthetic task in the workdir, generated once."""
+    from tf_medseg.data.synthetic import generate_task
+
+    data_dir = os.path.join(FLAGS.workdir, f"data_{FLAGS.task}{suffix}")
+    if os.path.isfile(os.path.join(data_dir, "dataset.json")):
+        return data_dir
+    if msd:  # 24 training and 6 validation volumes (the preset's --num_val)
+        options = dict(num_train=30, num_test=0, seed=0, geometry="msd", progress=True)
+    else:
+        options = dict(num_train=16, num_test=2, size=96, seed=0)
+    generate_task(FLAGS.task, data_dir, **options)
+    return data_dir
 
 
 def main(argv: list[str]) -> None:
@@ -348,24 +365,7 @@ def main(argv: list[str]) -> None:
     flagfile = presets.path(f"synthetic_{FLAGS.task}{suffix}")
     proposed = read_flagfile(flagfile)
     target = FLAGS.target_dice or float(proposed.get("target_dice", 0.9))
-    data_dir = FLAGS.data_dir
-    if not data_dir:
-        from tf_medseg.data.synthetic import generate_task
-
-        data_dir = os.path.join(FLAGS.workdir, f"data_{FLAGS.task}{suffix}")
-        if not os.path.isfile(os.path.join(data_dir, "dataset.json")):
-            if msd:  # 24 training and 6 validation volumes (the preset's --num_val)
-                generate_task(
-                    FLAGS.task,
-                    data_dir,
-                    num_train=30,
-                    num_test=0,
-                    seed=0,
-                    geometry="msd",
-                    progress=True,
-                )
-            else:
-                generate_task(FLAGS.task, data_dir, num_train=16, num_test=2, size=96, seed=0)
+    data_dir = FLAGS.data_dir or generated_task(msd, suffix)
     known = configurations(proposed)
     unknown = [c for c in FLAGS.configs if c not in known]
     if unknown:
@@ -384,7 +384,7 @@ def main(argv: list[str]) -> None:
                 os.path.join(FLAGS.workdir, FLAGS.task + suffix, run_name, f"seed{seed}"),
                 FLAGS.max_minutes_per_run,
                 target,
-                run_flags(FLAGS.extra, FLAGS.sampler, seed),
+                run_flags(FLAGS.extra, FLAGS.sampler, seed, native=FLAGS.on == "native"),
             )
             r = per_seed[seed]
             print(
@@ -401,6 +401,7 @@ def main(argv: list[str]) -> None:
         "max_minutes_per_run": FLAGS.max_minutes_per_run,
         "seeds": seeds,
         "sampler": FLAGS.sampler,
+        "target_on": FLAGS.on,
         "extra": list(FLAGS.extra),
         "machine": f"{os.cpu_count()}-core CPU",
         "runs": results,

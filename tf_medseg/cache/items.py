@@ -7,6 +7,10 @@ the buffer is aligned to Eigen's maximum alignment (64 bytes covers every build)
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -153,3 +157,45 @@ def budget_cache_num(
             + (" on another worker" if mine > 0 else "")
         )
     return agreed
+
+
+def lower_thread_priority(nice: int) -> None:
+    """Raises the calling thread's nice value by ``nice`` (Linux: nice is per thread).
+
+    Replacement threads run at a lower priority than the training and input threads, so that
+    preparing replacements takes the CPU time training leaves idle instead of slowing training
+    (what is not ready at an epoch boundary is swapped in later). Elsewhere a no-op.
+    """
+    if nice <= 0 or sys.platform != "linux":
+        return
+    try:
+        thread = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + nice)
+    except OSError as exc:  # e.g. a seccomp profile that forbids it: keep the default priority
+        logging.warning("could not lower the replacement thread's priority: %s", exc)
+
+
+def check_cache_arguments(items, cache_num, cache_rate, replace_rate, rank, world_size) -> None:
+    if not items:
+        raise ValueError("SmartCache needs at least one item")
+    if not 0.0 <= replace_rate <= 1.0:
+        raise ValueError(f"replace_rate must be in [0, 1], got {replace_rate}")
+    if not 0.0 < cache_rate <= 1.0:
+        raise ValueError(f"cache_rate must be in (0, 1], got {cache_rate}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world={world_size}")
+    if cache_num is not None and cache_num < 1:
+        raise ValueError(f"cache_num must be at least 1, got {cache_num}")
+
+
+def warn_fixed_subset(cache_num: int, part_size: int, world_size: int) -> None:
+    """A budget (or cache_num) below the part with no replacement: says that training sees
+    only a fixed subset, instead of leaving the user to find it out from the Dice."""
+    logging.warning(
+        "the cache holds %d of the %d items of %s and replace_rate=0 replaces none: "
+        "training sees only those %d; raise replace_rate to cycle the others through",
+        cache_num,
+        part_size,
+        "this worker" if world_size > 1 else "the training set",
+        cache_num,
+    )

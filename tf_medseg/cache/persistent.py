@@ -121,8 +121,8 @@ class PersistentPrefixCache:
         fingerprint = getattr(prefix, "config_fingerprint", None)
         if fingerprint is None:
             raise TypeError(
-                "the on-disk cache needs a prefix with config_fingerprint() (a "
-                "Compose.deterministic_prefix()), so that changed settings invalidate it"
+                "the on-disk cache needs a prefix with config_fingerprint() (a Compose), so "
+                "that changed settings invalidate it"
             )
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)

@@ -27,9 +27,6 @@ handed and returns the result through its future, which a caller holding the loc
 from __future__ import annotations
 
 import functools
-import logging
-import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -45,39 +42,18 @@ from tf_medseg.cache.items import (
     Item,
     Prefix,
     budget_cache_num,
+    check_cache_arguments,
     item_nbytes,
     item_path,
+    lower_thread_priority,
     prepare,
+    warn_fixed_subset,
 )
 from tf_medseg.cache.persistent import PersistentPrefixCache
 from tf_medseg.cache.schedule import CacheSchedule, RankWalk, replace_count, smallest_shard
-from tf_medseg.system import cpu_count
+from tf_medseg.planning.system import cpu_count
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory in bytes (Linux reports kilobytes, macOS bytes)."""
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
-
-
-def _lower_thread_priority(nice: int) -> None:
-    """Raises the calling thread's nice value by ``nice`` (Linux: nice is per thread).
-
-    Replacement threads run at a lower priority than the training and input threads, so that
-    preparing replacements takes the CPU time training leaves idle instead of slowing training
-    (what is not ready at an epoch boundary is swapped in later). Elsewhere a no-op.
-    """
-    if nice <= 0 or sys.platform != "linux":
-        return
-    try:
-        thread = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + nice)
-    except OSError as exc:  # e.g. a seccomp profile that forbids it: keep the default priority
-        logging.warning("could not lower the replacement thread's priority: %s", exc)
 
 
 def _locked(method: _Method) -> _Method:
@@ -94,7 +70,7 @@ def _locked(method: _Method) -> _Method:
 class SmartCache:
     """Holds the prefix output of ``cache_num`` items and replaces a fraction every epoch.
 
-    Use it as the source of ``tf_medseg.pipeline.build_train_dataset``: each epoch call
+    Use it as the source of a ``tf_medseg.pipeline.TrainStream``: each epoch call
     ``epoch_items()`` (the cached items, shuffled by seed and epoch) and then ``end_epoch()``
     (which swaps in the replacements prepared meanwhile). The cache fills on first use, or
     explicitly with ``fill()``.
@@ -161,18 +137,9 @@ class SmartCache:
         agree: Agree | None = None,
         whole: bool = False,
     ):
-        if not items:
-            raise ValueError("SmartCache needs at least one item")
         if whole:
             cache_num, replace_rate = None, 0.0
-        if not 0.0 <= replace_rate <= 1.0:
-            raise ValueError(f"replace_rate must be in [0, 1], got {replace_rate}")
-        if not 0.0 < cache_rate <= 1.0:
-            raise ValueError(f"cache_rate must be in (0, 1], got {cache_rate}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world={world_size}")
-        if cache_num is not None and cache_num < 1:
-            raise ValueError(f"cache_num must be at least 1, got {cache_num}")
+        check_cache_arguments(items, cache_num, cache_rate, replace_rate, rank, world_size)
         if num_replace_workers < 1:
             raise ValueError(f"num_replace_workers must be at least 1, got {num_replace_workers}")
         self._items = list(items)
@@ -214,16 +181,7 @@ class SmartCache:
         self.cache_num = wanted
         self.replace_num = replace_count(self.cache_num, self.replace_rate, self.shard_size)
         if self.replace_num == 0 and self.cache_num < walk.part_size:
-            # A budget (or cache_num) below the part with no replacement: say that training sees
-            # only a fixed subset, instead of leaving the user to find it out from the Dice.
-            logging.warning(
-                "the cache holds %d of the %d items of %s and replace_rate=0 replaces none: "
-                "training sees only those %d; raise replace_rate to cycle the others through",
-                self.cache_num,
-                walk.part_size,
-                "this worker" if world_size > 1 else "the training set",
-                self.cache_num,
-            )
+            warn_fixed_subset(self.cache_num, walk.part_size, world_size)
         names = [str(item.get("case", i)) for i, item in enumerate(self._items)]
         self._schedule = CacheSchedule(walk, self.cache_num, self.replace_num, names)
 
@@ -288,7 +246,7 @@ class SmartCache:
             self._replace_pool = futures.ThreadPoolExecutor(
                 self._num_replace_workers,
                 thread_name_prefix="smart-cache-replace",
-                initializer=_lower_thread_priority,
+                initializer=lower_thread_priority,
                 initargs=(self.replace_nice,),
             )
         return self._replace_pool

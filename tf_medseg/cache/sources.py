@@ -1,6 +1,6 @@
 """Sources of the deterministic prefix's outputs for the training pipeline, one epoch at a time.
 
-A *source* hands :func:`tf_medseg.pipeline.build_train_dataset` the cached items of an epoch
+A *source* hands :class:`tf_medseg.pipeline.TrainStream` the cached items of an epoch
 (:class:`Source`): the :class:`~tf_medseg.cache.SmartCache` (``cache="smart"``, or ``"full"``
 with no replacement) or :class:`UncachedSource` (``"none"``: the prefix runs on every item every
 epoch, the paper's baseline). :func:`make_source` builds one from a mode name. Under Horovod each
@@ -19,17 +19,27 @@ from tf_medseg.cache.items import CachePrefixError, item_path
 from tf_medseg.cache.persistent import PersistentPrefixCache
 from tf_medseg.cache.schedule import RankWalk, smallest_shard
 from tf_medseg.cache.smart_cache import SmartCache
+from tf_medseg.choices import CACHE_MODES
+from tf_medseg.planning.system import peak_rss_bytes
 
 CachedItem = dict[str, Any]
 Prefix = Callable[[Mapping[str, Any]], CachedItem]
 
-CACHE_MODES = ("smart", "full", "none")
-
 
 class Source(Protocol):
-    """What the pipeline needs from a source of cached items."""
+    """What the pipeline and the training loop use of a source of cached items.
+
+    Attributes:
+        rank: This process's rank (its patches' seeds).
+        shard_size: Items in this rank's shard.
+        cache_num: Items held in memory (0: none held).
+        wait_for_replacements: Whether an epoch boundary waits for every replacement.
+    """
 
     rank: int
+    shard_size: int
+    cache_num: int
+    wait_for_replacements: bool
 
     @property
     def epoch(self) -> int: ...
@@ -42,6 +52,18 @@ class Source(Protocol):
 
     def end_epoch(self) -> None: ...
 
+    def fill(self) -> None:
+        """Prepares what the first epoch needs (loads the cache), in the calling thread."""
+
+    def stats(self) -> dict[str, Any]:
+        """What the source did so far (swaps, late swaps, ...; empty when nothing to say)."""
+
+    def state(self) -> dict[str, Any]:
+        """Its position at the start of the current epoch (JSON), for a checkpoint."""
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Goes back to a :meth:`state`; ValueError when it cannot (another size or mode)."""
+
     def close(self, wait: bool = True) -> None: ...
 
 
@@ -49,7 +71,8 @@ class UncachedSource:
     """Applies the prefix to every item of this rank's shard every epoch (the baseline).
 
     A small thread pool prepares the next items ahead of the consumer, in order, as a plain
-    (non-caching) data loader with workers would.
+    (non-caching) data loader with workers would. It holds nothing (``cache_num`` 0), so there
+    is nothing to fill, replace or wait for.
 
     Args:
         items: Item dicts.
@@ -61,6 +84,9 @@ class UncachedSource:
         num_workers: Threads applying the prefix.
         cache_dir: Optional on-disk prefix cache (then it is a disk cache, not the baseline).
     """
+
+    cache_num = 0
+    wait_for_replacements = False
 
     def __init__(
         self,
@@ -131,6 +157,12 @@ class UncachedSource:
     def end_epoch(self) -> None:
         """Moves to the next epoch."""
         self._epoch += 1
+
+    def fill(self) -> None:
+        """Nothing to load ahead: every epoch applies the prefix again."""
+
+    def stats(self) -> dict[str, Any]:
+        return {}
 
     def state(self) -> dict[str, int]:
         """The epoch, for a checkpoint."""
@@ -246,3 +278,24 @@ def patches_per_epoch(source: SmartCache | UncachedSource, num_samples: int) -> 
     if isinstance(source, SmartCache):
         return source.cache_num * num_samples
     return source.shard_size * num_samples
+
+
+def source_summary(source: Source, mode: str) -> dict[str, Any]:
+    """What a training source really did, for ``summary.json`` (this worker's figures).
+
+    Returns:
+        ``mode``; ``cache_num`` (items held in RAM; 0 for ``none``); ``items_in_shard`` (this
+        worker's training items); ``items_replaced`` (swapped in at epoch boundaries);
+        ``late_swaps`` (replacements not ready at their boundary); ``wait_for_replacements``
+        (waited for them at each boundary); ``peak_rss_bytes`` of this process.
+    """
+    stats = source.stats()
+    return {
+        "mode": mode,
+        "cache_num": int(source.cache_num),
+        "items_in_shard": int(source.shard_size),
+        "items_replaced": int(stats.get("swaps", 0)),
+        "late_swaps": int(stats.get("late_swaps", 0)),
+        "wait_for_replacements": bool(source.wait_for_replacements),
+        "peak_rss_bytes": peak_rss_bytes(),
+    }

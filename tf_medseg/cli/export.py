@@ -10,11 +10,11 @@ Usage::
 The SavedModel's ``serving_default`` signature takes ``image`` (float32 ``[X, Y, Z, C]``, the
 NIfTI's data array as stored) and ``affine`` (float64 ``[4, 4]``) and returns ``labels`` (uint8
 ``[X, Y, Z]``, the input's grid) and ``probabilities`` (float32 ``[X, Y, Z, K]``); see
-:mod:`tf_medseg.export` for what runs inside. The model, its preprocessing and window settings
-are read as ``tf-medseg-predict`` reads them, with the same flags. ``--check`` loads the export
-back and segments the given NIfTI files (a file or a folder) both ways, printing per file the
-share of voxels on which the export's labels equal predict's, the same share within the union of
-their foregrounds, and the seconds of each.
+:mod:`tf_medseg.inference.serving` for what runs inside. The model, its preprocessing and
+window settings are read as ``tf-medseg-predict`` reads them, with the same flags. ``--check``
+loads the export back and segments the given NIfTI files (a file or a folder) both ways,
+printing per file the share of voxels on which the export's labels equal predict's, the same
+share within the union of their foregrounds, and the seconds of each.
 """
 
 from __future__ import annotations
@@ -28,15 +28,11 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from tf_medseg.cli.predict import (
-    ModelError,
-    Segmenter,
-    define_window_flags,
-    list_inputs,
-    window_overrides,
-)
+from tf_medseg.cli.predict import define_window_flags, window_overrides
 from tf_medseg.data.io import DataError
-from tf_medseg.export import ExportError, export_segmenter
+from tf_medseg.inference.segmenter import ModelError, Segmenter, list_inputs
+from tf_medseg.inference.serving.module import export_segmenter
+from tf_medseg.inference.serving.spec import ExportError
 
 FLAGS = flags.FLAGS
 

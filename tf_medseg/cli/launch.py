@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from tf_medseg.system import LOCAL_RANK_VARIABLE  # no TensorFlow in the launcher
+from tf_medseg.planning.system import LOCAL_RANK_VARIABLE  # no TensorFlow in the launcher
 
 
 def free_ports(count: int) -> list[int]:

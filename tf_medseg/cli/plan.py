@@ -9,7 +9,7 @@ Examples::
     tf-medseg-plan --data_dir=/data/Task03_Liver --target=gpu --gpu_memory_gb=16
 
 ``tf-medseg-train`` without a preset or flagfile plans the same way by itself (see ``--plan``).
-The rules are in :mod:`tf_medseg.plan`.
+The rules are in :mod:`tf_medseg.planning.rules`.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ flags.DEFINE_string("out", None, "Write the plan as a flagfile here.")
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from tf_medseg import plan
     from tf_medseg.data.io import DataError
     from tf_medseg.data.msd import load_task
+    from tf_medseg.planning import rules as plan
 
     try:
         task = load_task(FLAGS.data_dir)

@@ -19,7 +19,6 @@ workers.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import tempfile
@@ -31,14 +30,13 @@ if __name__ == "__main__":  # python -m tf_medseg.cli.train: from before the imp
 
 from absl import app, flags, logging  # noqa: E402
 
-from tf_medseg import presets  # noqa: E402
+from tf_medseg import presets, rundir  # noqa: E402
+from tf_medseg.rundir import RunDir  # noqa: E402
 from tf_medseg.training.config import (  # noqa: E402
     PAPER_SAMPLER,
     TrainConfig,
     config_from_flags,
     define_flags,
-    has_checkpoint,
-    resume_conflicts,
     split_of,
 )
 from tf_medseg.training.interrupts import (  # noqa: E402
@@ -46,6 +44,7 @@ from tf_medseg.training.interrupts import (  # noqa: E402
     Interrupts,
     TrainingInterrupted,
 )
+from tf_medseg.training.resume import resume_conflicts  # noqa: E402
 
 
 def _flag_text(value) -> str:
@@ -100,15 +99,16 @@ _FROM_FILE = False  # whether the command line had a --preset or --flagfile (set
 
 
 def apply_plan(data_dir: str, workdir: str | None):
-    """Plans for ``data_dir`` on this machine and sets every planned flag that was not given;
-    returns the plan, and a line per value that a resumed run planned again.
+    """Plans for ``data_dir`` on this machine; returns the plan, whose values fill what no flag
+    gives (:func:`~tf_medseg.training.config.config_from_flags`), and a line per value that a
+    resumed run planned again.
 
     A run that resumes (``workdir`` holds checkpoints and ``plan.json``) keeps the planned flags
     of its ``plan.json``, but those that only fit it to the machine
-    (:func:`tf_medseg.plan.resumed_plan`).
+    (:func:`tf_medseg.planning.rules.resumed_plan`).
     """
-    from tf_medseg import plan as planning
     from tf_medseg.data.msd import load_task
+    from tf_medseg.planning import rules as planning
 
     task = load_task(data_dir)
     # Under horovodrun every worker plans (the same fingerprint, read from the task's cache once
@@ -121,18 +121,15 @@ def apply_plan(data_dir: str, workdir: str | None):
         budget_minutes=FLAGS.budget_minutes,
     )
     lines = []
-    saved_path = os.path.join(workdir, "plan.json") if workdir else ""
-    if workdir and has_checkpoint(workdir) and os.path.isfile(saved_path):
+    run = RunDir(workdir or "")
+    saved_path = run.plan if workdir else ""
+    if workdir and run.has_checkpoint() and os.path.isfile(saved_path):
         try:
-            with open(saved_path) as f:
-                saved = json.load(f)
+            saved = run.read_json(rundir.PLAN)
         except (OSError, ValueError) as err:
             logging.warning("%s is unreadable (%s): planning afresh", saved_path, err)
         else:
             result, lines = planning.resumed_plan(result, saved, saved_path)
-    for name, value in result.flags.items():
-        if not FLAGS[name].present:
-            FLAGS[name].parse(value)
     return result, lines
 
 
@@ -179,7 +176,7 @@ def main(argv: list[str]) -> int:
         for line in sampler_errors:
             print(f"tf-medseg-train: {line}", file=sys.stderr)
         return 2
-    config = config_from_flags()
+    config = config_from_flags(planned=planned.flags if planned is not None else None)
     errors = config.validate() + resume_conflicts(config)
     if not errors:
         errors = workdir_errors(config.workdir)
@@ -188,16 +185,16 @@ def main(argv: list[str]) -> int:
             print(f"tf-medseg-train: {line}", file=sys.stderr)
         return 2
     if planned is not None and os.environ.get("HOROVOD_RANK", "0") == "0":
-        from tf_medseg import plan as planning
+        from tf_medseg.planning import rules as planning
 
-        planning.write_plan(planned, os.path.join(config.workdir, "plan.json"))
+        planning.write_plan(planned, RunDir(config.workdir).plan)
         print(planned.table())
         for line in replanned:
             print(line)
     if FLAGS.dry_run:
         return dry_run(config)
     if config.precision == "mixed_float16" and not FLAGS.allow_cpu_float16:
-        from tf_medseg import system
+        from tf_medseg.planning import system
 
         if not system.gpus():
             print(
@@ -249,7 +246,9 @@ def _train(config, interrupts: Interrupts) -> int:
     from tf_medseg.cache import CacheBudgetError, CachePrefixError
     from tf_medseg.data.io import DataError
     from tf_medseg.distributed import DistributionError
-    from tf_medseg.training.loop import NonFiniteLossError, Trainer, WorkdirError
+    from tf_medseg.training.course import NonFiniteLossError
+    from tf_medseg.training.loop import Trainer
+    from tf_medseg.training.records import WorkdirError
 
     try:
         trainer = Trainer(config)
@@ -300,7 +299,7 @@ def dry_run(config) -> int:
         return 2
     os.makedirs(config.workdir, exist_ok=True)
     config.save(config.workdir)
-    write_split_file(os.path.join(config.workdir, "split.json"), train, val)
+    write_split_file(RunDir(config.workdir).split, train, val)
     rows = [(f.name, getattr(config, f.name)) for f in dataclasses.fields(config)]
     width = max(len(name) for name, _ in rows)
     print(f"preset: {FLAGS.preset or '-'}")
@@ -325,8 +324,8 @@ def dry_run(config) -> int:
 
 
 def memory_estimate(config, task) -> str:
-    """The training step's estimated peak memory (the U-Net's; tf_medseg.plan)."""
-    from tf_medseg.plan import estimate_memory_gb
+    """The training step's estimated peak memory (the U-Net's; tf_medseg.planning.rules)."""
+    from tf_medseg.planning.rules import estimate_memory_gb
 
     if config.model != "unet3d":
         return f"not estimated for --model={config.model}"
@@ -352,8 +351,13 @@ def result_table(summary: dict, config) -> str:
         return f"{value:.4f}" if isinstance(value, float) and not unit else f"{value}{unit}"
 
     ttt = summary.get("time_to_target_s")
+    native = (summary.get("native") or {}).get("mean_dice")
     rows = [
-        ("best mean Dice", fmt(summary.get("best_dice"))),
+        ("best mean Dice, training grid", fmt(summary.get("best_dice"))),
+        (
+            "  in the labels' geometry",
+            "-" if native is None else f"{native:.4f} (as tf-medseg-predict and -evaluate)",
+        ),
         ("at step", fmt(summary.get("best_step"))),
         ("at wall time", f"{summary.get('best_wall_s', 0):.1f} s"),
         (
@@ -372,6 +376,15 @@ def result_table(summary: dict, config) -> str:
     width = max(len(name) for name, _ in rows)
     lines = [f"{'result'.ljust(width)}  value", f"{'-' * width}  {'-' * 12}"]
     lines += [f"{name.ljust(width)}  {value}" for name, value in rows]
+    split = summary.get("time_split") or {}
+    if split:
+        total = sum(split.values()) or 1.0
+        parts = ", ".join(
+            f"{name.replace('_', ' ')} {seconds:.1f} s ({100 * seconds / total:.0f}%)"
+            for name, seconds in split.items()
+            if seconds >= 0.05
+        )
+        lines.append(f"this session's time: {parts}")
     if summary.get("stop_reason"):
         lines.append(f"stopped: {summary['stop_reason']}")
     lines.append(f"(summary.json, metrics.jsonl, TensorBoard logs in {config.workdir})")

@@ -40,6 +40,42 @@ class Volume:
         return spacing_from_affine(self.affine)
 
 
+#: The file names of NIfTI volumes.
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def nifti_case(path: str) -> str | None:
+    """The case name of a NIfTI file (its name without ``.nii.gz`` / ``.nii``), or None for
+    another kind of file."""
+    name = os.path.basename(str(path))
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def nifti_cases(folder: str) -> dict[str, str]:
+    """The NIfTI files of a folder by case name, sorted (hidden files left out).
+
+    Raises:
+        FileNotFoundError: The folder does not exist.
+        DataError: Two files give the same case (``a.nii`` and ``a.nii.gz``).
+    """
+    folder = str(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder} is not a folder")
+    found: dict[str, str] = {}
+    for name in sorted(os.listdir(folder)):
+        case = nifti_case(name)
+        if case is None or case.startswith("."):
+            continue
+        path = os.path.join(folder, name)
+        if case in found:
+            raise DataError(f"{path} and {found[case]} are the same case {case!r}")
+        found[case] = path
+    return found
+
+
 def spacing_from_affine(affine: np.ndarray) -> np.ndarray:
     """Voxel sizes (mm) of the three spatial axes: the norms of the affine's first three columns."""
     return np.sqrt(np.sum(np.asarray(affine, dtype=np.float64)[:3, :3] ** 2, axis=0))

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tf_medseg.data.io import DataError, check_header
+from tf_medseg.data.io import DataError, check_header, nifti_case
 from tf_medseg.jsonio import write_json
 
 #: Number of validation cases of the paper's splits, by MSD task folder name.
@@ -101,11 +101,7 @@ def resolve_path(root: str, relative: str, source: str) -> str:
 
 def case_name(path: str) -> str:
     """The case identifier of a file: its name without ``.nii.gz`` / ``.nii``."""
-    base = os.path.basename(path)
-    for ext in (".nii.gz", ".nii"):
-        if base.endswith(ext):
-            return base[: -len(ext)]
-    return base
+    return nifti_case(path) or os.path.basename(path)
 
 
 def _ordered_names(mapping: dict, what: str, source: str) -> tuple[str, ...]:

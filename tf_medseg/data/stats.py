@@ -30,7 +30,7 @@ from absl import logging
 
 from tf_medseg.data.io import DataError, check_image, check_label, read_nifti
 from tf_medseg.jsonio import write_json
-from tf_medseg.system import cpu_count
+from tf_medseg.planning.system import cpu_count
 
 PERCENTILES = (0.5, 5.0, 50.0, 95.0, 99.5)
 STATS_FILE = "intensity_stats.json"

@@ -16,15 +16,16 @@ import tempfile
 import tensorflow as tf
 from absl import logging
 
-from tf_medseg import distributed, jsonio
-from tf_medseg.data.msd import MSDTask, load_task, write_split_file
-from tf_medseg.jsonio import write_json
+from tf_medseg import distributed, jsonio, rundir
+from tf_medseg.cache.sources import Source, SourceOptions, make_source
+from tf_medseg.data.msd import MSDTask, write_split_file
 from tf_medseg.losses import deep_supervision_loss, get_loss
 from tf_medseg.models import MODELS, build_model, main_output_model
 from tf_medseg.optim import build_optimizer
-from tf_medseg.pipeline import Source, SourceOptions, TailOptions, TrainStream, make_source
+from tf_medseg.pipeline import TailOptions, TrainStream
+from tf_medseg.rundir import RunDir
 from tf_medseg.sampling import AdaptiveSampler
-from tf_medseg.training.config import TrainConfig, has_checkpoint, split_of, steps_upper_bound
+from tf_medseg.training.config import TrainConfig, split_of, steps_upper_bound
 from tf_medseg.training.state import RunState
 from tf_medseg.transforms.base import Compose
 from tf_medseg.transforms.intensity import NormalizeCT
@@ -33,12 +34,13 @@ from tf_medseg.transforms.preprocessing import PreprocessingConfig, build_prepro
 
 @dataclasses.dataclass
 class Inputs:
-    """The data side of a run: task, split, deterministic prefix, sources, sampler, stream.
+    """The data side of a run: task, preprocessing, sources, sampler, stream.
 
     Attributes:
         task: The task (``dataset.json``).
         num_val_cases: Validation cases of the whole run (all workers).
-        prefix: The deterministic prefix (fitted on the training items).
+        val_items: This worker's validation cases as files (``image``, ``label``).
+        prefix: The deterministic preprocessing (fitted on the data folder's labelled cases).
         train_source: This worker's training source (cache).
         val_source: This worker's validation cases, cached (None: it has none).
         sampler: The adaptive positive/negative sampler.
@@ -47,7 +49,8 @@ class Inputs:
 
     task: MSDTask
     num_val_cases: int
-    prefix: object
+    val_items: list[dict]
+    prefix: Compose
     train_source: Source
     val_source: Source | None
     sampler: AdaptiveSampler
@@ -67,14 +70,13 @@ def build_sampler(config: TrainConfig) -> AdaptiveSampler:
     )
 
 
-def build_inputs(config: TrainConfig, dist: distributed.Distributed) -> Inputs:
-    """Reads the task, splits it, fits the prefix, and builds the sources and the stream.
+def build_inputs(config: TrainConfig, dist: distributed.Distributed, task: MSDTask) -> Inputs:
+    """Splits the task, fits the prefix, and builds the sources and the stream.
 
     The chief writes ``config.json``, ``split.json``, ``preprocessing.json`` and ``task.json`` to
     the workdir. The training cache is not filled here (see :meth:`Trainer.__init__`).
     """
     chief = dist.is_chief
-    task = load_task(config.data_dir)
     train_items, val_items = split_of(config, task)
     # The CT statistics are the data folder's, over all its labelled cases (as nnU-Net's
     # fingerprint): every split and fold of the folder shares them, and so its preprocessing,
@@ -95,13 +97,11 @@ def build_inputs(config: TrainConfig, dist: distributed.Distributed) -> Inputs:
     )
     prefix = keep_trained_ct_range(prefix, config.workdir)
     if chief:
-        config.save(config.workdir)
-        write_split_file(os.path.join(config.workdir, "split.json"), train_items, val_items)
-        write_json(os.path.join(config.workdir, "preprocessing.json"), prefix.config())
-        write_json(
-            os.path.join(config.workdir, "task.json"),
-            {"modalities": task.modalities, "labels": task.labels},
-        )
+        run = RunDir(config.workdir)
+        config.save(run.path)
+        write_split_file(run.split, train_items, val_items)
+        run.write_json(rundir.PREPROCESSING, prefix.config())
+        run.write_json(rundir.TASK, {"modalities": task.modalities, "labels": task.labels})
     disk = disk_cache_dir(task.cache_dir, config.workdir) if config.disk_cache else None
     budget = int(config.memory_budget_gb * 2**30) or None
     options = SourceOptions(
@@ -113,7 +113,7 @@ def build_inputs(config: TrainConfig, dist: distributed.Distributed) -> Inputs:
         rank=dist.rank,
         world_size=dist.size,
         memory_budget_bytes=budget,
-        wait_for_replacements=config.cache_strict or config.deterministic,
+        wait_for_replacements=config.wait_for_replacements or config.deterministic,
         cache_dir=disk,
         progress=config.progress and chief,
     )
@@ -143,7 +143,9 @@ def build_inputs(config: TrainConfig, dist: distributed.Distributed) -> Inputs:
     stream = TrainStream(
         train_source, tail, sampler.positive_fraction, num_channels=task.num_channels
     )
-    return Inputs(task, len(val_items), prefix, train_source, val_source, sampler, stream)
+    return Inputs(
+        task, len(val_items), my_val_items, prefix, train_source, val_source, sampler, stream
+    )
 
 
 def keep_trained_ct_range(prefix: Compose, workdir: str) -> Compose:
@@ -153,12 +155,13 @@ def keep_trained_ct_range(prefix: Compose, workdir: str) -> Compose:
     They differ for a run begun before the statistics were the data folder's (over its training
     cases only, then), or when the data's files changed since.
     """
-    path = os.path.join(workdir, "preprocessing.json")
-    if not has_checkpoint(workdir) or not os.path.isfile(path):
+    run = RunDir(workdir)
+    path = run.preprocessing
+    if not run.has_checkpoint() or not os.path.isfile(path):
         return prefix
     try:
-        with open(path) as f:
-            saved = [t for t in json.load(f)["transforms"] if t.get("name") == "NormalizeCT"]
+        transforms = run.read_json(rundir.PREPROCESSING)["transforms"]
+        saved = [t for t in transforms if t.get("name") == "NormalizeCT"]
         trained = NormalizeCT(saved[0]["lower"], saved[0]["upper"]) if saved else None
     except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
         return prefix
@@ -248,11 +251,11 @@ def build_checkpoint(
     )
     manager = tf.train.CheckpointManager(
         checkpoint,
-        os.path.join(config.workdir, "checkpoints"),
+        RunDir(config.workdir).checkpoints,
         max_to_keep=config.keep_checkpoints,
     )
     if config.finetune_from and not manager.checkpoints:
-        restore_weights(learner.train_model, os.path.join(config.finetune_from, "checkpoints"))
+        restore_weights(learner.train_model, RunDir(config.finetune_from).checkpoints)
     return manager
 
 
@@ -291,7 +294,7 @@ def restore_latest(
 
     A source saved by another cache (changed cache size or mode, or worker count) is not
     restored: one warning says what changed, and the cache starts afresh. (Another seed or split
-    does not get here: :func:`~tf_medseg.training.config.resume_conflicts` refuses it.)
+    does not get here: :func:`~tf_medseg.training.resume.resume_conflicts` refuses it.)
 
     Returns:
         The checkpoint's path, or None when there is none.
@@ -307,7 +310,7 @@ def restore_latest(
             continue
         state.load()
         saved = rank_state(state.cache_state, dist)
-        if saved and hasattr(source, "restore"):
+        if saved:
             try:
                 source.restore(saved)
             except ValueError as err:  # a changed cache size or cache mode
@@ -328,7 +331,7 @@ def restore_latest(
     return None
 
 
-#: A variable of the sampler's warm-up state, which checkpoints have held since issue #19.
+#: The variable of the sampler's warm-up state (absent from checkpoints written before it).
 _WARMUP_KEY = "sampler/warmed_up/.ATTRIBUTES/VARIABLE_VALUE"
 
 
@@ -356,7 +359,7 @@ def _restore(checkpoint: tf.train.Checkpoint, path: str, state: RunState) -> Non
 
 def source_state_json(source: Source, dist: distributed.Distributed) -> str:
     """The source's position to checkpoint; with several workers every rank's, in rank order."""
-    state = source.state() if hasattr(source, "state") else {}
+    state = source.state()
     if dist.size > 1:
         state = {"ranks": dist.allgather_object(state, "cache_state")}
     return jsonio.dumps(state, indent=None)

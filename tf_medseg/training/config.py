@@ -12,17 +12,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-from tf_medseg.jsonio import write_text
+from tf_medseg import rundir
+from tf_medseg.rundir import RunDir
 
-POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
-#: The learning-rate schedules: :data:`tf_medseg.optim.SCHEDULES` (named here without importing
-#: TensorFlow; a test keeps the two equal).
-SCHEDULES = ("constant", "cosine", "plateau")
-DISTRIBUTIONS = ("auto", "horovod", "tf", "none")  # tf_medseg.distributed.BACKENDS
 #: The paper's adaptive update (equation 4 from the first validation, undamped): the neutral values
 #: of the warm-up and the damping, and the wide clamp [0.1, 0.9] instead of the floor of 1/3 (the
 #: paper states no clamp; ``dataclasses.replace(config, **PAPER_SAMPLER)``; ``tf-medseg-train
@@ -35,21 +32,8 @@ PAPER_SAMPLER = {
 }
 
 
-#: The settings that shape the checkpoint's variables (the network and the optimiser's slots): a
-#: run resumes only with the values its checkpoints were written with.
-CHECKPOINT_FIELDS = (
-    "model",
-    "base_filters",
-    "depth",
-    "norm",
-    "residual",
-    "deep_supervision",
-    "optimizer",
-)
-#: The settings that choose the run's training and validation cases. A resumed run that changes
-#: them would validate on cases its weights trained on, and compare its Dice with a best Dice of
-#: other cases: refused when they change the split saved in ``workdir/split.json``.
-SPLIT_FIELDS = ("split_file", "num_val", "val_fraction", "num_folds", "fold")
+#: Flags renamed: old name -> new name (read in an older run's ``config.json``).
+RENAMED = {"max_minutes": "budget_minutes", "cache_strict": "wait_for_replacements"}
 
 
 def _f(default, help_text: str, **kw):
@@ -99,7 +83,7 @@ class TrainConfig:
     replace_rate: float = _f(0.1, "Fraction of the smart cache replaced each epoch.")
     cache_workers: int = _f(0, "Threads filling the cache (0: number of CPUs).")
     memory_budget_gb: float = _f(0.0, "RAM the training cache may use (0: no limit).")
-    cache_strict: bool = _f(
+    wait_for_replacements: bool = _f(
         False,
         "Smart cache: wait at each epoch boundary for every replacement (the paper's schedule) "
         "instead of swapping late ones in at a later boundary. Implied by --deterministic.",
@@ -117,7 +101,7 @@ class TrainConfig:
         "around it); false draws from the pooled foreground voxels (the paper's sampler).",
     )
     # Adaptive sampling (paper section 5). The defaults add a warm-up, damping and a floor of
-    # 1/3 to the paper's update (issue #19); PAPER_SAMPLER, or --sampler=paper, is the paper's.
+    # 1/3 to the paper's update; PAPER_SAMPLER, or --sampler=paper, is the paper's.
     adaptive_sampling: bool = _f(True, "Update the positive/negative ratio after each validation.")
     pos_fraction: float = _f(0.5, "Initial positive (foreground-centred) patch fraction (1:1).")
     sampling_gamma: float = _f(1.0, "Exponent gamma of the ratio update, equation 4.")
@@ -230,6 +214,14 @@ class TrainConfig:
         "write the choice to postprocessing.json, which tf-medseg-predict and tf-medseg-export "
         "apply (instead of --val_keep_largest for every class).",
     )
+    val_native: str = _f(
+        "best",
+        "Score the validation cases in their own geometry, as tf-medseg-predict segments them "
+        "(from their files: resampled back, the chosen post-processing) and "
+        "tf-medseg-evaluate scores them: best (the best model, after training; in "
+        "summary.json), every (each validation too, and --target_dice is judged on it; "
+        "metrics.jsonl and TensorBoard; for benchmarks) or off.",
+    )
     val_tta: bool = _f(
         False,
         "Validate with test-time augmentation: the mean over the 8 flips of the three axes.",
@@ -262,110 +254,9 @@ class TrainConfig:
 
     def validate(self) -> list[str]:
         """Contradictions and out-of-range values, one line each (empty when valid)."""
-        errors = []
-        if not self.data_dir:
-            errors.append("--data_dir is required")
-        if not self.workdir:
-            errors.append("--workdir is required")
-        if self.cache not in ("smart", "full", "none"):
-            errors.append(f"--cache must be smart, full or none, got {self.cache!r}")
-        if not 0.0 <= self.replace_rate <= 1.0:
-            errors.append(f"--replace_rate must be in [0, 1], got {self.replace_rate}")
-        if not 0.0 < self.cache_rate <= 1.0:
-            errors.append(f"--cache_rate must be in (0, 1], got {self.cache_rate}")
-        if self.precision not in POLICIES:
-            errors.append(f"--precision must be one of {POLICIES}, got {self.precision!r}")
-        for name in ("patch_size", "val_roi_size", "spacing"):
-            value = getattr(self, name)
-            if len(value) != 3 or min(value) <= 0:
-                errors.append(f"--{name} needs 1 or 3 positive values, got {list(value)}")
-        if len(self.patch_size) == 3 and len(self.val_roi_size) == 3:
-            if any(p > r for p, r in zip(self.patch_size, self.val_roi_size, strict=True)):
-                errors.append(
-                    f"--patch_size {list(self.patch_size)} is larger than the validation window "
-                    f"--val_roi_size {list(self.val_roi_size)}"
-                )
-            step = 2**self.depth
-            for name in ("patch_size", "val_roi_size"):
-                if any(s % step for s in getattr(self, name)):
-                    errors.append(
-                        f"--{name} {list(getattr(self, name))} must be divisible by {step} "
-                        f"(2^depth for --depth={self.depth})"
-                    )
-        lo, hi = (self.pos_fraction_bounds + (None, None))[:2]
-        if lo is None or hi is None or not 0.0 < lo <= hi < 1.0:
-            errors.append(f"--pos_fraction_bounds must satisfy 0 < lo <= hi < 1, got {lo}, {hi}")
-        elif not lo <= self.pos_fraction <= hi:
-            errors.append(
-                f"--pos_fraction={self.pos_fraction} is outside --pos_fraction_bounds={lo:g},{hi:g}"
-            )
-        if not 0.0 <= self.pos_fraction <= 1.0:
-            errors.append(f"--pos_fraction must be in [0, 1], got {self.pos_fraction}")
-        if self.sampler_warmup_validations < 0:
-            errors.append(
-                f"--sampler_warmup_validations must be >= 0, got {self.sampler_warmup_validations}"
-            )
-        if not 0.0 <= self.sampler_warmup_dice <= 1.0:
-            errors.append(
-                f"--sampler_warmup_dice must be in [0, 1], got {self.sampler_warmup_dice}"
-            )
-        if not 0.0 < self.sampler_damping <= 1.0:
-            errors.append(f"--sampler_damping must be in (0, 1], got {self.sampler_damping}")
-        if self.val_overlap < 0 or (1.0 <= self.val_overlap and self.val_overlap % 1):
-            errors.append("--val_overlap must be a fraction in [0, 1) or whole voxels >= 1")
-        if self.batch_size < 1 or self.num_samples < 1 or self.val_every < 1:
-            errors.append("--batch_size, --num_samples and --val_every must be at least 1")
-        if self.log_every < 1:
-            errors.append(f"--log_every must be at least 1, got {self.log_every}")
-        if self.interrupt_grace_s < 0:
-            errors.append(f"--interrupt_grace_s must be >= 0, got {self.interrupt_grace_s}")
-        if self.distribution not in DISTRIBUTIONS:
-            errors.append(
-                f"--distribution must be one of {', '.join(DISTRIBUTIONS)}, got "
-                f"{self.distribution!r}"
-            )
-        if self.num_folds < 0 or self.num_folds == 1:
-            errors.append(f"--num_folds must be 0 (no folds) or at least 2, got {self.num_folds}")
-        if self.fold and not self.num_folds:
-            errors.append(f"--fold={self.fold} needs --num_folds")
-        if self.num_folds >= 2 and not 0 <= self.fold < self.num_folds:
-            errors.append(
-                f"--fold must be in [0, {self.num_folds}) for --num_folds={self.num_folds}, "
-                f"got {self.fold}"
-            )
-        if self.num_folds and self.split_file:
-            errors.append("--num_folds and --split_file both choose the split; give one")
-        if self.num_folds and self.num_val:
-            errors.append(
-                f"--num_folds and --num_val={self.num_val} both choose the validation cases; "
-                "give --num_val=0 with --num_folds (a preset may set --num_val)"
-            )
-        if self.deep_supervision and self.model != "unet3d":
-            errors.append(
-                "--deep_supervision is implemented for --model=unet3d only (auxiliary outputs on "
-                f"its decoder levels), not for --model={self.model}"
-            )
-        elif self.deep_supervision and self.depth < 2:
-            errors.append(
-                f"--deep_supervision needs --depth >= 2 (with --depth={self.depth} no decoder "
-                "level is below full resolution)"
-            )
-        if self.memory_budget_gb < 0:
-            errors.append(f"--memory_budget_gb must be >= 0, got {self.memory_budget_gb}")
-        errors += self.plateau_rule().errors() + self._schedule_errors()
-        if self.budget_minutes < 0:
-            errors.append(f"--budget_minutes must be >= 0, got {self.budget_minutes}")
-        if not 0.0 <= self.target_dice <= 1.0:
-            errors.append(f"--target_dice must be in [0, 1], got {self.target_dice}")
-        errors += _percentile_errors(self.ct_percentiles)
-        errors += _val_metrics_errors(self.val_metrics, self.val_nsd_tolerance_mm)
-        if self.profile_steps and (
-            len(self.profile_steps) != 2 or not 0 <= self.profile_steps[0] < self.profile_steps[1]
-        ):
-            errors.append(
-                f"--profile_steps must be two steps START < END, got {list(self.profile_steps)}"
-            )
-        return errors
+        from tf_medseg.training.checks import config_errors
+
+        return config_errors(self)
 
     def plateau_rule(self):
         """The plateau stop and decay of these flags (:mod:`tf_medseg.training.plateau`)."""
@@ -376,27 +267,21 @@ class TrainConfig:
             decay = self.lr_decay_patience or max(1, self.patience // 2)
         return PlateauRule(self.patience, self.min_delta, decay, self.lr_decay_factor)
 
-    def _schedule_errors(self) -> list[str]:
-        if self.lr_schedule not in SCHEDULES:
-            return [f"--lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}"]
-        if self.lr_schedule == "plateau" and not (self.patience or self.lr_decay_patience):
-            return ["--lr_schedule=plateau needs --lr_decay_patience or --patience"]
-        return []
-
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> TrainConfig:
         values = json.loads(text)
-        if "max_minutes" in values:  # the flag's name before --budget_minutes
-            values.setdefault("budget_minutes", values.pop("max_minutes"))
+        for old, new in RENAMED.items():  # a config.json written before the rename
+            if old in values:
+                values.setdefault(new, values.pop(old))
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: _coerce(cls, k, v) for k, v in values.items() if k in known})
 
     def save(self, workdir: str) -> str:
         """Writes ``workdir/config.json`` atomically; returns its path."""
-        return write_text(os.path.join(workdir, "config.json"), self.to_json())
+        return RunDir(workdir).write_text(rundir.CONFIG, self.to_json())
 
 
 def surface_metric_names(val_metrics: str) -> tuple[str, ...]:
@@ -404,35 +289,6 @@ def surface_metric_names(val_metrics: str) -> tuple[str, ...]:
     return tuple(
         name.strip() for name in val_metrics.split(",") if name.strip() and name.strip() != "dice"
     )
-
-
-def _val_metrics_errors(val_metrics: str, tolerance_mm: float) -> list[str]:
-    from tf_medseg.surface_metrics import METRICS
-
-    unknown = [n for n in surface_metric_names(val_metrics) if n not in METRICS]
-    errors = []
-    if unknown:
-        errors.append(
-            f"--val_metrics={val_metrics}: unknown {', '.join(unknown)}; choose from "
-            f"{', '.join(METRICS)}"
-        )
-    if not (math.isfinite(tolerance_mm) and tolerance_mm >= 0):
-        errors.append(f"--val_nsd_tolerance_mm must be a finite value >= 0, got {tolerance_mm}")
-    return errors
-
-
-def _percentile_errors(percentiles: tuple[float, ...]) -> list[str]:
-    """``--ct_percentiles`` must name two of the percentiles the statistics hold, low first."""
-    from tf_medseg.data.stats import PERCENTILES
-
-    if len(percentiles) == 2 and percentiles[0] < percentiles[1]:
-        if all(float(p) in PERCENTILES for p in percentiles):
-            return []
-    held = [f"{p:g}" for p in PERCENTILES]
-    return [
-        f"--ct_percentiles={_flag_value(tuple(percentiles))}: the intensity statistics hold the "
-        f"percentiles {', '.join(held[:-1])} and {held[-1]}; give two of them, low before high"
-    ]
 
 
 def _coerce(cls, name, value):
@@ -471,214 +327,58 @@ def define_flags(flag_values=None) -> None:
             flags.DEFINE_list(f.name, default, help_text, flag_values=flag_values)
 
 
-def config_from_flags(flag_values=None) -> TrainConfig:
-    """Builds the configuration from parsed flags (a list flag of one value means isotropic)."""
+def config_from_flags(flag_values=None, planned: Mapping[str, str] | None = None) -> TrainConfig:
+    """Builds the configuration from parsed flags (a list flag of one value means isotropic):
+    :func:`resolve_config` of the flags that were given (by a preset, a flagfile or the
+    command line, which absl has already put in their order) over ``planned``."""
     from absl import flags
 
     flag_values = flags.FLAGS if flag_values is None else flag_values
-    values = {}
-    for f in dataclasses.fields(TrainConfig):
-        raw = flag_values[f.name].value
-        values[f.name] = _coerce(TrainConfig, f.name, raw)
-    return TrainConfig(**values)
+    given = {
+        f.name: flag_values[f.name].value
+        for f in dataclasses.fields(TrainConfig)
+        if flag_values[f.name].present
+    }
+    return resolve_config(given, planned)
 
 
-def _flag_value(value) -> str:
+def resolve_config(
+    given: Mapping[str, Any], planned: Mapping[str, str] | None = None
+) -> TrainConfig:
+    """A run's configuration, in one order: the defaults < the plan < the preset < the
+    command line.
+
+    Args:
+        given: The values a preset, a flagfile or the command line set (absl resolves those
+            in place: a flag after ``--preset`` overrides it, one before is overridden).
+        planned: The plan's values as it writes them (``tf_medseg.planning.rules.Plan.flags``:
+            ``"true"``, ``"2,2,3"``, ``"5e-3"``), typed here by the fields' own types.
+    """
+    values = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    values.update({name: parse_value(name, text) for name, text in (planned or {}).items()})
+    values.update(given)
+    return TrainConfig(**{k: _coerce(TrainConfig, k, v) for k, v in values.items()})
+
+
+def parse_value(name: str, text: str) -> Any:
+    """A field's value from its command-line text (as absl parses the field's flag)."""
+    kind = typing.get_type_hints(TrainConfig)[name]
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"--{name}={text}: not true or false")
+        return text.lower() in ("true", "1")
+    if typing.get_origin(kind) is tuple:
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return kind(text)
+
+
+def flag_text(value) -> str:
+    """A value as it is written on the command line (``true``, ``1,2,3``, ``0.5``)."""
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, tuple):
         return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
     return str(value)
-
-
-def has_checkpoint(workdir: str) -> bool:
-    """Whether ``workdir/checkpoints`` holds a checkpoint (TensorFlow's index of them)."""
-    return bool(workdir) and os.path.isfile(os.path.join(workdir, "checkpoints", "checkpoint"))
-
-
-def _saved_config(workdir: str) -> TrainConfig | None:
-    try:
-        with open(os.path.join(workdir, "config.json")) as f:
-            return TrainConfig.from_json(f.read())
-    except (OSError, ValueError, TypeError):
-        return None
-
-
-def _differs(name: str, config: TrainConfig, saved: TrainConfig, whose: str, rest: str) -> str:
-    return (
-        f"--{name}={_flag_value(getattr(config, name))} differs from the "
-        f"--{name}={_flag_value(getattr(saved, name))} of {whose}: {rest}"
-    )
-
-
-def resume_conflicts(config: TrainConfig) -> list[str]:
-    """What keeps ``config`` from resuming the run whose checkpoints are in
-    ``workdir/checkpoints``, one line each; empty when it may (or there are no checkpoints, or no
-    readable ``config.json`` beside them). Without checkpoints, :func:`finetune_conflicts`.
-
-    Refused, each naming the flag with its old and new values (from ``workdir/config.json``):
-
-    * a setting of :data:`CHECKPOINT_FIELDS`, or ``--precision=mixed_float16`` after another
-      precision (its ``LossScaleOptimizer`` expects a loss scale those checkpoints do not hold;
-      the other way round resumes, the loss scale dropped). Without this check the restore fails
-      on every checkpoint with TensorFlow's shape or object-matching errors, which do not name
-      the flag;
-    * another ``--seed`` or ``--data_dir``, or a setting of :data:`SPLIT_FIELDS` that changes
-      the split of ``workdir/split.json`` (the validation cases); a split that changed with the
-      same flags (an edited ``dataset.json`` or split file) is named too;
-    * a data folder of other channels or classes than ``workdir/task.json``'s.
-
-    Reads ``dataset.json`` (and a split file), not the images; no TensorFlow.
-    """
-    if not config.workdir:
-        return []
-    if not has_checkpoint(config.workdir):
-        return finetune_conflicts(config)
-    saved = _saved_config(config.workdir)
-    if saved is None:
-        return []
-    whose = f"the run whose checkpoints are in {os.path.join(config.workdir, 'checkpoints')}"
-    changed = [name for name in CHECKPOINT_FIELDS if getattr(config, name) != getattr(saved, name)]
-    if config.precision == "mixed_float16" != saved.precision:
-        changed.append("precision")
-    lines = [
-        _differs(
-            name, config, saved, whose, "resume with that value, or train in another --workdir"
-        )
-        for name in changed
-    ]
-    task = _task_or_none(config.data_dir)
-    lines += _split_conflicts(config, saved, task, whose)
-    lines += _data_conflicts(
-        config, task, config.workdir, whose, "give its data folder, or train in another --workdir"
-    )
-    return lines
-
-
-def _task_or_none(data_dir: str):
-    """The task of ``data_dir``, or None when it cannot be read (the run reports that)."""
-    from tf_medseg.data.io import DataError
-    from tf_medseg.data.msd import load_task
-
-    try:
-        return load_task(data_dir)
-    except DataError:
-        return None
-
-
-def _same_path(a: str, b: str) -> bool:
-    """The same folder or file: the same text (a relative path resumed from the same place), or
-    the same place on disk."""
-    return a == b or bool(a and b) and os.path.realpath(a) == os.path.realpath(b)
-
-
-def _split_conflicts(config: TrainConfig, saved: TrainConfig, task, whose: str) -> list[str]:
-    """Another seed or data folder, or split settings that change the saved split."""
-    way = (
-        "resume with that value, or train in another --workdir "
-        f"(--finetune_from={config.workdir} starts it from this run's weights)"
-    )
-    lines = []
-    if config.seed != saved.seed:
-        why = "the seed draws the split, the cache order and the patches"
-        lines.append(_differs("seed", config, saved, whose, f"{why}; {way}"))
-    if not _same_path(config.data_dir, saved.data_dir):
-        why = "the cases under the trained weights would be another folder's"
-        lines.append(_differs("data_dir", config, saved, whose, f"{why}; {way}"))
-    same = _same_split(config, task)
-    if same or lines:  # the seed or data folder named: their split is theirs
-        return lines
-    names = [
-        name
-        for name in SPLIT_FIELDS
-        if not (
-            _same_path(config.split_file, saved.split_file)
-            if name == "split_file"
-            else getattr(config, name) == getattr(saved, name)
-        )
-    ]
-    why = "the validation cases would change under the trained weights (split.json)"
-    lines = [_differs(name, config, saved, whose, f"{why}; {way}") for name in names]
-    if not lines and same is False:
-        lines.append(
-            f"the split of --data_dir={config.data_dir} differs from "
-            f"{os.path.join(config.workdir, 'split.json')} of {whose} with the same flags (its "
-            "dataset.json or split file changed): restore them, or train in another --workdir "
-            f"(--finetune_from={config.workdir} starts it from this run's weights)"
-        )
-    return lines
-
-
-def _same_split(config: TrainConfig, task) -> bool | None:
-    """Whether the split ``config`` gives is the workdir's ``split.json`` (the same cases in
-    training and in validation); None when either is unknown."""
-    from tf_medseg.data.io import DataError
-
-    try:
-        with open(os.path.join(config.workdir, "split.json")) as f:
-            stored = json.load(f)
-        old = (sorted(stored["train"]), sorted(stored["validation"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if task is None:
-        return None
-    try:
-        train, val = split_of(config, task)
-    except DataError:
-        return None
-    return old == (sorted(i["case"] for i in train), sorted(i["case"] for i in val))
-
-
-def _data_conflicts(config: TrainConfig, task, run_dir: str, whose: str, way: str) -> list[str]:
-    """The data's channels and classes against those ``run_dir/task.json`` was trained on (its
-    checkpoints' input and output layers)."""
-    path = os.path.join(run_dir, "task.json")
-    try:
-        with open(path) as f:
-            stored = json.load(f)
-        old = (list(stored["modalities"]), list(stored["labels"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
-    new = (list(task.modalities), list(task.labels)) if task is not None else old
-    if new == old:
-        return []
-    return [
-        f"--data_dir={config.data_dir} has channels {new[0]} and classes {new[1]}, {whose} was "
-        f"trained on channels {old[0]} and classes {old[1]} ({path}): {way}"
-    ]
-
-
-def finetune_conflicts(config: TrainConfig) -> list[str]:
-    """What keeps ``--finetune_from`` from starting ``config``'s run, one line each (empty
-    without it): a folder with no checkpoint, another network than its run's (the settings of
-    :data:`CHECKPOINT_FIELDS` but the optimiser, which starts afresh), other channels or
-    classes than its ``task.json``'s."""
-    source = config.finetune_from
-    if not source:
-        return []
-    if not has_checkpoint(source):
-        return [
-            f"--finetune_from={source} holds no checkpoint "
-            f"({os.path.join(source, 'checkpoints')}): give a training workdir"
-        ]
-    where = f"the run in --finetune_from={source}"
-    saved = _saved_config(source)
-    network = [name for name in CHECKPOINT_FIELDS if name != "optimizer"]
-    lines = [
-        _differs(
-            name,
-            config,
-            saved,
-            where,
-            "a fine-tune starts from that network's weights; give its value",
-        )
-        for name in network
-        if saved is not None and getattr(config, name) != getattr(saved, name)
-    ]
-    task = _task_or_none(config.data_dir)
-    return lines + _data_conflicts(
-        config, task, source, where, "a fine-tune needs the same channels and classes"
-    )
 
 
 def steps_upper_bound(config: TrainConfig, patches_per_epoch: int) -> int:

@@ -22,13 +22,7 @@ stopped.
 
 from __future__ import annotations
 
-import contextlib
-import glob
-import json
-import math
 import os
-import re
-import shutil
 import time
 
 import numpy as np
@@ -36,11 +30,13 @@ import tensorflow as tf
 from absl import logging
 
 from tf_medseg import distributed
-from tf_medseg.cache.smart_cache import peak_rss_bytes
+from tf_medseg.cache.sources import source_summary
 from tf_medseg.data.msd import check_task_files, load_task
-from tf_medseg.inference import mean_predictor, overlap_from_flag
-from tf_medseg.postprocessing import PostprocessingDecision, decide_from_dice, write_decision
+from tf_medseg.jsonio import dumps
+from tf_medseg.postprocessing import PostprocessingDecision
+from tf_medseg.rundir import RunDir
 from tf_medseg.training import hooks as hooks_lib
+from tf_medseg.training import records, saving
 from tf_medseg.training.build import (
     build_checkpoint,
     build_inputs,
@@ -48,27 +44,16 @@ from tf_medseg.training.build import (
     restore_latest,
     source_state_json,
 )
-from tf_medseg.training.config import TrainConfig, resume_conflicts, surface_metric_names
-from tf_medseg.training.hooks import WorkdirError
+from tf_medseg.training.config import TrainConfig
+from tf_medseg.training.course import Course
 from tf_medseg.training.interrupts import Interrupts, TrainingInterrupted
+from tf_medseg.training.resume import resume_conflicts
 from tf_medseg.training.state import RunState
-from tf_medseg.training.validation import (
-    SurfaceOptions,
-    ValidationResult,
-    make_window_predictor,
-    postprocessing_dice,
-    validate,
-)
-
-BEST_MODEL = "best_model.keras"
+from tf_medseg.training.validation import ValidationResult, Validator
 
 
 class ConfigError(ValueError):
     """Contradictory or out-of-range settings; one problem per line."""
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite."""
 
 
 class Trainer:
@@ -95,8 +80,6 @@ class Trainer:
         self.state = RunState(start)
         self.chief = self.dist.is_chief
         self.interrupts = Interrupts()  # fit() takes the CLI's installed handlers
-        self._window_predictor = None
-        self._bad_steps = 0  # consecutive non-finite losses
         if config.deterministic:
             tf.keras.utils.set_random_seed(config.seed)
             tf.config.experimental.enable_op_determinism()
@@ -104,12 +87,24 @@ class Trainer:
         os.makedirs(config.workdir, exist_ok=True)
         # Every listed file's header first (milliseconds each): a cut validation or test file
         # is named now, not at the first validation minutes in, nor after training.
-        check_task_files(load_task(config.data_dir))
+        task = load_task(config.data_dir)
+        check_task_files(task)
 
-        inputs = build_inputs(config, self.dist)
+        inputs = build_inputs(config, self.dist, task)
         self.task, self.sampler, self.stream = inputs.task, inputs.sampler, inputs.stream
         self.train_source, self.val_source = inputs.train_source, inputs.val_source
         self.num_val_cases = inputs.num_val_cases
+        self.validator = Validator(
+            config,
+            self.task.num_classes,
+            self.task.num_channels,
+            self.val_source,
+            self.num_val_cases,
+            self.dist,
+            files=inputs.val_items,
+            prefix=inputs.prefix,
+        )
+        self.native = None  # the best model's validation in the labels' geometry (--val_native)
         self.patches_per_epoch = self.stream.patches_per_epoch
         self.steps_per_epoch = self.stream.steps_per_epoch
         # A rank with a longer epoch would wait forever in a gradient all-reduce: fail now.
@@ -124,9 +119,9 @@ class Trainer:
         # The first fill runs here, in this thread, not lazily inside tf.data: a bad file stops
         # the run with its one-line error before training, Ctrl-C during the fill is a plain
         # KeyboardInterrupt, and the fill's seconds are not counted in the first epoch.
-        fill = getattr(self.train_source, "fill", None)
-        if callable(fill):
-            fill()
+        fill_start = time.time()
+        self.train_source.fill()
+        self.state.add_seconds("cache_fill", time.time() - fill_start)
         self.stream.resume_at(min(self.state.epoch_step, self.steps_per_epoch))
         self.train_step = tf.function(
             self._train_step,
@@ -135,25 +130,23 @@ class Trainer:
                 tf.TensorSpec([None, *config.patch_size], tf.uint8),
             ],
         )
+        self.course = Course(config, self.state, self.dist, self.optimizer)
+        self._validated_at: int | None = None  # the step of the last validation
         self.hooks = self._make_hooks()
 
     def _make_hooks(self) -> list[hooks_lib.Hook]:
+        """The observers: progress, TensorBoard, the metrics log, the profiler (chief only)."""
         c = self.config
-        hooks = [
-            hooks_lib.ValidationHook(c.val_every),
-            hooks_lib.SamplerHook(),
-            hooks_lib.ScheduleHook(self),
-        ]
+        hooks: list[hooks_lib.Hook] = []
         if self.chief:
-            logdir = os.path.join(c.workdir, "tensorboard")
+            logdir = RunDir(c.workdir).tensorboard
             hooks += [
                 hooks_lib.ProgressHook(bar=c.progress, val_every=c.val_every),
-                hooks_lib.TensorBoardHook(logdir, images=c.image_summaries),
-                hooks_lib.MetricsLogHook(c.workdir),
+                records.TensorBoardHook(logdir, images=c.image_summaries),
+                records.MetricsLogHook(c.workdir),
             ]
             if c.profile_steps:
-                hooks.append(hooks_lib.ProfileHook(logdir, *c.profile_steps))
-        hooks += [hooks_lib.CheckpointHook(c.checkpoint_every), hooks_lib.StopHook()]
+                hooks.append(records.ProfileHook(logdir, *c.profile_steps))
         return hooks
 
     def _call(self, event: str, *logs: dict) -> None:
@@ -196,11 +189,13 @@ class Trainer:
             logging.info("building the training graph...")
         start = time.time()
         self.train_step.get_concrete_function()
+        self.state.add_seconds("graph", time.time() - start)
         if self.chief:
             logging.info("built the training graph in %.1f s", time.time() - start)
 
     def fit(self, interrupts: Interrupts | None = None) -> dict:
-        """Trains until a stop condition; returns the summary (also in ``summary.json``).
+        """Trains until a stop condition; returns the summary (also in ``summary.json``), on
+        every worker.
 
         Args:
             interrupts: Installed signal handlers (the CLI's). While the loop runs, a signal is
@@ -224,6 +219,7 @@ class Trainer:
             self.trace_train_step()
         if self.interrupts.requested:
             raise KeyboardInterrupt(f"{self.interrupts.reason()} while building the graph")
+        self.course.begin()
         self._call("on_train_begin")
         self.dist.broadcast_variables(self.train_model.variables)
         logs = {"loss": float("nan"), "patches_per_s": 0.0}
@@ -241,11 +237,23 @@ class Trainer:
         logs.pop("validation", None)
         logs.update(step=state.step, epoch=state.epoch)
         state.stop(f"reached --epochs={epochs}")  # unless another reason came first
+        if self._validated_at != state.step:  # an epoch cut short (steps, time): its weights
+            self._validate_into(logs)
         self._call("on_train_end", logs)
+        self.save_checkpoint()
         logging.info("stopped: %s", state.stop_reason)
         if self.config.choose_postprocessing:
+            start = time.time()
             self.choose_postprocessing()
-        return self.summary()
+            self.state.add_seconds("postprocessing", time.time() - start)
+        if self.config.val_native != "off":
+            self.native = self.validator.native_of_best(self.config.workdir)
+            if self.native is not None:
+                self.state.add_seconds("native_validation", self.native.seconds)
+        result = self.summary()
+        if self.chief:  # with the post-processing choice's time, which came after the hooks'
+            records.write_run_file(RunDir(self.config.workdir).summary, dumps(result) + "\n")
+        return result
 
     def train_epoch(self) -> dict:
         """Trains the current epoch's remaining batches (all, unless resumed in its middle)
@@ -270,6 +278,7 @@ class Trainer:
                     loss, pending = self._sync(pending, losses), []
                 rate = patches / max(time.time() - start, 1e-9)
                 self._call("on_step_end", {"loss": loss, "patches_per_s": rate, "synced": synced})
+                self.course.after_step(synced)
                 self.check_interrupt(collective=synced)
                 if state.stop_reason:
                     break
@@ -287,8 +296,8 @@ class Trainer:
 
     def end_epoch(self, logs: dict) -> None:
         """Closes a complete epoch: the source's swap, the epoch counter and the source's
-        position for the checkpoint, then the hooks' ``on_epoch_end`` (validation, sampler,
-        logs, checkpoint, stop)."""
+        position for the checkpoint; the validation the course asks for, the hooks'
+        ``on_epoch_end``, the checkpoint, the stops."""
         state, c = self.state, self.config
         # When this boundary validates and the sampler adapts, the next epoch's patches wait
         # for the new positive fraction (else prefetched ones use the old one).
@@ -298,9 +307,30 @@ class Trainer:
         state.epoch_step = 0
         state.cache_state = source_state_json(self.train_source, self.dist)
         logs["epoch"] = state.epoch
+        if self.course.validates_after(state.epoch):
+            self.course.after_validation(self._validate_into(logs), logs.get("native"))
         self._call("on_epoch_end", logs)
+        if self.course.checkpoints_after(state.epoch):
+            self.save_checkpoint()
+        self.course.after_epoch()
         self.stream.start_next_epoch()
         self.check_interrupt()
+
+    def _validate_into(self, logs: dict) -> ValidationResult:
+        """Validates, records the result (the best model saved, the sampler updated) and puts
+        it in ``logs`` for the hooks."""
+        start = time.time()
+        result = self.validate()
+        logs["validation"], logs["validation_s"] = result, time.time() - start
+        self.state.add_seconds("validation", logs["validation_s"])
+        self._validated_at = self.state.step
+        if self.config.val_native == "every":
+            logs["native"] = self.validator.native(self.model)
+            self.state.add_seconds("native_validation", logs["native"].seconds)
+        if self.course.record(result, logs.get("native")):
+            self.export_best_model()
+        logs["sampler"] = self.sampler.update_from_sums(result.sums, mean_dice=result.mean_dice)
+        return result
 
     def _sync(self, pending: list[tf.Tensor], losses: list[float]) -> float:
         """Reads the steps' losses back in one copy, checks them, records them; returns the
@@ -308,9 +338,9 @@ class Trainer:
         values = tf.stack(pending).numpy().astype(float).tolist()
         first = self.state.step - len(values) + 1
         for offset, value in enumerate(values):
-            self._check_loss(value, first + offset)
+            self.course.check_loss(value, first + offset)
         losses.extend(values)
-        self.state.losses.extend(values)
+        self.state.record_losses(values)
         return values[-1]
 
     def check_interrupt(self, collective: bool = True) -> None:
@@ -332,20 +362,6 @@ class Trainer:
                 self.interrupts.reason() if mine else "interrupted on another worker"
             )
 
-    def _check_loss(self, loss: float, step: int) -> None:
-        """Counts the non-finite losses that loss scaling skips; raises on any other."""
-        if math.isfinite(loss):
-            self._bad_steps = 0
-            return
-        self._bad_steps += 1
-        if self.config.precision == "mixed_float16" and self._bad_steps <= 20:
-            logging.warning("non-finite loss at step %d: skipped by loss scaling", step)
-            return
-        raise NonFiniteLossError(
-            f"loss became {loss} at step {step}; stopping (the last checkpoint and the best "
-            f"model are from before it). Try a lower --learning_rate or --precision=float32."
-        )
-
     # ------------------------------------------------------------------ used by hooks
     def validate(self) -> ValidationResult:
         """Scores the current weights on the validation set, shared out across the workers.
@@ -353,184 +369,62 @@ class Trainer:
         Returns:
             The combined result, the same on every worker.
         """
-        c = self.config
-        if self._window_predictor is None:
-            self._window_predictor = self._predictor_of(self.model)
-        return validate(
-            self._window_predictor,
-            self.validation_items(),
-            self.task.num_classes,
-            c.val_roi_size,
-            overlap_from_flag(c.val_overlap),
-            c.val_mode,
-            c.val_sw_batch_size,
-            c.val_keep_largest,
-            self.dist,
-            case_offset=self.dist.rank,
-            num_cases=self.num_val_cases,
+        return self.validator.score(
+            self.model,
             # One worker stops between cases; several only at the loop's collective check.
             check_interrupt=self.interrupts.check if self.dist.size == 1 else None,
-            progress=c.progress and self.chief,
-            surface=self._surface_options(),
+            progress=self.config.progress and self.chief,
         )
 
-    def _surface_options(self) -> SurfaceOptions | None:
-        """What ``--val_metrics`` asks of validation besides Dice (None: nothing)."""
-        c = self.config
-        names = surface_metric_names(c.val_metrics)
-        if not names:
-            return None
-        return SurfaceOptions(names, tuple(float(s) for s in c.spacing), c.val_nsd_tolerance_mm)
-
-    def _predictor_of(self, model: tf.keras.Model):
-        """The validation's window predictor of ``model`` (traced once per window shape)."""
-        c = self.config
-        window = make_window_predictor(
-            model, c.val_roi_size, self.task.num_channels, c.val_sw_batch_size
-        )
-        return mean_predictor([window], tta=c.val_tta)
-
-    def validation_items(self):
+    def validation_items(self) -> list[dict]:
         """This worker's preprocessed validation items, in case order."""
-        if self.val_source is None:
-            return []
-        entries = self.val_source.epoch_items()
-        return [item for _, item in sorted(entries, key=lambda e: e[0])]
+        return self.validator.items()
 
     def cache_stats(self) -> dict:
-        stats = getattr(self.train_source, "stats", None)
-        return stats() if callable(stats) else {}
+        return self.train_source.stats()
 
     def cache_summary(self) -> dict:
-        """What the training cache really did, for ``summary.json`` (this worker's figures).
-
-        Returns:
-            ``mode``; ``cache_num`` (items held in RAM; 0 for ``none``);
-            ``items_in_shard`` (this worker's training items); ``items_replaced`` (swapped in
-            at epoch boundaries); ``late_swaps`` (replacements not ready at their boundary);
-            ``strict`` (waited for replacements); ``peak_rss_bytes`` of this process.
-        """
-        stats = self.cache_stats()
-        source = self.train_source
-        return {
-            "mode": self.config.cache,
-            "cache_num": int(getattr(source, "cache_num", 0)),
-            "items_in_shard": int(source.shard_size),
-            "items_replaced": int(stats.get("swaps", 0)),
-            "late_swaps": int(stats.get("late_swaps", 0)),
-            "strict": bool(getattr(source, "wait_for_replacements", False)),
-            "peak_rss_bytes": peak_rss_bytes(),
-        }
+        """What the training cache really did (:func:`tf_medseg.cache.sources.source_summary`)."""
+        return source_summary(self.train_source, self.config.cache)
 
     def save_checkpoint(self) -> None:
-        """Saves a checkpoint (chief only).
-
-        TensorFlow writes the checkpoint's files under temporary names and names it in the
-        ``checkpoint`` index file (replaced atomically) only once they are complete: after a
-        failed save the index still names the previous checkpoint, which the next run resumes
-        from. The failed save's files are removed here, so that they hold no space.
+        """Saves a checkpoint (chief only; :func:`tf_medseg.training.saving.save_checkpoint`).
 
         Raises:
-            WorkdirError: The checkpoint could not be written (a full disk, a quota, a
-                read-only folder); the message names it, the reason, and the checkpoint left.
+            WorkdirError: The checkpoint could not be written; the message names it, the
+                reason, and the checkpoint left.
         """
         if not self.chief:
             return
+        start = time.time()
         self.state.store()
-        try:
-            self.manager.save(checkpoint_number=self.state.step)
-        except (tf.errors.OpError, OSError) as err:
-            prefix = os.path.join(self.manager.directory, f"ckpt-{self.state.step}")
-            # What the next run resumes from is what the index file on disk names.
-            saved = tf.train.get_checkpoint_state(self.manager.directory)
-            last = saved.model_checkpoint_path if saved else None
-            for temporary in glob.glob(f"{glob.escape(prefix)}_temp*"):  # the shards' folder
-                shutil.rmtree(temporary, ignore_errors=True)
-            if last is None or os.path.basename(last) != os.path.basename(prefix):
-                for leftover in glob.glob(f"{glob.escape(prefix)}.*"):
-                    with contextlib.suppress(OSError):
-                        os.remove(leftover)
-            after = (
-                f"the last checkpoint, {last}, is intact: free space and run the same command "
-                "to resume from it"
-                if last
-                else "there is no earlier checkpoint: free space and run the same command"
-            )
-            raise WorkdirError(
-                f"cannot write the checkpoint {prefix}: {_write_failure(err)}; {after}"
-            ) from err
+        saving.save_checkpoint(self.manager, self.state.step)
+        self.state.add_seconds("checkpoints", time.time() - start)
 
     def export_best_model(self) -> None:
-        """Writes the model to ``workdir/best_model.keras`` atomically (chief only): complete
-        and on disk under a temporary name, then renamed over the previous best model.
+        """Writes the model to ``workdir/best_model.keras`` atomically (chief only).
 
         Raises:
             WorkdirError: The model could not be written; the previous best model is kept.
         """
-        if not self.chief:
-            return
-        path = os.path.join(self.config.workdir, BEST_MODEL)
-        tmp = os.path.join(self.config.workdir, "best_model.tmp.keras")
-        try:
-            self.model.save(tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as err:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise WorkdirError(
-                f"cannot write {path}: {_write_failure(err)} (the previous best model and the "
-                "last checkpoint are intact: free space, or make the folder writable, and run "
-                "the same command to resume)"
-            ) from err
+        if self.chief:
+            saving.export_model(self.model, RunDir(self.config.workdir).best_model)
 
     def choose_postprocessing(self) -> PostprocessingDecision | None:
-        """Decides per class whether keeping its largest component raises the best model's
-        mean validation Dice (:mod:`tf_medseg.postprocessing`), on the validation cases as
-        preprocessed (the training grid), shared out across the workers like validation; the
-        chief writes ``postprocessing.json`` and logs one line per class.
-
-        Returns:
-            The decision, or None without validation cases or a best model.
-        """
-        c = self.config
-        path = os.path.join(c.workdir, BEST_MODEL)
-        if not self.num_val_cases or not os.path.isfile(path):
-            return None
-        best = tf.keras.models.load_model(path, compile=False)
-        without, with_ = postprocessing_dice(
-            self._predictor_of(best),
-            self.validation_items(),
-            self.task.num_classes,
-            c.val_roi_size,
-            overlap_from_flag(c.val_overlap),
-            c.val_mode,
-            c.val_sw_batch_size,
-            self.dist,
-            case_offset=self.dist.rank,
-            num_cases=self.num_val_cases,
-        )
-        decision = decide_from_dice(without, with_)
-        if self.chief:
-            try:
-                write_decision(c.workdir, decision)
-            except OSError as err:
-                raise WorkdirError(
-                    f"cannot write the post-processing choice to {c.workdir}: "
-                    f"{_write_failure(err)} (the model is saved; tf-medseg-predict then uses "
-                    "--val_keep_largest's setting)"
-                ) from err
-            for line in decision.describe().splitlines():
-                logging.info("post-processing: %s", line)
-        return decision
+        """The largest-component choice of the best model
+        (:meth:`~tf_medseg.training.validation.Validator.choose_postprocessing`)."""
+        return self.validator.choose_postprocessing(self.config.workdir, self.chief)
 
     def summary(self) -> dict:
-        path = os.path.join(self.config.workdir, "summary.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                return json.load(f)
-        return {}
+        """The run's result so far (what ``summary.json`` holds), on every worker; the cache's
+        figures are this worker's."""
+        return {
+            **self.state.summary(self.config.target_dice),
+            "precision": self.config.precision,
+            "workers": self.dist.size,
+            "cache": self.cache_summary(),
+            "native": self.native.to_json(self.task.labels[1:]) if self.native else None,
+        }
 
     def close(self, wait: bool = True) -> None:
         """Stops the input stream and the caches' threads, and frees their memory.
@@ -543,14 +437,3 @@ class Trainer:
         for source in (self.train_source, self.val_source):
             if source is not None:
                 source.close(wait=wait)
-
-
-def _write_failure(err: BaseException) -> str:
-    """The system's reason for a failed write (``No space left on device``), from an OSError or
-    from TensorFlow's error, whose message ends ``<file>; <reason> [Op:SaveV2]``."""
-    if isinstance(err, OSError) and err.strerror:
-        return err.strerror
-    text = getattr(err, "message", None) or str(err)
-    text = re.sub(r"^\{\{.*?\}\}\s*", "", text)
-    text = re.sub(r"\s*\[Op:\w+\]\s*$", "", text)
-    return text.rsplit("; ", 1)[-1].strip() or type(err).__name__

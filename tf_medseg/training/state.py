@@ -40,6 +40,22 @@ SAVED = {
 }
 
 
+#: Where a session's wall time goes (:meth:`RunState.time_split`); ``training`` is the training
+#: loop's time (steps, input waits, per-step hooks), counted by :meth:`RunState.count_epoch`.
+TIME_PARTS = (
+    "cache_fill",
+    "graph",
+    "training",
+    "validation",
+    "checkpoints",
+    "postprocessing",
+    "native_validation",
+)
+
+#: Per-step losses a run state keeps (the last ones: a long run's would grow without bound).
+RECENT_LOSSES = 10_000
+
+
 class RunState(tf.Module):
     """A run's counters (checkpointed) and this session's tallies (not checkpointed).
 
@@ -50,7 +66,7 @@ class RunState(tf.Module):
             module docstring); ``best_dice`` is -1 and ``time_to_target_s`` -1 until set.
         variables_by_name: The ``tf.Variable`` s a checkpoint saves, by the names above.
         stop_reason: Why the run stops (None: it goes on).
-        losses: This session's per-step training losses, in order.
+        losses: This session's last :data:`RECENT_LOSSES` per-step training losses, in order.
         train_seconds, train_patches: Training-loop time and patches of this session.
         steady_seconds, steady_patches: The same without this session's first epoch.
         epochs_run: Epochs (complete or not) this session ran.
@@ -73,6 +89,8 @@ class RunState(tf.Module):
         self.steady_patches = 0
         self.epochs_run = 0
         self._session_start = time.time() if start is None else float(start)
+        self._started = self._session_start
+        self.seconds = dict.fromkeys(TIME_PARTS, 0.0)
 
     # ------------------------------------------------------------------ checkpoint
     def store(self) -> None:
@@ -105,8 +123,27 @@ class RunState(tf.Module):
         if self.stop_reason is None:
             self.stop_reason = reason
 
+    def record_losses(self, values: list[float]) -> None:
+        """Adds steps' losses, keeping the last :data:`RECENT_LOSSES`."""
+        self.losses.extend(values)
+        del self.losses[:-RECENT_LOSSES]
+
+    def add_seconds(self, part: str, seconds: float) -> None:
+        """Counts ``seconds`` of this session in one of :data:`TIME_PARTS`."""
+        self.seconds[part] += seconds
+
+    def time_split(self) -> dict[str, float]:
+        """This session's wall time by part (:data:`TIME_PARTS`), and ``other``: the rest
+        (set-up, reading the data, the epoch boundaries' swaps and logs)."""
+        split = {part: round(value, 3) for part, value in self.seconds.items()}
+        split["other"] = round(
+            max(0.0, time.time() - self._started - sum(self.seconds.values())), 3
+        )
+        return split
+
     def count_epoch(self, seconds: float, patches: int) -> None:
         """Adds an epoch's (or its part's) training time and patches to the tallies."""
+        self.seconds["training"] += seconds
         self.train_seconds += seconds
         self.train_patches += patches
         if self.epochs_run:
@@ -140,6 +177,28 @@ class RunState(tf.Module):
         self.plateau_stale = plateau.stale
         self.plateau_since_decay = plateau.since_decay
         self.lr_scale = plateau.scale
+
+    def summary(self, target_dice: float = 0.0) -> dict:
+        """What the run has reached so far, for ``summary.json`` (numbers rounded; None where
+        not reached)."""
+        steady = self.steady_patches_per_s()
+        reached = self.reached_target()
+        return {
+            "best_dice": round(self.best_dice, 6) if self.best_dice >= 0 else None,
+            "best_step": self.best_step,
+            "best_wall_s": round(self.best_wall_s, 3),
+            "target_dice": target_dice or None,
+            "time_to_target_s": round(self.time_to_target_s, 3) if reached else None,
+            "steps_to_target": self.steps_to_target if reached else None,
+            "steps": self.step,
+            "epochs": self.epoch,
+            "wall_s": round(self.wall_seconds(), 3),
+            "patches_per_s": round(self.patches_per_s(), 3),
+            "steady_patches_per_s": None if steady is None else round(steady, 3),
+            "stop_reason": self.stop_reason,
+            "learning_rate_scale": round(self.lr_scale, 6),
+            "time_split": self.time_split(),
+        }
 
     def reached_target(self) -> bool:
         return self.time_to_target_s >= 0

@@ -12,16 +12,32 @@ does), and the pooled sums that feed the adaptive sampler.
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from tf_medseg import metrics
 from tf_medseg.distributed import Distributed
-from tf_medseg.inference import keep_largest_component, sliding_window_inference
+from tf_medseg.inference.scoring import load_labels
+from tf_medseg.inference.segmenter import Segmenter, chosen_postprocessing
+from tf_medseg.inference.window import (
+    keep_largest_component,
+    make_window_predictor,
+    mean_predictor,
+    predict_labels,
+    window_settings,
+)
+from tf_medseg.postprocessing import PostprocessingDecision, decide_from_dice, write_decision
+from tf_medseg.rundir import RunDir
 from tf_medseg.surface_metrics import surface_metrics_per_class
+from tf_medseg.training.config import surface_metric_names
+from tf_medseg.training.records import WorkdirError
+from tf_medseg.training.saving import write_failure
 
 
 @dataclass
@@ -71,40 +87,11 @@ class SurfaceOptions:
     tolerance_mm: float
 
 
-def make_window_predictor(
-    model: tf.keras.Model, roi_size: Sequence[int], channels: int, batch: int
-):
-    """A ``tf.function`` running the model on a fixed-shape batch of windows (traced once)."""
-    spec = tf.TensorSpec([batch, *roi_size, channels], tf.float32)
-
-    @tf.function(input_signature=[spec])
-    def predict(windows):
-        return tf.cast(model(windows, training=False), tf.float32)
-
-    return predict
-
-
 def _middle_foreground_slice(image, label, pred):
     """The axial slice through the labelled foreground's centre (or the middle one)."""
     zs = np.flatnonzero(label.any(axis=(0, 1)))
     z = int(zs[len(zs) // 2]) if zs.size else label.shape[2] // 2
     return image[:, :, z, 0], label[:, :, z], pred[:, :, z]
-
-
-def predict_labels(
-    predictor, image, roi_size: Sequence[int], overlap: float, mode: str, sw_batch_size: int
-) -> np.ndarray:
-    """The argmax labels (uint8) of one preprocessed volume ``(*spatial, C)`` by sliding
-    window."""
-    probs = sliding_window_inference(
-        np.asarray(image, np.float32)[None],
-        predictor,
-        roi_size,
-        overlap=overlap,
-        mode=mode,
-        sw_batch_size=sw_batch_size,
-    )
-    return np.argmax(np.asarray(probs)[0], axis=-1).astype(np.uint8)
 
 
 def validate(
@@ -176,16 +163,19 @@ def validate(
     per_case = dist.allreduce_sum(per_case, name="validation_sums")
     if names:
         distances = dist.allreduce_sum(distances, name="validation_surface")
+    return _combined(per_case, distances, names, example)
+
+
+def _combined(per_case: np.ndarray, distances: np.ndarray, names, example) -> ValidationResult:
+    """The result of every worker's per-case sums and distances (all-reduced)."""
     case_dice = np.stack(
         [metrics.dice_from_sums(metrics.ConfusionSums.from_array(s)) for s in per_case]
     )
     pooled = metrics.ConfusionSums.from_array(per_case.sum(axis=0))
     r_fp_per_class, r_fn_per_class = metrics.fp_fn_per_class(pooled)
-    dice = metrics.mean_dice_per_class(case_dice)  # a class empty in every case: NaN
-    mean_dice = metrics.mean_dice(case_dice)
     return ValidationResult(
-        dice=dice,
-        mean_dice=mean_dice,
+        dice=metrics.mean_dice_per_class(case_dice),  # a class empty in every case: NaN
+        mean_dice=metrics.mean_dice(case_dice),
         case_dice=case_dice,
         sums=pooled,
         r_fp=float(np.mean(r_fp_per_class)),
@@ -232,3 +222,224 @@ def postprocessing_dice(
         rows[case_offset + j * dist.size] = case_dice(pred, np.asarray(item["label"]), num_classes)
     rows = dist.allreduce_sum(rows, name="postprocessing_dice")
     return rows[:, 0], rows[:, 1]
+
+
+class Validator:
+    """Scores models on the run's validation cases: this worker's share of them, combined over
+    the workers (:func:`validate`, :func:`postprocessing_dice`), with the run's window settings.
+
+    Args:
+        config: The run's configuration (``val_*``, ``spacing``).
+        num_classes, num_channels: The task's.
+        source: This worker's cached validation cases (None: it has none).
+        num_cases: Validation cases of the whole run.
+        dist: The workers.
+        files: This worker's validation cases as files (``image``, ``label``), for
+            :meth:`native`.
+        prefix: The training's deterministic preprocessing, for :meth:`native`.
+    """
+
+    def __init__(
+        self,
+        config,
+        num_classes: int,
+        num_channels: int,
+        source,
+        num_cases: int,
+        dist,
+        files: Sequence[dict] = (),
+        prefix=None,
+    ):
+        self.config = config
+        self.num_classes, self.num_channels = num_classes, num_channels
+        self.source, self.num_cases, self.dist = source, num_cases, dist
+        self.files, self.prefix = list(files), prefix
+        self.window = window_settings(config)  # the --val_* flags, as predict reads them
+        self.training_predictor = None  # of the training model, traced at its first validation
+        self._training_segmenter = None
+
+    def items(self) -> list[dict]:
+        """This worker's preprocessed validation items, in case order."""
+        if self.source is None:
+            return []
+        entries = self.source.epoch_items()
+        return [item for _, item in sorted(entries, key=lambda e: e[0])]
+
+    def predictor_of(self, model):
+        """The window predictor of ``model`` (traced once per window shape; with ``--val_tta``
+        the mean over the 8 mirrorings)."""
+        window = self.window
+        predictor = make_window_predictor(
+            model, window.roi_size, self.num_channels, window.sw_batch_size
+        )
+        return mean_predictor([predictor], tta=self.config.val_tta)
+
+    def _window_args(self) -> tuple:
+        w = self.window
+        return (w.roi_size, w.overlap, w.mode, w.sw_batch_size)
+
+    def score(self, model, check_interrupt=None, progress: bool = False) -> ValidationResult:
+        """The training model's validation (its predictor kept for the next calls)."""
+        if self.training_predictor is None:
+            self.training_predictor = self.predictor_of(model)
+        roi, overlap, mode, sw_batch = self._window_args()
+        return validate(
+            self.training_predictor,
+            self.items(),
+            self.num_classes,
+            roi,
+            overlap,
+            mode,
+            sw_batch,
+            self.config.val_keep_largest,
+            self.dist,
+            case_offset=self.dist.rank,
+            num_cases=self.num_cases,
+            check_interrupt=check_interrupt,
+            progress=progress,
+            surface=self.surface_options(),
+        )
+
+    def surface_options(self) -> SurfaceOptions | None:
+        """What ``--val_metrics`` asks besides Dice (None: nothing)."""
+        c = self.config
+        names = surface_metric_names(c.val_metrics)
+        if not names:
+            return None
+        return SurfaceOptions(names, tuple(float(s) for s in c.spacing), c.val_nsd_tolerance_mm)
+
+    def largest_component_dice(self, model) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`postprocessing_dice` of ``model`` on the validation cases."""
+        roi, overlap, mode, sw_batch = self._window_args()
+        return postprocessing_dice(
+            self.predictor_of(model),
+            self.items(),
+            self.num_classes,
+            roi,
+            overlap,
+            mode,
+            sw_batch,
+            self.dist,
+            case_offset=self.dist.rank,
+            num_cases=self.num_cases,
+        )
+
+    def choose_postprocessing(self, workdir: str, chief: bool) -> PostprocessingDecision | None:
+        """Decides per class whether keeping its largest component raises the best model's
+        mean validation Dice (:mod:`tf_medseg.postprocessing`), on the validation cases as
+        preprocessed (the training grid), shared out across the workers like validation; the
+        chief writes ``postprocessing.json`` and logs one line per class.
+
+        Returns:
+            The decision, or None without validation cases or a best model.
+
+        Raises:
+            WorkdirError: The chief could not write the decision.
+        """
+        path = RunDir(workdir).best_model
+        if not self.num_cases or not os.path.isfile(path):
+            return None
+        best = tf.keras.models.load_model(path, compile=False)
+        without, with_ = self.largest_component_dice(best)
+        decision = decide_from_dice(without, with_)
+        if chief:
+            try:
+                write_decision(workdir, decision)
+            except OSError as err:
+                raise WorkdirError(
+                    f"cannot write the post-processing choice to {workdir}: "
+                    f"{write_failure(err)} (the model is saved; tf-medseg-predict then uses "
+                    "--val_keep_largest's setting)"
+                ) from err
+            for line in decision.describe().splitlines():
+                logging.info("post-processing: %s", line)
+        return decision
+
+    def native(self, model, chosen_in: str | None = None) -> NativeResult:
+        """Segments this worker's validation cases from their files as ``tf-medseg-predict``
+        does (:class:`~tf_medseg.inference.segmenter.Segmenter`: preprocessing, windows,
+        post-processing, back to the file's grid) and scores them against their label files in
+        the labels' own geometry, as ``tf-medseg-evaluate`` does; combined over the workers.
+
+        Args:
+            model: The training model (``chosen_in`` None: its segmenter is kept, traced once)
+                or the best model.
+            chosen_in: The run folder whose ``postprocessing.json`` decides the best model's
+                post-processing (None: ``--val_keep_largest``).
+        """
+        start = time.time()
+        segmenter = self._segmenter(model, chosen_in)
+        rows = np.zeros((self.num_cases, 3, self.num_classes - 1), np.float64)
+        for j, item in enumerate(self.files):
+            pred, _ = segmenter.segment(item["image"])
+            truth, _ = load_labels(item["label"])
+            sums = metrics.confusion_sums(pred, truth, self.num_classes)
+            rows[self.dist.rank + j * self.dist.size] = sums.to_array()
+        rows = self.dist.allreduce_sum(rows, name="native_sums")
+        case_dice = np.stack(
+            [metrics.dice_from_sums(metrics.ConfusionSums.from_array(r)) for r in rows]
+        )
+        return NativeResult(
+            dice=metrics.mean_dice_per_class(case_dice),
+            mean_dice=metrics.mean_dice(case_dice),
+            case_dice=case_dice,
+            seconds=time.time() - start,
+        )
+
+    def native_of_best(self, workdir: str) -> NativeResult | None:
+        """:meth:`native` of the run's best model with its chosen post-processing (None
+        without validation cases or a best model)."""
+        path = RunDir(workdir).best_model
+        if not self.num_cases or not os.path.isfile(path):
+            return None
+        best = tf.keras.models.load_model(path, compile=False)
+        result = self.native(best, chosen_in=workdir)
+        if self.dist.is_chief:
+            logging.info(
+                "validation in the labels' own geometry (the best model, as tf-medseg-predict "
+                "segments and tf-medseg-evaluate scores): mean Dice %.4f (%.1f s)",
+                result.mean_dice,
+                result.seconds,
+            )
+        return result
+
+    def _segmenter(self, model, chosen_in: str | None) -> Segmenter:
+        settings = self.window
+        if chosen_in is not None:  # the best model, with the chosen post-processing
+            settings = chosen_postprocessing(settings, [chosen_in])
+            return Segmenter([model], self.prefix, settings, tta=self.config.val_tta)
+        if self._training_segmenter is None:  # the training model's, traced once
+            self._training_segmenter = Segmenter(
+                [model], self.prefix, settings, tta=self.config.val_tta
+            )
+        return self._training_segmenter
+
+
+@dataclass
+class NativeResult:
+    """Validation in the labels' own geometry (:meth:`Validator.native`).
+
+    Attributes:
+        dice: Per foreground class, the mean over the cases that contain it.
+        mean_dice: Their mean (NaN excluded), as ``tf-medseg-evaluate``'s overall mean.
+        case_dice: (num_cases, num_classes - 1) per-case Dice.
+        seconds: This worker's wall time for it.
+    """
+
+    dice: np.ndarray
+    mean_dice: float
+    case_dice: np.ndarray
+    seconds: float
+
+    def to_json(self, class_names: Sequence[str]) -> dict:
+        """Per-class and mean Dice (None where undefined), the cases and the seconds."""
+
+        def number(value):
+            return round(float(value), 6) if np.isfinite(value) else None
+
+        return {
+            "mean_dice": number(self.mean_dice),
+            "dice": {n: number(v) for n, v in zip(class_names, self.dice, strict=True)},
+            "cases": int(len(self.case_dice)),
+            "seconds": round(self.seconds, 3),
+        }

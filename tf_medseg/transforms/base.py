@@ -1,11 +1,11 @@
-"""Transform base classes and the composition that finds the cacheable deterministic prefix.
+"""The transform base class and the chain of them.
 
-A transform maps an item dict to an item dict. Randomness is declared on the class: a
-:class:`RandomTransform` draws from a seed, a plain :class:`Transform` gives the same output for
-the same input. :meth:`Compose.deterministic_prefix` is the longest run of deterministic
-transforms from the start of the chain; anything that is not a :class:`Transform`, or a nested
-:class:`Compose` with a random member, ends it (erring on the side of not caching). The smart
-cache keeps the prefix's output in memory; the random tail runs per sample.
+A transform maps an item dict to an item dict, and gives the same output for the same input:
+every transform here is deterministic, so a :class:`Compose` of them (the preprocessing chain of
+:func:`tf_medseg.transforms.preprocessing.build_preprocessing`) is what the caches run once per
+item and keep. The random tail (patch crop, flips, intensity shift) is not made of transforms:
+it runs per sample as TensorFlow ops (:mod:`tf_medseg.transforms.random`, in
+:class:`tf_medseg.pipeline.TrainStream`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ class Transform:
     :meth:`config`, which feeds the on-disk cache's key.
     """
 
-    is_random = False
-
     def __call__(self, data: dict) -> dict:
         raise NotImplementedError
 
@@ -37,40 +35,20 @@ class Transform:
         return f"{type(self).__name__}({args})"
 
 
-class RandomTransform(Transform):
-    """A transform whose output depends on a random draw; it ends the cacheable prefix."""
-
-    is_random = True
-
-
 class Compose(Transform):
     """A chain of transforms applied in order.
 
     Args:
-        transforms: Transforms (or any callables on dicts; a callable that is not a
-            :class:`Transform` is treated as random, since nothing says it is not).
+        transforms: Transforms, applied in order.
     """
 
     def __init__(self, transforms: Sequence[Callable[[dict], dict]]):
         self.transforms = list(transforms)
 
-    @property
-    def is_random(self) -> bool:  # type: ignore[override]
-        return any(_is_random(t) for t in self.transforms)
-
     def __call__(self, data: dict) -> dict:
         for transform in self.transforms:
             data = transform(data)
         return data
-
-    def deterministic_prefix(self) -> Compose:
-        """The longest run of deterministic transforms from the start, as a new Compose."""
-        prefix = []
-        for transform in self.transforms:
-            if _is_random(transform):
-                break
-            prefix.append(transform)
-        return Compose(prefix)
 
     def config(self) -> dict[str, Any]:
         return {
@@ -90,9 +68,3 @@ class Compose(Transform):
 
     def __repr__(self) -> str:
         return "Compose([" + ", ".join(repr(t) for t in self.transforms) + "])"
-
-
-def _is_random(transform: Any) -> bool:
-    if not isinstance(transform, Transform):
-        return True
-    return bool(transform.is_random)

@@ -7,6 +7,7 @@ CLIs can describe a CPU machine in milliseconds.
 from __future__ import annotations
 
 import os
+import sys
 
 
 def cpu_count() -> int:
@@ -35,6 +36,14 @@ def cpu_bf16_native(flags: set[str] | None = None) -> bool:
     emulates it, many times slower than float32."""
     flags = cpu_flags() if flags is None else flags
     return bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory in bytes (Linux reports kilobytes, macOS bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def ram_bytes() -> tuple[int, int]:
@@ -93,3 +102,31 @@ def gpus() -> list[dict]:
 # Set by tf-medseg-launch for each worker it starts: the worker's index on this node, which
 # selects its GPU (tf_medseg.distributed reads it; neither side needs TensorFlow to agree on it).
 LOCAL_RANK_VARIABLE = "TF_MEDSEG_LOCAL_RANK"
+
+
+def describe_machine(target: str = "auto", gpu_memory_gb: float | None = None) -> dict:
+    """The machine the plan is for. ``target``: ``auto`` (a GPU if TensorFlow sees one), ``cpu``
+    or ``gpu`` (planning for a GPU node from elsewhere needs ``gpu_memory_gb``)."""
+    total, available = ram_bytes()
+    flags = cpu_flags()
+    machine = {
+        "kind": "cpu",
+        "cpu_cores": cpu_count(),
+        "cpu_bf16_native": cpu_bf16_native(flags),
+        "cpu_avx512": "avx512f" in flags,
+        "ram_gb": round(total / 2**30, 1),
+        "ram_available_gb": round(available / 2**30, 1),
+        "gpus": [],
+    }
+    if target in ("auto", "gpu"):
+        found = gpus() if target == "auto" or gpu_memory_gb is None else []
+        if found:
+            machine["gpus"] = found
+        elif target == "gpu":
+            machine["gpus"] = [{"name": "GPU", "compute_capability": None, "memory_gb": None}]
+    if machine["gpus"]:
+        machine["kind"] = "gpu"
+        if gpu_memory_gb:
+            for gpu in machine["gpus"]:
+                gpu["memory_gb"] = float(gpu_memory_gb)
+    return machine

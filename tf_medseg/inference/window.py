@@ -19,6 +19,7 @@ appendix A post-processing ("keeping the largest connected component") for organ
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -116,6 +117,33 @@ def window_starts(
     return [tuple(int(v) for v in corner) for corner in grid]
 
 
+def _pad_to_window(image: np.ndarray, roi: list[int], cval: float):
+    """``image`` padded (centred, with ``cval``) to at least ``roi`` along each spatial axis;
+    its padded spatial size and the padding before each axis."""
+    spatial = list(image.shape[1:4])
+    padded_size = [max(s, r) for s, r in zip(spatial, roi, strict=True)]
+    pad_low = [(p - s) // 2 for p, s in zip(padded_size, spatial, strict=True)]
+    if padded_size != spatial:
+        pad_width = [(0, 0)]
+        pad_width += [
+            (lo, p - s - lo) for lo, p, s in zip(pad_low, padded_size, spatial, strict=True)
+        ]
+        image = np.pad(image, pad_width + [(0, 0)], mode="constant", constant_values=cval)
+    return image, padded_size, pad_low
+
+
+def _windows_and_weights(padded_size, roi, overlap, mode, sigma_scale):
+    """The windows' slices, the blending weights (with a channel axis) and their sum over the
+    volume."""
+    weights = compute_importance_map(roi, mode, sigma_scale)
+    starts = window_starts(padded_size, roi, overlap)
+    windows = [tuple(slice(s, s + r) for s, r in zip(c, roi, strict=True)) for c in starts]
+    weight_sum = np.zeros(padded_size, dtype=np.float32)
+    for window in windows:
+        weight_sum[window] += weights
+    return windows, weights[..., np.newaxis], weight_sum
+
+
 def sliding_window_inference(
     volume: tf.Tensor | np.ndarray,
     predictor: Callable[[tf.Tensor], Any],
@@ -167,24 +195,10 @@ def sliding_window_inference(
     sw_batch_size = int(sw_batch_size)
     batch, *spatial, _ = image.shape
     roi = _resolve_roi(roi_size, spatial)
-    weights = compute_importance_map(roi, mode, sigma_scale)
-
-    padded_size = [max(s, r) for s, r in zip(spatial, roi, strict=True)]
-    pad_low = [(p - s) // 2 for p, s in zip(padded_size, spatial, strict=True)]
-    if padded_size != spatial:
-        pad_width = [(0, 0)]
-        pad_width += [
-            (lo, p - s - lo) for lo, p, s in zip(pad_low, padded_size, spatial, strict=True)
-        ]
-        image = np.pad(image, pad_width + [(0, 0)], mode="constant", constant_values=cval)
-
-    starts = window_starts(padded_size, roi, overlap)
-    windows = [tuple(slice(s, s + r) for s, r in zip(c, roi, strict=True)) for c in starts]
-    weight_sum = np.zeros(padded_size, dtype=np.float32)
-    for window in windows:
-        weight_sum[window] += weights
-    weights = weights[..., np.newaxis]
-
+    image, padded_size, pad_low = _pad_to_window(image, roi, cval)
+    windows, weights, weight_sum = _windows_and_weights(
+        padded_size, roi, overlap, mode, sigma_scale
+    )
     output = None
     total = batch * len(windows)
     firsts = range(0, total, sw_batch_size)
@@ -229,7 +243,7 @@ def mean_predictor(
 
     Args:
         predictors: Window predictors of one input and output shape (e.g. from
-            :func:`tf_medseg.training.validation.make_window_predictor`).
+            :func:`tf_medseg.inference.window.make_window_predictor`).
         tta: Average over the flips of the three spatial axes too.
 
     Returns:
@@ -346,3 +360,86 @@ def _to_float32(prediction: Any) -> np.ndarray:
     if tf.is_tensor(prediction):
         prediction = prediction.numpy()
     return np.asarray(prediction, dtype=np.float32)
+
+
+def make_window_predictor(
+    model: tf.keras.Model, roi_size: Sequence[int], channels: int, batch: int
+):
+    """A ``tf.function`` running the model on a fixed-shape batch of windows (traced once)."""
+    spec = tf.TensorSpec([batch, *roi_size, channels], tf.float32)
+
+    @tf.function(input_signature=[spec])
+    def predict(windows):
+        return tf.cast(model(windows, training=False), tf.float32)
+
+    return predict
+
+
+def predict_labels(
+    predictor, image, roi_size: Sequence[int], overlap: float, mode: str, sw_batch_size: int
+) -> np.ndarray:
+    """The argmax labels (uint8) of one preprocessed volume ``(*spatial, C)`` by sliding
+    window."""
+    probs = sliding_window_inference(
+        np.asarray(image, np.float32)[None],
+        predictor,
+        roi_size,
+        overlap=overlap,
+        mode=mode,
+        sw_batch_size=sw_batch_size,
+    )
+    return np.argmax(np.asarray(probs)[0], axis=-1).astype(np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowSettings:
+    """How the sliding window runs over a preprocessed volume.
+
+    Attributes:
+        roi_size: Window size per axis (divisible by the model's downsampling factor).
+        overlap: A fraction in [0, 1), or an int number of voxels.
+        mode: ``constant`` or ``gaussian`` blending.
+        sw_batch_size: Windows per forward pass.
+        keep_largest: Keep the largest connected component of the classes below.
+        largest_classes: The classes ``keep_largest`` applies to (None: every foreground
+            class), as chosen by validation (``postprocessing.json``).
+    """
+
+    roi_size: tuple[int, int, int]
+    overlap: float | int
+    mode: str
+    sw_batch_size: int
+    keep_largest: bool
+    largest_classes: tuple[int, ...] | None = None
+
+
+def window_settings(config, **overrides) -> WindowSettings:
+    """The training run's validation window settings, with the given overrides (None: keep).
+
+    ``config`` is the run's configuration: a ``TrainConfig``, or what :func:`_read_run` reads
+    of its ``config.json`` (``val_roi_size``, ``val_overlap``, ``val_mode``,
+    ``val_sw_batch_size``, ``val_keep_largest`` and ``depth``).
+
+    Raises:
+        ValueError: A window size that is not 3 positive multiples of ``2**config.depth``.
+    """
+    values = {
+        "roi_size": config.val_roi_size,
+        "overlap": config.val_overlap,
+        "mode": config.val_mode,
+        "sw_batch_size": config.val_sw_batch_size,
+        "keep_largest": config.val_keep_largest,
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    roi = [int(r) for r in values["roi_size"]]
+    roi = roi * 3 if len(roi) == 1 else roi
+    step = 2**config.depth
+    if len(roi) != 3 or any(r <= 0 or r % step for r in roi):
+        raise ValueError(
+            f"window size {roi} must be 3 positive multiples of {step} (2^depth of the model)"
+        )
+    values["overlap"] = overlap_from_flag(values["overlap"])
+    values["roi_size"] = tuple(roi)
+    values["sw_batch_size"] = int(values["sw_batch_size"])
+    values["keep_largest"] = bool(values["keep_largest"])
+    return WindowSettings(**values)
