@@ -29,7 +29,7 @@ endif
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: venv test demo bench bench-msd-more lint format clean
+.PHONY: venv test demo bench bench-msd-more bench-plateau lint format clean
 
 venv: $(STAMPS)
 
@@ -109,6 +109,14 @@ bench: venv
 
 TTD_MSD := $(PY) -m tf_medseg.bench.time_to_dice --geometry=msd --seeds=0 \
 	--max_minutes_per_run=$(BENCH_MSD_MINUTES)
+# The plateau stop and the schedule on the synthetic spleen and heart, 3 seeds each, and a
+# 10-minute run without the stop (about 80 minutes on 2 cores); the README's table is
+# docs/bench/plateau_stop.json, printed by `python -m tf_medseg.bench.plateau_stop --from_json=`.
+bench-plateau: venv
+	$(PY) -m tf_medseg.bench.plateau_stop --tasks=spleen,heart --seeds=0,1,2 \
+		--configs=decay,constant,reference --reference_seeds=0 --reference_minutes=10 \
+		--json=runs/bench/plateau_stop.json
+
 # The MSD-size ablations and the heart at MSD size (about an hour on 2 cores, 2026-12-01);
 # the ablations take their speed-up against `make bench`'s MSD-size baseline.
 bench-msd-more: venv
