@@ -54,7 +54,7 @@ def main() -> None:
     # Two workers share two cores: one compute thread each avoids oversubscription.
     tf.config.threading.set_intra_op_parallelism_threads(1)
 
-    from tf_medseg.training.config import TrainConfig
+    from tf_medseg.config import TrainConfig
     from tf_medseg.training.loop import Trainer
 
     with open(args.config) as f:

@@ -8,7 +8,7 @@ import types
 import pytest
 
 from tf_medseg import distributed, optim
-from tf_medseg.training.config import TrainConfig
+from tf_medseg.config import TrainConfig
 from tf_medseg.training.course import Course
 from tf_medseg.training.state import RunState
 

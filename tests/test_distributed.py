@@ -31,9 +31,9 @@ import tensorflow as tf
 from tiny_config import tiny_config
 
 from tf_medseg import distributed, stack
+from tf_medseg.config import TrainConfig
 from tf_medseg.data.synthetic import generate_task
 from tf_medseg.inference.window import make_window_predictor
-from tf_medseg.training.config import TrainConfig
 from tf_medseg.training.loop import Trainer
 from tf_medseg.training.validation import validate
 

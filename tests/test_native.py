@@ -118,7 +118,7 @@ def test_val_native_every_scores_each_validation_in_the_labels_geometry(coarse_r
 
 
 def test_val_native_is_checked(tmp_path):
-    from tf_medseg.training.config import TrainConfig
+    from tf_medseg.config import TrainConfig
 
     errors = TrainConfig(data_dir="d", workdir=str(tmp_path), val_native="sometimes").validate()
     assert errors == ["--val_native must be one of best, every, off, got 'sometimes'"]

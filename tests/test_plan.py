@@ -17,6 +17,7 @@ import pytest
 from tf_medseg.data.io import read_nifti, spacing_from_affine
 from tf_medseg.data.msd import load_task
 from tf_medseg.planning import fingerprint
+from tf_medseg.planning import plan as plan_lib
 from tf_medseg.planning import rules as plan
 
 CPU = {"kind": "cpu", "cpu_cores": 2, "cpu_bf16_native": False, "ram_gb": 24.0}
@@ -61,26 +62,26 @@ def test_fingerprint_reads_every_case_and_is_stored(spleen_task_dir, tmp_path):
 
 def test_precision_follows_the_device():
     fp = _fingerprint([0.8, 0.8, 3.0], [96, 96, 40], [20, 20, 30])
-    assert plan.make_plan(fp, CPU).flags["precision"] == "float32"
-    assert plan.make_plan(fp, {**CPU, "cpu_bf16_native": True}).flags["precision"] == (
+    assert plan.make_plan(fp, CPU).settings["precision"] == "float32"
+    assert plan.make_plan(fp, {**CPU, "cpu_bf16_native": True}).settings["precision"] == (
         "mixed_bfloat16"
     )
-    assert plan.make_plan(fp, _gpu([7, 0], 16)).flags["precision"] == "mixed_float16"
-    assert plan.make_plan(fp, _gpu([8, 0], 40)).flags["precision"] == "mixed_bfloat16"
+    assert plan.make_plan(fp, _gpu([7, 0], 16)).settings["precision"] == "mixed_float16"
+    assert plan.make_plan(fp, _gpu([8, 0], 40)).settings["precision"] == "mixed_bfloat16"
 
 
 def test_cpu_spacing_gives_the_patch_context_but_keeps_the_object_resolved():
     small = plan.make_plan(_fingerprint([0.8, 0.8, 3.0], [96, 96, 40], [20, 22, 30]), CPU)
-    spacing = float(small.flags["spacing"])
+    spacing = small.settings["spacing"]
     assert 32 * spacing >= plan.CONTEXT_FACTOR * (20 * 22 * 30) ** (1 / 3)
-    assert small.flags["norm"] == "instance" and small.flags["patch_size"] == "32"
+    assert small.settings["norm"] == "instance" and small.settings["patch_size"] == 32
     # A large organ: the context rule would need more than 8 mm voxels; the resolution rule
     # stops at 4 mm, and without the context the plan takes batch norm.
     large = plan.make_plan(_fingerprint([0.8, 0.8, 5.0], [512, 512, 60], [70, 85, 110]), CPU)
-    assert float(large.flags["spacing"]) == 4.0 and large.flags["norm"] == "batch"
+    assert large.settings["spacing"] == 4.0 and large.settings["norm"] == "batch"
     # A tiny structure is never resampled to fewer than MIN_OBJECT_VOXELS across.
     tiny = plan.make_plan(_fingerprint([0.8, 0.8, 1.0], [256, 256, 200], [12, 14, 16]), CPU)
-    assert 12 / float(tiny.flags["spacing"]) >= plan.MIN_OBJECT_VOXELS
+    assert 12 / tiny.settings["spacing"] >= plan.MIN_OBJECT_VOXELS
 
 
 def test_a_small_class_keeps_four_voxels_across_on_a_cpu():
@@ -91,12 +92,12 @@ def test_a_small_class_keeps_four_voxels_across_on_a_cpu():
     diameter = (6 * 300 * 0.8 * 0.8 * 5.0 / np.pi) ** (1 / 3)
     assert lesions["class_diameters_mm"]["c2"] == pytest.approx(diameter)
     planned = plan.make_plan(lesions, CPU)
-    assert float(planned.flags["spacing"]) <= diameter / plan.MIN_SMALL_CLASS_VOXELS
-    assert float(planned.flags["spacing"]) == 3.0  # the coarsest of the grid within it
+    assert planned.settings["spacing"] <= diameter / plan.MIN_SMALL_CLASS_VOXELS
+    assert planned.settings["spacing"] == 3.0  # the coarsest of the grid within it
     assert "smallest class 'c2' ~12 mm across" in planned.reasons["spacing"]
     # Two classes of similar size: no small class, the organ's rule alone.
     similar = _fingerprint(*args, classes=3, class_voxels=[10**7, 200_000, 100_000])
-    assert float(plan.make_plan(similar, CPU).flags["spacing"]) == 4.0
+    assert plan.make_plan(similar, CPU).settings["spacing"] == 4.0
     assert fingerprint.class_diameters({"labels": ["b", "x"], "cases": [
         {"spacing": [1, 1, 1], "class_voxels": [5]}]}) == {"x": 0.0}  # fmt: skip
 
@@ -106,24 +107,24 @@ def test_gpu_plan_fits_the_memory_and_keeps_the_papers_spacing():
     for memory in (16, 32, 80):
         p = plan.make_plan(fp, _gpu([7, 0], memory))
         assert p.estimated_memory_gb <= 0.85 * memory
-        assert p.flags["spacing"] == "1" and p.flags["norm"] == "instance"
+        assert p.settings["spacing"] == 1.0 and p.settings["norm"] == "instance"
     v100 = plan.make_plan(fp, _gpu([7, 0], 16))
     a100 = plan.make_plan(fp, _gpu([8, 0], 80))
     assert (
-        int(a100.flags["batch_size"]) * int(a100.flags["patch_size"]) ** 3
-        >= int(v100.flags["batch_size"]) * int(v100.flags["patch_size"]) ** 3
+        a100.settings["batch_size"] * a100.settings["patch_size"] ** 3
+        >= v100.settings["batch_size"] * v100.settings["patch_size"] ** 3
     )
 
 
 def test_largest_component_only_for_one_single_component_class():
     one = _fingerprint([1, 1, 1], [100, 100, 100], [30, 30, 30])
-    assert plan.make_plan(one, CPU).flags["val_keep_largest"] == "true"
+    assert plan.make_plan(one, CPU).settings["val_keep_largest"] is True
     lesions = _fingerprint([1, 1, 1], [100, 100, 100], [30, 30, 30], classes=3)
-    assert plan.make_plan(lesions, CPU).flags["val_keep_largest"] == "false"
+    assert plan.make_plan(lesions, CPU).settings["val_keep_largest"] is False
     many = _fingerprint([1, 1, 1], [100, 100, 100], [30, 30, 30], components=4)
-    assert plan.make_plan(many, CPU).flags["val_keep_largest"] == "false"
+    assert plan.make_plan(many, CPU).settings["val_keep_largest"] is False
     mri = _fingerprint([1, 1, 1], [100, 100, 100], [30, 30, 30], modality="MRI")
-    assert "ct_percentiles" not in plan.make_plan(mri, CPU).flags
+    assert "ct_percentiles" not in plan.make_plan(mri, CPU).settings
 
 
 def test_class_fractions_pool_the_cases_and_count_a_missing_class_as_zero():
@@ -150,17 +151,17 @@ def test_a_small_class_gets_dice_ce_and_no_largest_component(class_voxels, small
     classes = len(class_voxels)
     fp = _fingerprint([1, 1, 1], [100] * 3, [30] * 3, classes=classes, class_voxels=class_voxels)
     planned = plan.make_plan(fp, CPU)
-    assert planned.flags["loss"] == ("dice_ce" if small else "dice")
+    assert planned.settings["loss"] == ("dice_ce" if small else "dice")
     assert ("not small" in planned.reasons["loss"]) == (not small)
     single_organ = len(class_voxels) == 2 and not small
-    assert planned.flags["val_keep_largest"] == ("true" if single_organ else "false")
+    assert planned.settings["val_keep_largest"] is single_organ
 
 
 def test_the_synthetic_liver_plans_dice_ce(liver_task_dir, tmp_path):
     fp = fingerprint.fingerprint(load_task(liver_task_dir), folders=[str(tmp_path)], num_workers=2)
     assert fingerprint.smallest_class(fp)[:2] == ("cancer", True)
     planned = plan.make_plan(fp, CPU)
-    assert planned.flags["loss"] == "dice_ce" and planned.flags["val_keep_largest"] == "false"
+    assert planned.settings["loss"] == "dice_ce" and planned.settings["val_keep_largest"] is False
 
 
 def test_a_fingerprint_stored_before_the_class_fractions_gains_them(spleen_task_dir, tmp_path):
@@ -301,12 +302,12 @@ def test_a_resumed_run_takes_its_plan_json_and_replans_only_the_machine_sizes(
 
     workdir = tmp_path / "run"
     saved = {  # planned elsewhere: not what this machine's plan gives (depth 3, 8 filters, ...)
-        **dict(spacing="2", patch_size="16", batch_size="2", num_samples="2", model="unet3d"),
-        **dict(depth="2", base_filters="4", norm="instance", precision="float32"),
-        **dict(optimizer="novograd", learning_rate="0.002", loss="dice", cache="smart"),
-        **dict(cache_rate="1.0", memory_budget_gb="123", replace_rate="0.5"),
-        **dict(adaptive_sampling="true", val_every="1", val_roi_size="16", val_overlap="0.25"),
-        **dict(val_sw_batch_size="1", val_keep_largest="false", ct_percentiles="5,95"),
+        **dict(spacing=2.0, patch_size=16, batch_size=2, num_samples=2, model="unet3d"),
+        **dict(depth=2, base_filters=4, norm="instance", precision="float32"),
+        **dict(optimizer="novograd", learning_rate=0.002, loss="dice", cache="smart"),
+        **dict(cache_rate=1.0, memory_budget_gb=123.0, replace_rate=0.5),
+        **dict(adaptive_sampling=True, val_every=1, val_roi_size=16, val_overlap=0.25),
+        **dict(val_sw_batch_size=1, val_keep_largest=False, ct_percentiles=(5.0, 95.0)),
     }
     config = tiny_config(
         spleen_task_dir, workdir, epochs=1, learning_rate=0.002, memory_budget_gb=123.0
@@ -317,8 +318,8 @@ def test_a_resumed_run_takes_its_plan_json_and_replans_only_the_machine_sizes(
     finally:
         trainer.close()
     here = plan.plan_for(load_task(spleen_task_dir))
-    assert (here.flags["depth"], here.flags["base_filters"]) != ("2", "4")
-    plan.write_plan(dataclasses.replace(here, flags=saved), str(workdir / "plan.json"))
+    assert (here.settings["depth"], here.settings["base_filters"]) != (2, 4)
+    plan_lib.write_plan(dataclasses.replace(here, settings=saved), str(workdir / "plan.json"))
     result = _cli(
         "tf_medseg.cli.train",
         f"--data_dir={spleen_task_dir}",
@@ -332,10 +333,10 @@ def test_a_resumed_run_takes_its_plan_json_and_replans_only_the_machine_sizes(
     # The budget is planned from the RAM available when the CLI plans, which other processes
     # move between two readings: the CLI's own line says which value it planned.
     (budget,) = re.findall(r"--memory_budget_gb=123 -> ([0-9.]+): re-planned", result.stdout)
-    windows = here.flags["val_sw_batch_size"]
+    windows = here.settings["val_sw_batch_size"]
     assert resumed["memory_budget_gb"] == float(budget) != 123
     assert 0 < float(budget) <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
-    assert resumed["val_sw_batch_size"] == int(windows) != 1
+    assert resumed["val_sw_batch_size"] == windows != 1
     assert f"--memory_budget_gb=123 -> {budget}: re-planned for this machine (" in result.stdout
     assert f"--val_sw_batch_size=1 -> {windows}: re-planned for this machine (" in result.stdout
     assert f"the other planned flags are {workdir / 'plan.json'}'s" in result.stdout

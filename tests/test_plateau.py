@@ -9,10 +9,11 @@ import pytest
 import tensorflow as tf
 from tiny_config import tiny_config, train_to_end
 
+from tf_medseg import config as config_lib
 from tf_medseg import optim
 from tf_medseg.planning import rules as plan
-from tf_medseg.training import config as config_lib
-from tf_medseg.training.loop import ConfigError, Trainer
+from tf_medseg.training.checks import ConfigError
+from tf_medseg.training.loop import Trainer
 from tf_medseg.training.plateau import PlateauRule, PlateauState, advance
 from tf_medseg.training.state import TIME_PARTS
 
@@ -104,11 +105,11 @@ def test_the_cosine_anneals_over_the_budget_when_it_ends_first_and_plateau_scale
 
 
 def test_the_plan_stops_on_a_plateau_or_anneals_over_a_budget():
-    flags, _ = plan.stopping(steps_per_validation=13)
-    assert flags == {"lr_schedule": "constant", "patience": str(math.ceil(400 / 13))}
-    assert plan.stopping(steps_per_validation=1000)[0]["patience"] == str(plan.MIN_PATIENCE)
+    settings, _ = plan.stopping(steps_per_validation=13)
+    assert settings == {"lr_schedule": "constant", "patience": math.ceil(400 / 13)}
+    assert plan.stopping(steps_per_validation=1000)[0]["patience"] == plan.MIN_PATIENCE
     budget, reasons = plan.stopping(steps_per_validation=13, budget_minutes=30)
-    assert budget == {"lr_schedule": "cosine", "budget_minutes": "30", "patience": "0"}
+    assert budget == {"lr_schedule": "cosine", "budget_minutes": 30.0, "patience": 0}
     assert "anneals" in reasons["lr_schedule"]
 
 

@@ -17,12 +17,12 @@ import sys
 import numpy as np
 import pytest
 
+from tf_medseg.config import TrainConfig
 from tf_medseg.data.io import DataError, read_nifti, write_nifti
 from tf_medseg.data.msd import load_task, split_items
 from tf_medseg.inference.segmenter import list_inputs
 from tf_medseg.inference.window import window_settings
 from tf_medseg.metrics import dice_per_class
-from tf_medseg.training.config import TrainConfig
 from tf_medseg.transforms import PreprocessingConfig, build_preprocessing
 from tf_medseg.transforms.preprocessing import preprocessing_from_config
 

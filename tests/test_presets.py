@@ -14,7 +14,7 @@ import pytest
 from absl import flags
 
 from tf_medseg import presets
-from tf_medseg.training.config import config_from_flags, define_flags
+from tf_medseg.config import config_from_flags, define_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = presets.names()
@@ -235,7 +235,7 @@ def test_every_preset_says_which_sampler_it_runs(name):
     paper's sampler, or the package's (warm-up, damping, a floor of 1/3, class-balanced
     centres); the msd_* presets were called the paper's proposed settings while they ran the
     package's."""
-    from tf_medseg.training.config import PAPER_SAMPLER
+    from tf_medseg.config import PAPER_SAMPLER
 
     config = _config(f"--preset={name}")
     with open(presets.path(name)) as f:
@@ -252,10 +252,10 @@ def test_every_preset_says_which_sampler_it_runs(name):
 
 
 def test_a_configuration_resolves_defaults_then_the_plan_then_the_given_flags():
-    from tf_medseg.training.config import TrainConfig, resolve_config
+    from tf_medseg.config import TrainConfig, resolve_config
 
-    planned = {"spacing": "2", "norm": "batch", "val_keep_largest": "true"}
-    planned |= {"learning_rate": "5e-3", "patch_size": "32", "depth": "3"}
+    planned = {"spacing": 2.0, "norm": "batch", "val_keep_largest": True}  # a Plan's settings
+    planned |= {"learning_rate": 5e-3, "patch_size": 32, "depth": 3}
     config = resolve_config({"norm": "instance", "patch_size": ["48", "48", "32"]}, planned)
     assert config.spacing == (2.0, 2.0, 2.0) and config.val_keep_largest is True
     assert config.learning_rate == 5e-3 and config.depth == 3  # the plan's
@@ -269,7 +269,7 @@ def test_a_configuration_resolves_defaults_then_the_plan_then_the_given_flags():
     flags.DEFINE_string("preset", None, "", flag_values=values)
     argv = presets.expand_flagfiles(["t", "--preset=synthetic_spleen", "--spacing=3"])
     values([*argv, "--data_dir=d", "--workdir=w"])
-    planned = {"spacing": "2", "depth": "4", "base_filters": "4"}
+    planned = {"spacing": 2.0, "depth": 4, "base_filters": 4}
     resolved = config_from_flags(values, planned=planned)
     assert resolved.spacing == (3.0, 3.0, 3.0)  # the command line over the preset and the plan
     assert resolved.depth == 3  # the preset's over the plan's

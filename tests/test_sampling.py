@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 from tf_medseg import metrics
+from tf_medseg.config import PAPER_SAMPLER, TrainConfig
 from tf_medseg.sampling import (
     AdaptiveSampler,
     damped_fraction,
@@ -14,7 +15,6 @@ from tf_medseg.sampling import (
     next_positive_fraction,
 )
 from tf_medseg.training.build import build_sampler
-from tf_medseg.training.config import PAPER_SAMPLER, TrainConfig
 
 
 def two_class_case() -> tuple[np.ndarray, np.ndarray]:

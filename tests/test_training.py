@@ -16,10 +16,11 @@ import pytest
 import tensorflow as tf
 from tiny_config import TINY_FLAGS, tiny_config, train_to_end, validations
 
+from tf_medseg.config import PAPER_SAMPLER
 from tf_medseg.training import hooks as hooks_lib
-from tf_medseg.training.config import PAPER_SAMPLER
+from tf_medseg.training.checks import ConfigError
 from tf_medseg.training.interrupts import Interrupts
-from tf_medseg.training.loop import ConfigError, Trainer
+from tf_medseg.training.loop import Trainer
 
 
 @pytest.fixture(autouse=True)
@@ -189,7 +190,7 @@ class _SignalAfter(hooks_lib.Hook):
     def __init__(self, interrupts, step):
         self.interrupts, self.step = interrupts, step
 
-    def on_step_end(self, trainer, logs):
+    def on_step_end(self, trainer, log):
         if trainer.state.step == self.step:
             self.interrupts.signum = signal.SIGINT
 
@@ -366,8 +367,8 @@ class _StopWhenLearned(hooks_lib.Hook):
     def __init__(self, index: int, dice: float):
         self.index, self.dice = index, dice
 
-    def on_epoch_end(self, trainer, logs):
-        v = logs.get("validation")
+    def on_epoch_end(self, trainer, log):
+        v = log.validation
         if v is not None and v.dice[self.index] >= self.dice:
             trainer.state.stop(f"class {self.index} reached Dice {self.dice}")
 
@@ -387,7 +388,7 @@ def small_lesion_config(data_dir, workdir, **overrides):
     fp = fingerprint.fingerprint(
         load_task(data_dir), folders=[str(workdir) + "_plan"], num_workers=2
     )
-    planned = plan.make_plan(fp, system.describe_machine("cpu")).flags
+    planned = plan.make_plan(fp, system.describe_machine("cpu")).settings
     settings = dict(
         spacing=(1.0, 1.0, 1.0),
         patch_size=(24, 24, 24),
@@ -405,7 +406,7 @@ def small_lesion_config(data_dir, workdir, **overrides):
         image_summaries=False,
         deterministic=True,
         loss=planned["loss"],
-        val_keep_largest=planned["val_keep_largest"] == "true",
+        val_keep_largest=planned["val_keep_largest"],
     )
     return tiny_config(data_dir, workdir, **{**settings, **overrides})
 

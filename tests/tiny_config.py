@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from tf_medseg.training.config import TrainConfig
+from tf_medseg.config import TrainConfig
 
 
 def tiny_config(data_dir, workdir, **overrides) -> TrainConfig:

@@ -1,6 +1,6 @@
 """The values of the package's choice flags, named once.
 
-The configuration checks them (:meth:`tf_medseg.training.config.TrainConfig.validate`) and the
+The configuration checks them (:meth:`tf_medseg.config.TrainConfig.validate`) and the
 parts that act on them refuse anything else; both read them here. No TensorFlow, so the CLIs
 can check a command line before importing it.
 """

@@ -34,7 +34,7 @@ update (within the widest clamp, ``WIDE_BOUNDS``):
 
 The constructor's defaults are the neutral values (the paper's update, clamped to
 ``WIDE_BOUNDS``); the training configuration's defaults
-(:class:`tf_medseg.training.config.TrainConfig`) are the additions'. The warm-up's state
+(:class:`tf_medseg.config.TrainConfig`) are the additions'. The warm-up's state
 (validations seen, warm-up over) is held in variables beside the fraction, so it is checkpointed
 with it and a resumed run continues exactly.
 """

@@ -98,7 +98,7 @@ def train(task: str, data: str, config: str, seed: int) -> dict:
         "config": config,
         "seed": seed,
         "command": " ".join(command[1:]),
-        "planned": {k: plan["flags"].get(k) for k in ("lr_schedule", "patience", "val_every")},
+        "planned": {k: plan.get(k) for k in ("lr_schedule", "patience", "val_every")},
         "stop_reason": summary["stop_reason"],
         "wall_s": summary["wall_s"],
         "process_s": round(time.time() - start, 1),

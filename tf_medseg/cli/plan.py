@@ -26,7 +26,7 @@ flags.DEFINE_integer("workers", 1, "Training workers (GPUs, or Horovod processes
 flags.DEFINE_float(
     "budget_minutes", 0.0, "The run's wall-time budget (0: none): a cosine anneals over it."
 )
-flags.DEFINE_string("json", None, "Write the plan (flags, reasons, fingerprint) as JSON here.")
+flags.DEFINE_string("json", None, "Write the plan (settings, reasons, fingerprint) as JSON here.")
 flags.DEFINE_string("out", None, "Write the plan as a flagfile here.")
 
 
@@ -36,6 +36,7 @@ def main(argv: list[str]) -> int:
     from tf_medseg.data.io import DataError
     from tf_medseg.data.msd import load_task
     from tf_medseg.planning import rules as plan
+    from tf_medseg.planning.plan import write_plan
 
     try:
         task = load_task(FLAGS.data_dir)
@@ -63,7 +64,7 @@ def main(argv: list[str]) -> int:
     )
     print(f"machine: {where}")
     print(result.table())
-    plan.write_plan(result, FLAGS.json, FLAGS.out)
+    write_plan(result, FLAGS.json, FLAGS.out)
     return 0
 
 

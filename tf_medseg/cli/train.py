@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import tempfile
 
 from tf_medseg.cli import handle_signals_from_the_start
 
@@ -30,21 +29,20 @@ if __name__ == "__main__":  # python -m tf_medseg.cli.train: from before the imp
 
 from absl import app, flags, logging  # noqa: E402
 
-from tf_medseg import presets, rundir  # noqa: E402
-from tf_medseg.rundir import RunDir  # noqa: E402
-from tf_medseg.training.config import (  # noqa: E402
+from tf_medseg import presets  # noqa: E402
+from tf_medseg.config import (  # noqa: E402
     PAPER_SAMPLER,
     TrainConfig,
     config_from_flags,
     define_flags,
     split_of,
 )
+from tf_medseg.rundir import RunDir  # noqa: E402
 from tf_medseg.training.interrupts import (  # noqa: E402
     EXIT_INTERRUPTED,
     Interrupts,
     TrainingInterrupted,
 )
-from tf_medseg.training.resume import resume_conflicts  # noqa: E402
 
 
 def _flag_text(value) -> str:
@@ -98,41 +96,6 @@ FLAGS = flags.FLAGS
 _FROM_FILE = False  # whether the command line had a --preset or --flagfile (set by run())
 
 
-def apply_plan(data_dir: str, workdir: str | None):
-    """Plans for ``data_dir`` on this machine; returns the plan, whose values fill what no flag
-    gives (:func:`~tf_medseg.training.config.config_from_flags`), and a line per value that a
-    resumed run planned again.
-
-    A run that resumes (``workdir`` holds checkpoints and ``plan.json``) keeps the planned flags
-    of its ``plan.json``, but those that only fit it to the machine
-    (:func:`tf_medseg.planning.rules.resumed_plan`).
-    """
-    from tf_medseg.data.msd import load_task
-    from tf_medseg.planning import rules as planning
-
-    task = load_task(data_dir)
-    # Under horovodrun every worker plans (the same fingerprint, read from the task's cache once
-    # stored); the RAM is shared by the workers of a node.
-    result = planning.plan_for(
-        task,
-        fallback_dir=workdir,
-        workers=int(os.environ.get("HOROVOD_SIZE", "1")),
-        local_workers=int(os.environ.get("HOROVOD_LOCAL_SIZE", "1")),
-        budget_minutes=FLAGS.budget_minutes,
-    )
-    lines = []
-    run = RunDir(workdir or "")
-    saved_path = run.plan if workdir else ""
-    if workdir and run.has_checkpoint() and os.path.isfile(saved_path):
-        try:
-            saved = run.read_json(rundir.PLAN)
-        except (OSError, ValueError) as err:
-            logging.warning("%s is unreadable (%s): planning afresh", saved_path, err)
-        else:
-            result, lines = planning.resumed_plan(result, saved, saved_path)
-    return result, lines
-
-
 def apply_sampler(name: str) -> list[str]:
     """``--sampler=paper`` sets the sampler's flags to the paper's values; returns one line per
     flag that was given with another value (nothing is set then)."""
@@ -159,40 +122,36 @@ def _parsed(value):
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    planned, replanned = None, []
-    if FLAGS.plan or (FLAGS.plan is None and not _FROM_FILE):
-        if not FLAGS.data_dir:
-            print("tf-medseg-train: --data_dir is required", file=sys.stderr)
-            return 2
-        from tf_medseg.data.io import DataError
+    from tf_medseg.data.io import DataError
+    from tf_medseg.data.msd import load_task
+    from tf_medseg.planning.rules import plan_of_run
+    from tf_medseg.training.checks import ConfigError, check_run
 
-        try:
-            planned, replanned = apply_plan(FLAGS.data_dir, FLAGS.workdir or None)
-        except DataError as err:
-            print(f"tf-medseg-train: {err}", file=sys.stderr)
-            return 2
-    sampler_errors = apply_sampler(FLAGS.sampler)
-    if sampler_errors:
-        for line in sampler_errors:
-            print(f"tf-medseg-train: {line}", file=sys.stderr)
-        return 2
-    config = config_from_flags(planned=planned.flags if planned is not None else None)
-    errors = config.validate() + resume_conflicts(config)
-    if not errors:
-        errors = workdir_errors(config.workdir)
-    if errors:
-        for line in errors:
+    task, planned, replanned = None, None, []
+    try:
+        if FLAGS.plan or (FLAGS.plan is None and not _FROM_FILE):
+            if not FLAGS.data_dir:
+                raise ConfigError("--data_dir is required")
+            task = load_task(FLAGS.data_dir)  # once: for the plan, the checks and the run
+            planned, replanned = plan_of_run(task, FLAGS.workdir or "", FLAGS.budget_minutes)
+        sampler_errors = apply_sampler(FLAGS.sampler)
+        if sampler_errors:
+            raise ConfigError("\n".join(sampler_errors))
+        config = config_from_flags(planned=planned.settings if planned is not None else None)
+        checked = check_run(config, task)
+    except (ConfigError, DataError) as err:
+        for line in str(err).splitlines():
             print(f"tf-medseg-train: {line}", file=sys.stderr)
         return 2
     if planned is not None and os.environ.get("HOROVOD_RANK", "0") == "0":
-        from tf_medseg.planning import rules as planning
+        from tf_medseg.planning.plan import write_plan
 
-        planning.write_plan(planned, RunDir(config.workdir).plan)
+        write_plan(planned, RunDir(config.workdir).plan)
         print(planned.table())
         for line in replanned:
             print(line)
     if FLAGS.dry_run:
-        return dry_run(config)
+        return dry_run(checked)
     if config.precision == "mixed_float16" and not FLAGS.allow_cpu_float16:
         from tf_medseg.planning import system
 
@@ -207,7 +166,7 @@ def main(argv: list[str]) -> int:
     # Installed before TensorFlow is imported (seconds), so that Ctrl-C is handled everywhere.
     with Interrupts(grace_s=config.interrupt_grace_s) as interrupts:
         try:
-            return _train(config, interrupts)
+            return _train(checked, interrupts)
         except BaseException:
             # Before the loop a signal raises KeyboardInterrupt wherever the main thread is;
             # inside TensorFlow's or Keras' context managers their clean-up may replace it with
@@ -226,32 +185,18 @@ def main(argv: list[str]) -> int:
             os._exit(EXIT_INTERRUPTED)
 
 
-def workdir_errors(workdir: str) -> list[str]:
-    """Why ``workdir`` cannot be created and written, in one line (empty: it can). Checked
-    before anything is read or trained, so that a bad path is not a traceback later."""
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".tf_medseg_write_check"):
-            pass
-    except OSError as err:
-        why = f"{err.strerror}: {err.filename}" if err.strerror and err.filename else str(err)
-        return [
-            f"--workdir={workdir} cannot be written ({why}): give a folder that can be "
-            "created and written"
-        ]
-    return []
-
-
-def _train(config, interrupts: Interrupts) -> int:
+def _train(checked, interrupts: Interrupts) -> int:
     from tf_medseg.cache import CacheBudgetError, CachePrefixError
     from tf_medseg.data.io import DataError
     from tf_medseg.distributed import DistributionError
+    from tf_medseg.training import records
     from tf_medseg.training.course import NonFiniteLossError
     from tf_medseg.training.loop import Trainer
     from tf_medseg.training.records import WorkdirError
 
+    config = checked.config
     try:
-        trainer = Trainer(config)
+        trainer = Trainer(checked)
     except (DataError, CacheBudgetError, CachePrefixError, DistributionError) as err:
         print(f"tf-medseg-train: {err}", file=sys.stderr)
         return 2
@@ -280,24 +225,24 @@ def _train(config, interrupts: Interrupts) -> int:
     finally:
         trainer.close()
     if trainer.chief:
-        print(result_table(summary, config))
+        print(records.result_table(summary, config.target_dice, config.workdir))
     return 0
 
 
-def dry_run(config) -> int:
-    """Everything before training that can fail on the user's input, without TensorFlow: the
-    task folder and every file's header, the split; writes ``config.json`` and ``split.json``."""
+def dry_run(checked) -> int:
+    """Everything before training that can fail on the user's input, without TensorFlow (the
+    checks are done: the task folder and every file's header, the resume); writes
+    ``config.json`` and ``split.json``."""
     from tf_medseg.data.io import DataError
-    from tf_medseg.data.msd import check_task_files, load_task, write_split_file
+    from tf_medseg.data.msd import write_split_file
+    from tf_medseg.planning.rules import step_memory_text
 
+    config, task = checked.config, checked.task
     try:
-        task = load_task(config.data_dir)
-        check_task_files(task)
         train, val = split_of(config, task)
     except DataError as err:
         print(f"tf-medseg-train: {err}", file=sys.stderr)
         return 2
-    os.makedirs(config.workdir, exist_ok=True)
     config.save(config.workdir)
     write_split_file(RunDir(config.workdir).split, train, val)
     rows = [(f.name, getattr(config, f.name)) for f in dataclasses.fields(config)]
@@ -316,79 +261,12 @@ def dry_run(config) -> int:
             f"cross-validation fold {config.fold} of {config.num_folds} (seed {config.seed}): "
             f"validation cases {', '.join(item['case'] for item in val)}"
         )
-    print(f"estimated memory of a training step: {memory_estimate(config, task)}")
+    memory = step_memory_text(config, task.num_channels, task.num_classes)
+    print(f"estimated memory of a training step: {memory}")
     if config.precision == "mixed_float16":
         print("note: mixed_float16 trains only where a GPU is visible (or --allow_cpu_float16)")
     print(f"dry run: wrote config.json and split.json to {config.workdir}; nothing trained")
     return 0
-
-
-def memory_estimate(config, task) -> str:
-    """The training step's estimated peak memory (the U-Net's; tf_medseg.planning.rules)."""
-    from tf_medseg.planning.rules import estimate_memory_gb
-
-    if config.model != "unet3d":
-        return f"not estimated for --model={config.model}"
-    patch = round(float(sum(config.patch_size)) / len(config.patch_size))
-    gb = estimate_memory_gb(
-        patch,
-        config.batch_size,
-        config.depth,
-        config.base_filters,
-        task.num_channels,
-        task.num_classes,
-        config.precision,
-    )
-    return f"{gb:.2f} GB ({'per GPU' if config.precision == 'mixed_float16' else 'host'})"
-
-
-def result_table(summary: dict, config) -> str:
-    """A short, human-readable table of a run's summary.json."""
-
-    def fmt(value, unit=""):
-        if value is None:
-            return "not reached"
-        return f"{value:.4f}" if isinstance(value, float) and not unit else f"{value}{unit}"
-
-    ttt = summary.get("time_to_target_s")
-    native = (summary.get("native") or {}).get("mean_dice")
-    rows = [
-        ("best mean Dice, training grid", fmt(summary.get("best_dice"))),
-        (
-            "  in the labels' geometry",
-            "-" if native is None else f"{native:.4f} (as tf-medseg-predict and -evaluate)",
-        ),
-        ("at step", fmt(summary.get("best_step"))),
-        ("at wall time", f"{summary.get('best_wall_s', 0):.1f} s"),
-        (
-            f"time to Dice {config.target_dice:g}" if config.target_dice else "time to target",
-            "no target" if not config.target_dice else (f"{ttt:.1f} s" if ttt else "not reached"),
-        ),
-        ("steps", fmt(summary.get("steps"))),
-        ("training patches/s", f"{summary.get('patches_per_s', 0):.2f}"),
-        (
-            "  after epoch 1",
-            "-" if (steady := summary.get("steady_patches_per_s")) is None else f"{steady:.2f}",
-        ),
-        ("total wall time", f"{summary.get('wall_s', 0):.1f} s"),
-        ("precision, workers", f"{summary.get('precision')}, {summary.get('workers')}"),
-    ]
-    width = max(len(name) for name, _ in rows)
-    lines = [f"{'result'.ljust(width)}  value", f"{'-' * width}  {'-' * 12}"]
-    lines += [f"{name.ljust(width)}  {value}" for name, value in rows]
-    split = summary.get("time_split") or {}
-    if split:
-        total = sum(split.values()) or 1.0
-        parts = ", ".join(
-            f"{name.replace('_', ' ')} {seconds:.1f} s ({100 * seconds / total:.0f}%)"
-            for name, seconds in split.items()
-            if seconds >= 0.05
-        )
-        lines.append(f"this session's time: {parts}")
-    if summary.get("stop_reason"):
-        lines.append(f"stopped: {summary['stop_reason']}")
-    lines.append(f"(summary.json, metrics.jsonl, TensorBoard logs in {config.workdir})")
-    return "\n".join(lines)
 
 
 def run() -> None:

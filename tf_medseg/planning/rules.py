@@ -1,6 +1,7 @@
 """Planning a training configuration from the data and the machine (``tf-medseg-plan``).
 
-A plan is a set of training flags with a reason for each. It is made from two descriptions, the
+A plan (:class:`tf_medseg.planning.plan.Plan`) is a set of typed training settings with a reason
+for each. It is made from two descriptions, the
 dataset's fingerprint (:mod:`tf_medseg.planning.fingerprint`) and the machine
 (:func:`tf_medseg.planning.system.describe_machine`), by the rules of :func:`make_plan`, each
 measured or taken from the paper:
@@ -38,19 +39,15 @@ measured or taken from the paper:
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Any
+import os
 
 import numpy as np
 
 from tf_medseg.planning.fingerprint import fingerprint, smallest_class
+from tf_medseg.planning.plan import Plan
 from tf_medseg.planning.system import describe_machine
 
-#: The planned settings a resumed run plans again (:func:`resumed_plan`): they fit the run to the
-#: machine it runs on (RAM, windows per forward pass) without changing what it learns. The
-#: others (network, patch, spacing, precision, loss, ...) are the run's, kept from its plan.
-REPLANNED = ("memory_budget_gb", "val_sw_batch_size")
 #: A patch should span this multiple of the foreground's size (CPU plans).
 CONTEXT_FACTOR = 2.5
 #: The foreground's smallest extent keeps at least this many voxels.
@@ -110,75 +107,28 @@ def estimate_memory_gb(
     return (batch * elements * bytes_per + weights) / 2**30
 
 
-# ------------------------------------------------------------------------------------- plan
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """Training flags (``flags``: name -> value as on the command line) and their reasons."""
-
-    flags: dict[str, str]
-    reasons: dict[str, str]
-    estimated_memory_gb: float
-    machine: dict
-    fingerprint: dict
-
-    def to_json(self) -> dict:
-        fp = {k: v for k, v in self.fingerprint.items() if k != "cases"}
-        return {
-            **{k: _typed(v) for k, v in self.flags.items()},
-            "estimated_memory_gb": round(self.estimated_memory_gb, 3),
-            "flags": self.flags,
-            "reasons": self.reasons,
-            "machine": self.machine,
-            "fingerprint": fp,
-        }
-
-    def flagfile(self) -> str:
-        lines = [f"# tf-medseg-plan for {self.fingerprint['task']} on this {self.machine['kind']}"]
-        lines += [f"--{k}={v}" for k, v in self.flags.items()]
-        return "\n".join(lines) + "\n"
-
-    def table(self) -> str:
-        width = max(len(k) for k in self.flags)
-        vwidth = max(len(v) for v in self.flags.values())
-        rows = [f"{'setting'.ljust(width)}  {'value'.ljust(vwidth)}  reason"]
-        rows += [
-            f"{k.ljust(width)}  {v.ljust(vwidth)}  {self.reasons.get(k, '')}"
-            for k, v in self.flags.items()
-        ]
-        rows.append(f"estimated memory of a training step: {self.estimated_memory_gb:.2f} GB")
-        return "\n".join(rows)
-
-
-def _typed(value: str) -> Any:
-    parts = value.split(",")
-    try:
-        numbers = [float(p) if "." in p or "e" in p else int(p) for p in parts]
-    except ValueError:
-        return value if value not in ("true", "false") else value == "true"
-    return numbers if len(numbers) > 1 else numbers[0]
-
-
+# ------------------------------------------------------------------------------------- rules
 def _spacing_grid(base: float) -> list[float]:
     return [round(base * f, 3) for f in (1, 1.25, 1.5, 2, 2.5, 3, 4)]
 
 
 def stopping(steps_per_validation: int, budget_minutes: float = 0.0) -> tuple[dict, dict]:
-    """The planned schedule and stop (flags, reasons). A run of unknown length (no budget)
+    """The planned schedule and stop (settings, reasons). A run of unknown length (no budget)
     keeps a constant rate and stops on a plateau (a decay on the plateau was measured, and gave
     no better Dice: the README's "When a run stops"); a run with a wall-time budget knows its
     length, and anneals a cosine over it."""
     if budget_minutes > 0:
         why = f"a budget of {budget_minutes:g} min: the cosine anneals over it"
-        flags = {"lr_schedule": "cosine", "budget_minutes": f"{budget_minutes:g}", "patience": "0"}
-        return flags, {"lr_schedule": why, "budget_minutes": "given", "patience": why}
+        settings = {"lr_schedule": "cosine", "budget_minutes": float(budget_minutes), "patience": 0}
+        return settings, {"lr_schedule": why, "budget_minutes": "given", "patience": why}
     patience = max(MIN_PATIENCE, math.ceil(PLATEAU_STEPS / max(1, steps_per_validation)))
-    flags = {"lr_schedule": "constant", "patience": str(patience)}
+    settings = {"lr_schedule": "constant", "patience": patience}
     reasons = {
         "lr_schedule": "constant: halving it on a plateau gave no better Dice",
         "patience": f"~{PLATEAU_STEPS} steps without a gain of --min_delta (at least "
         f"{MIN_PATIENCE} validations)",
     }
-    return flags, reasons
+    return settings, reasons
 
 
 def _precision(machine: dict) -> tuple[str, str]:
@@ -265,7 +215,7 @@ def _validation(fp: dict, spacing: float, patch: int, batch: int, workers: int) 
 
 
 def _small_structures(fp: dict, classes: int) -> tuple[dict, dict]:
-    """The loss and the largest-component rule (flags, reasons)."""
+    """The loss and the largest-component rule (settings, reasons)."""
     _, small, why_small = smallest_class(fp)
     single = classes == 2 and fp["median_components"] <= 1 and not small
     if single:
@@ -281,8 +231,8 @@ def _small_structures(fp: dict, classes: int) -> tuple[dict, dict]:
         if small
         else f"the paper's soft Dice (equation 1): {why_small}"
     )
-    flags = {"loss": "dice_ce" if small else "dice", "val_keep_largest": str(single).lower()}
-    return flags, {"val_keep_largest": keep, "loss": loss}
+    settings = {"loss": "dice_ce" if small else "dice", "val_keep_largest": single}
+    return settings, {"val_keep_largest": keep, "loss": loss}
 
 
 #: Reasons of the settings that follow from the others or are the paper's.
@@ -334,34 +284,34 @@ def make_plan(
     reasons["memory_budget_gb"] = (
         f"half of {machine['ram_available_gb']:g} GB available RAM over {local_workers} worker(s)"
     )
-    small_flags, small_reasons = _small_structures(fp, classes)
+    small_settings, small_reasons = _small_structures(fp, classes)
     reasons.update(small_reasons)
-    flags = dict(
-        spacing=f"{spacing:g}",
-        patch_size=str(patch),
-        batch_size=str(batch),
-        num_samples="2",
+    settings = dict(
+        spacing=float(spacing),
+        patch_size=patch,
+        batch_size=batch,
+        num_samples=2,
         model="unet3d",
-        depth=str(depth),
-        base_filters=str(base_filters),
+        depth=depth,
+        base_filters=base_filters,
         norm="instance" if reasons["norm"] == "the paper's instance norm" else "batch",
         precision=precision,
         optimizer="novograd",
-        learning_rate="5e-4" if gpu else "5e-3",
-        loss=small_flags["loss"],
+        learning_rate=5e-4 if gpu else 5e-3,
+        loss=small_settings["loss"],
         cache="smart",
-        cache_rate="1.0",
-        memory_budget_gb=f"{budget:g}",
-        replace_rate="0.25",
-        adaptive_sampling="true",
-        val_every=str(validation["val_every"]),
-        val_roi_size=str(min(2 * patch, 224) if gpu else patch),
-        val_overlap="0.25",
-        val_sw_batch_size="4" if gpu else "8",
-        val_keep_largest=small_flags["val_keep_largest"],
+        cache_rate=1.0,
+        memory_budget_gb=float(budget),
+        replace_rate=0.25,
+        adaptive_sampling=True,
+        val_every=validation["val_every"],
+        val_roi_size=min(2 * patch, 224) if gpu else patch,
+        val_overlap=0.25,
+        val_sw_batch_size=4 if gpu else 8,
+        val_keep_largest=small_settings["val_keep_largest"],
     )
     if fp["modalities"][0].upper() == "CT":
-        flags["ct_percentiles"] = "5,95"
+        settings["ct_percentiles"] = (5.0, 95.0)
         reasons["ct_percentiles"] = "the paper's CT normalisation"
     reasons["learning_rate"] = "NovoGrad at the paper's 5e-4" if gpu else "NovoGrad, CPU presets"
     reasons["val_roi_size"] = (
@@ -370,11 +320,11 @@ def make_plan(
         else "the patch (larger windows barely changed validation time on the CPU)"
     )
     steps_per_validation = validation["steps_per_epoch"] * validation["val_every"]
-    stop_flags, stop_reasons = stopping(steps_per_validation, budget_minutes)
-    flags.update(stop_flags)
+    stop_settings, stop_reasons = stopping(steps_per_validation, budget_minutes)
+    settings.update(stop_settings)
     reasons.update(stop_reasons)
     memory = estimate_memory_gb(patch, batch, depth, base_filters, channels, classes, precision)
-    return Plan(flags, reasons, memory, machine, fp)
+    return Plan(settings, reasons, memory, machine, fp)
 
 
 def plan_for(task, target: str = "auto", gpu_memory_gb: float | None = None, **kw) -> Plan:
@@ -385,46 +335,51 @@ def plan_for(task, target: str = "auto", gpu_memory_gb: float | None = None, **k
     return make_plan(fingerprint(task, folders), machine, **kw)
 
 
-def resumed_plan(fresh: Plan, saved: dict, source: str) -> tuple[Plan, list[str]]:
-    """The plan of a resumed run: the flags of the plan it started with, but those in
-    :data:`REPLANNED`, which take ``fresh``'s values (this machine's).
+def plan_of_run(task, workdir: str = "", budget_minutes: float = 0.0) -> tuple[Plan, list[str]]:
+    """The plan of a training run on this machine (``tf-medseg-train`` without a preset), and a
+    line per value that a resumed run planned again.
 
-    A run planned without a preset and resumed on another machine (or after the data's
-    fingerprint or the rules changed) would otherwise get another network or precision than its
-    checkpoints, or train on with other settings than its results so far.
-
-    Args:
-        fresh: The plan for this machine (:func:`plan_for`).
-        saved: The run's ``plan.json`` (:meth:`Plan.to_json`).
-        source: Where ``saved`` was read from, for the lines.
-
-    Returns:
-        The plan, and one line per re-planned value that changed.
+    A run that resumes (``workdir`` holds checkpoints and ``plan.json``) keeps the planned
+    settings of its ``plan.json``, but those that only fit it to the machine
+    (:func:`tf_medseg.planning.plan.resumed_plan`). Under ``horovodrun`` every worker plans (the
+    same fingerprint, read from the task's cache once stored); the RAM is shared by the workers
+    of a node.
     """
-    given = saved.get("flags") if isinstance(saved, dict) else None
-    old = {str(k): str(v) for k, v in given.items()} if isinstance(given, dict) else {}
-    if not old:  # not a plan.json of ours: nothing to keep
-        return fresh, []
-    flags, reasons = dict(old), dict(saved.get("reasons", {}))
-    lines = []
-    for name in REPLANNED:
-        if name not in fresh.flags:
-            continue
-        flags[name], reasons[name] = fresh.flags[name], fresh.reasons.get(name, "")
-        if old.get(name) != flags[name]:
-            lines.append(
-                f"--{name}={old.get(name, '(not planned)')} -> {flags[name]}: re-planned for "
-                f"this machine ({reasons[name]}); the other planned flags are {source}'s"
-            )
-    memory = float(saved.get("estimated_memory_gb", fresh.estimated_memory_gb))
-    return Plan(flags, reasons, memory, fresh.machine, fresh.fingerprint), lines
+    from absl import logging
+
+    from tf_medseg import rundir
+    from tf_medseg.planning.plan import resumed_plan
+
+    result = plan_for(
+        task,
+        fallback_dir=workdir or None,
+        workers=int(os.environ.get("HOROVOD_SIZE", "1")),
+        local_workers=int(os.environ.get("HOROVOD_LOCAL_SIZE", "1")),
+        budget_minutes=budget_minutes,
+    )
+    run = rundir.RunDir(workdir)
+    if not workdir or not run.has_checkpoint() or not os.path.isfile(run.plan):
+        return result, []
+    try:
+        saved = run.read_json(rundir.PLAN)
+    except (OSError, ValueError) as err:
+        logging.warning("%s is unreadable (%s): planning afresh", run.plan, err)
+        return result, []
+    return resumed_plan(result, saved, run.plan)
 
 
-def write_plan(plan: Plan, json_path: str | None = None, flags_path: str | None = None) -> None:
-    """Writes the plan as JSON and/or as a flagfile (atomically)."""
-    from tf_medseg.jsonio import write_json, write_text
-
-    if json_path:
-        write_json(json_path, plan.to_json())
-    if flags_path:
-        write_text(flags_path, plan.flagfile())
+def step_memory_text(config, num_channels: int, num_classes: int) -> str:
+    """The training step's estimated peak memory for ``config`` (a ``TrainConfig``), as a line."""
+    if config.model != "unet3d":
+        return f"not estimated for --model={config.model}"
+    patch = round(float(sum(config.patch_size)) / len(config.patch_size))
+    gb = estimate_memory_gb(
+        patch,
+        config.batch_size,
+        config.depth,
+        config.base_filters,
+        num_channels,
+        num_classes,
+        config.precision,
+    )
+    return f"{gb:.2f} GB ({'per GPU' if config.precision == 'mixed_float16' else 'host'})"

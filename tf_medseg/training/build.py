@@ -18,6 +18,7 @@ from absl import logging
 
 from tf_medseg import distributed, jsonio, rundir
 from tf_medseg.cache.sources import Source, SourceOptions, make_source
+from tf_medseg.config import TrainConfig, split_of, steps_upper_bound
 from tf_medseg.data.msd import MSDTask, write_split_file
 from tf_medseg.losses import deep_supervision_loss, get_loss
 from tf_medseg.models import MODELS, build_model, main_output_model
@@ -25,7 +26,6 @@ from tf_medseg.optim import build_optimizer
 from tf_medseg.pipeline import TailOptions, TrainStream
 from tf_medseg.rundir import RunDir
 from tf_medseg.sampling import AdaptiveSampler
-from tf_medseg.training.config import TrainConfig, split_of, steps_upper_bound
 from tf_medseg.training.state import RunState
 from tf_medseg.transforms.base import Compose
 from tf_medseg.transforms.intensity import NormalizeCT

@@ -1,16 +1,86 @@
-"""What makes a training configuration contradictory or out of range, one line each.
+"""What makes a training run contradictory or out of range, one line each.
 
-:func:`config_errors` is what ``TrainConfig.validate()`` returns:
-every problem of a configuration, in the flags' own names, so that a user fixes all at once. No
-TensorFlow here.
+:func:`check_run` is every check a run passes before it starts, done once (by the CLI, or by
+:class:`~tf_medseg.training.loop.Trainer` when it is given a bare configuration): the
+configuration's own (:func:`config_errors`, also ``TrainConfig.validate()``: every problem, in
+the flags' own names, so that a user fixes all at once), what a resume or a fine-tune may not
+change (:mod:`tf_medseg.training.resume`), the workdir, and the task folder with the header of
+every file it lists. No TensorFlow here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
+import tempfile
 
 from tf_medseg.choices import BACKENDS, CACHE_MODES, NATIVE_VALIDATION, POLICIES, SCHEDULES
-from tf_medseg.training.config import TrainConfig, flag_text, surface_metric_names
+from tf_medseg.config import TrainConfig, flag_text, surface_metric_names
+from tf_medseg.data.io import DataError
+from tf_medseg.data.msd import MSDTask, check_task_files, load_task
+
+
+class ConfigError(ValueError):
+    """Contradictory or out-of-range settings, or a resume that would change its run; one
+    problem per line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckedRun:
+    """A run's configuration that passed :func:`check_run`, with its task (loaded once, for the
+    checks and the run)."""
+
+    config: TrainConfig
+    task: MSDTask
+
+
+def check_run(config: TrainConfig, task: MSDTask | None = None) -> CheckedRun:
+    """Every check of a run before it starts: the configuration's own, then (when it has none)
+    the workdir, what a resume or a fine-tune may not change, and every file the task lists.
+
+    Args:
+        config: The run's configuration.
+        task: ``config.data_dir``'s task when the caller has loaded it already (the planner's).
+
+    Raises:
+        ConfigError: Every problem of the configuration (or of its resume), one per line.
+        DataError: The data folder or a file it lists is bad (one line naming it).
+    """
+    from tf_medseg.training.resume import resume_conflicts
+
+    errors = config_errors(config)
+    if task is None and config.data_dir:
+        try:
+            task = load_task(config.data_dir)
+        except DataError:
+            if errors:  # the flags' problems first: the data folder may be one of them
+                raise ConfigError("\n".join(errors)) from None
+            raise
+    errors = errors or workdir_errors(config.workdir)
+    if errors:
+        raise ConfigError("\n".join(errors))
+    errors = resume_conflicts(config, task)
+    if errors:
+        raise ConfigError("\n".join(errors))
+    check_task_files(task)
+    return CheckedRun(config, task)
+
+
+def workdir_errors(workdir: str) -> list[str]:
+    """Why ``workdir`` cannot be created and written, in one line (empty: it can). Checked
+    before anything is read or trained, so that a bad path is not a traceback later."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".tf_medseg_write_check"):
+            pass
+    except OSError as err:
+        why = f"{err.strerror}: {err.filename}" if err.strerror and err.filename else str(err)
+        return [
+            f"--workdir={workdir} cannot be written ({why}): give a folder that can be "
+            "created and written"
+        ]
+    return []
 
 
 def config_errors(config: TrainConfig) -> list[str]:

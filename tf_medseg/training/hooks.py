@@ -5,18 +5,65 @@ The loop (:mod:`tf_medseg.training.loop`) calls every hook's ``on_train_begin``,
 ``on_step_end``, ``on_epoch_end`` and ``on_train_end`` in order, after it has decided and done
 what the step or epoch asks (validation, the best model, the sampler, the learning rate,
 checkpoints and stops are the loop's, by its :class:`~tf_medseg.training.course.Course`). A
-hook reads the ``logs`` of the call (the loss, patches/s, the validation result and the
-sampler's update) and the run state, ``trainer.state``
-(:class:`~tf_medseg.training.state.RunState`); it changes neither. Only the chief worker (rank
-0) has hooks that write files.
+hook reads the typed log of the call (:class:`StepLog`, :class:`EpochLog`) and the run state,
+``trainer.state`` (:class:`~tf_medseg.training.state.RunState`); it changes neither. Only the
+chief worker (rank 0) has hooks that write files.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+from typing import TYPE_CHECKING
 
 from absl import logging
+
+if TYPE_CHECKING:
+    from tf_medseg.training.validation import NativeResult, ValidationResult
+
+
+@dataclasses.dataclass(frozen=True)
+class StepLog:
+    """A training step, for ``on_step_end``.
+
+    Attributes:
+        loss: The last loss read back from the device (every ``--log_every`` steps and at the
+            epoch's end; NaN before the epoch's first read-back).
+        patches_per_s: Training patches per second in this epoch so far.
+        synced: Whether this step read the losses back (``loss`` is this step's).
+    """
+
+    loss: float
+    patches_per_s: float
+    synced: bool
+
+
+@dataclasses.dataclass
+class EpochLog:
+    """An epoch's end (or the run's), for ``on_epoch_end`` and ``on_train_end``: the epoch's
+    training figures, and what its validation gave when it validated.
+
+    Attributes:
+        epoch: Epochs done.
+        step: Training steps done.
+        loss: The epoch's mean loss (NaN when no step ran).
+        patches_per_s: The epoch's training patches per second.
+        validation: The validation on the training grid (None: no validation here).
+        validation_s: Its seconds.
+        native: The validation in the labels' geometry (``--val_native=every``).
+        sampler: The adaptive sampler's update from the validation
+            (:meth:`tf_medseg.sampling.AdaptiveSampler.update_from_sums`).
+    """
+
+    epoch: int
+    step: int
+    loss: float = float("nan")
+    patches_per_s: float = 0.0
+    validation: ValidationResult | None = None
+    validation_s: float = 0.0
+    native: NativeResult | None = None
+    sampler: dict | None = None
 
 
 class Hook:
@@ -25,13 +72,13 @@ class Hook:
     def on_train_begin(self, trainer) -> None:
         pass
 
-    def on_step_end(self, trainer, logs: dict) -> None:
+    def on_step_end(self, trainer, log: StepLog) -> None:
         pass
 
-    def on_epoch_end(self, trainer, logs: dict) -> None:
+    def on_epoch_end(self, trainer, log: EpochLog) -> None:
         pass
 
-    def on_train_end(self, trainer, logs: dict) -> None:
+    def on_train_end(self, trainer, log: EpochLog) -> None:
         pass
 
 
@@ -59,13 +106,13 @@ class ProgressHook(Hook):
         self.epoch_start = None
         self.last_loss = None  # the last loss read back from the device
 
-    def on_step_end(self, trainer, logs):
+    def on_step_end(self, trainer, log):
         if not self.show_bar:
             return
         # The loop reads the loss back only every --log_every steps and at each epoch's end
         # (NaN before an epoch's first read-back): show the last value read.
-        if logs.get("synced") or not math.isnan(logs["loss"]):
-            self.last_loss = logs["loss"]
+        if log.synced or not math.isnan(log.loss):
+            self.last_loss = log.loss
         if self.bar is None:
             from tqdm import tqdm
 
@@ -90,22 +137,22 @@ class ProgressHook(Hook):
         self.bar.set_postfix(
             step=trainer.state.step,
             loss="-" if self.last_loss is None else f"{self.last_loss:.4f}",
-            patches_s=f"{logs['patches_per_s']:.1f}",
+            patches_s=f"{log.patches_per_s:.1f}",
             to_val=_duration(left * per_step),
             refresh=done == 1,
         )
         self.bar.update(1)
 
-    def on_epoch_end(self, trainer, logs):
+    def on_epoch_end(self, trainer, log):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
         message = (
-            f"epoch {logs['epoch']} step {logs['step']} loss {logs['loss']:.4f} "
-            f"{logs['patches_per_s']:.1f} patches/s"
+            f"epoch {log.epoch} step {log.step} loss {log.loss:.4f} "
+            f"{log.patches_per_s:.1f} patches/s"
         )
-        if "validation" in logs:
-            v = logs["validation"]
+        if log.validation is not None:
+            v = log.validation
             message += f" | val dice {v.mean_dice:.4f} (best {trainer.state.best_dice:.4f})"
         logging.info(message)
 

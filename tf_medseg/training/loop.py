@@ -22,7 +22,6 @@ stopped.
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
@@ -31,7 +30,7 @@ from absl import logging
 
 from tf_medseg import distributed
 from tf_medseg.cache.sources import source_summary
-from tf_medseg.data.msd import check_task_files, load_task
+from tf_medseg.config import TrainConfig
 from tf_medseg.jsonio import dumps
 from tf_medseg.postprocessing import PostprocessingDecision
 from tf_medseg.rundir import RunDir
@@ -44,36 +43,31 @@ from tf_medseg.training.build import (
     restore_latest,
     source_state_json,
 )
-from tf_medseg.training.config import TrainConfig
+from tf_medseg.training.checks import CheckedRun, check_run
 from tf_medseg.training.course import Course
 from tf_medseg.training.interrupts import Interrupts, TrainingInterrupted
-from tf_medseg.training.resume import resume_conflicts
 from tf_medseg.training.state import RunState
 from tf_medseg.training.validation import ValidationResult, Validator
-
-
-class ConfigError(ValueError):
-    """Contradictory or out-of-range settings; one problem per line."""
 
 
 class Trainer:
     """One training run.
 
     Args:
-        config: The run's settings.
+        run: The run's settings, checked with their task (:func:`check_run`, as the CLI does),
+            or a bare configuration, which is checked here.
         dist: The workers (default: :func:`tf_medseg.distributed.setup`).
 
     Raises:
-        ConfigError: The configuration is contradictory, or changes the network or optimiser of
-            the run whose checkpoints are in the workdir (every problem listed).
-        DataError: The data folder or a file in it is bad.
+        ConfigError: (a bare configuration) It is contradictory, or changes the network or
+            optimiser of the run whose checkpoints are in the workdir (every problem listed).
+        DataError: (a bare configuration) The data folder or a file in it is bad.
     """
 
-    def __init__(self, config: TrainConfig, dist: distributed.Distributed | None = None):
-        errors = config.validate() + resume_conflicts(config)
-        if errors:
-            raise ConfigError("\n".join(errors))
+    def __init__(self, run: CheckedRun | TrainConfig, dist: distributed.Distributed | None = None):
         start = time.time()  # the run's wall time counts the set-up
+        run = run if isinstance(run, CheckedRun) else check_run(run)
+        config, task = run.config, run.task
         self.config = config
         # Before any TensorFlow variable: tf.distribute configures its collectives at start-up.
         self.dist = dist or distributed.setup(config.fp16_allreduce, config.distribution)
@@ -84,11 +78,6 @@ class Trainer:
             tf.keras.utils.set_random_seed(config.seed)
             tf.config.experimental.enable_op_determinism()
         tf.keras.mixed_precision.set_global_policy(config.precision)
-        os.makedirs(config.workdir, exist_ok=True)
-        # Every listed file's header first (milliseconds each): a cut validation or test file
-        # is named now, not at the first validation minutes in, nor after training.
-        task = load_task(config.data_dir)
-        check_task_files(task)
 
         inputs = build_inputs(config, self.dist, task)
         self.task, self.sampler, self.stream = inputs.task, inputs.sampler, inputs.stream
@@ -149,9 +138,9 @@ class Trainer:
                 hooks.append(records.ProfileHook(logdir, *c.profile_steps))
         return hooks
 
-    def _call(self, event: str, *logs: dict) -> None:
+    def _call(self, event: str, *log: hooks_lib.StepLog | hooks_lib.EpochLog) -> None:
         for hook in self.hooks:
-            getattr(hook, event)(self, *logs)
+            getattr(hook, event)(self, *log)
 
     # ------------------------------------------------------------------ the loop
     def _train_step(self, images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
@@ -222,24 +211,25 @@ class Trainer:
         self.course.begin()
         self._call("on_train_begin")
         self.dist.broadcast_variables(self.train_model.variables)
-        logs = {"loss": float("nan"), "patches_per_s": 0.0}
+        log = hooks_lib.EpochLog(epoch=state.epoch, step=state.step)
         with self.interrupts.deferred():
             try:
                 while state.stop_reason is None and state.epoch < epochs:
-                    logs = self.train_epoch()
+                    log = self.train_epoch()
                     if state.stop_reason is None:
-                        self.end_epoch(logs)
+                        self.end_epoch(log)
             except KeyboardInterrupt as err:
                 reason = str(err) or "interrupted"
                 logging.warning("%s: saving a checkpoint at step %d", reason, state.step)
                 self.save_checkpoint()
                 raise
-        logs.pop("validation", None)
-        logs.update(step=state.step, epoch=state.epoch)
+        # The run's end: the last epoch's training figures, and a validation of its own when
+        # the last weights were not validated (an epoch cut short by steps or time).
+        log = hooks_lib.EpochLog(state.epoch, state.step, log.loss, log.patches_per_s)
         state.stop(f"reached --epochs={epochs}")  # unless another reason came first
-        if self._validated_at != state.step:  # an epoch cut short (steps, time): its weights
-            self._validate_into(logs)
-        self._call("on_train_end", logs)
+        if self._validated_at != state.step:
+            self._validate_into(log)
+        self._call("on_train_end", log)
         self.save_checkpoint()
         logging.info("stopped: %s", state.stop_reason)
         if self.config.choose_postprocessing:
@@ -255,9 +245,9 @@ class Trainer:
             records.write_run_file(RunDir(self.config.workdir).summary, dumps(result) + "\n")
         return result
 
-    def train_epoch(self) -> dict:
+    def train_epoch(self) -> hooks_lib.EpochLog:
         """Trains the current epoch's remaining batches (all, unless resumed in its middle)
-        until it ends or a hook stops the run; returns the epoch's logs.
+        until it ends or a hook stops the run; returns the epoch's log (not validated yet).
 
         Per step only the step runs and is counted: the losses stay on the device and are read
         back (one copy), checked and logged every ``--log_every`` steps and at the epoch's end
@@ -277,7 +267,7 @@ class Trainer:
                 if synced:
                     loss, pending = self._sync(pending, losses), []
                 rate = patches / max(time.time() - start, 1e-9)
-                self._call("on_step_end", {"loss": loss, "patches_per_s": rate, "synced": synced})
+                self._call("on_step_end", hooks_lib.StepLog(loss, rate, synced))
                 self.course.after_step(synced)
                 self.check_interrupt(collective=synced)
                 if state.stop_reason:
@@ -287,14 +277,14 @@ class Trainer:
                 self._sync(pending, losses)
             seconds = time.time() - start
             state.count_epoch(seconds, patches)
-        return {
-            "epoch": state.epoch,
-            "step": state.step,
-            "loss": float(np.mean(losses)) if losses else float("nan"),
-            "patches_per_s": patches / max(seconds, 1e-9),
-        }
+        return hooks_lib.EpochLog(
+            epoch=state.epoch,
+            step=state.step,
+            loss=float(np.mean(losses)) if losses else float("nan"),
+            patches_per_s=patches / max(seconds, 1e-9),
+        )
 
-    def end_epoch(self, logs: dict) -> None:
+    def end_epoch(self, log: hooks_lib.EpochLog) -> None:
         """Closes a complete epoch: the source's swap, the epoch counter and the source's
         position for the checkpoint; the validation the course asks for, the hooks'
         ``on_epoch_end``, the checkpoint, the stops."""
@@ -306,30 +296,30 @@ class Trainer:
         state.epoch += 1
         state.epoch_step = 0
         state.cache_state = source_state_json(self.train_source, self.dist)
-        logs["epoch"] = state.epoch
+        log.epoch = state.epoch
         if self.course.validates_after(state.epoch):
-            self.course.after_validation(self._validate_into(logs), logs.get("native"))
-        self._call("on_epoch_end", logs)
+            self.course.after_validation(self._validate_into(log), log.native)
+        self._call("on_epoch_end", log)
         if self.course.checkpoints_after(state.epoch):
             self.save_checkpoint()
         self.course.after_epoch()
         self.stream.start_next_epoch()
         self.check_interrupt()
 
-    def _validate_into(self, logs: dict) -> ValidationResult:
+    def _validate_into(self, log: hooks_lib.EpochLog) -> ValidationResult:
         """Validates, records the result (the best model saved, the sampler updated) and puts
-        it in ``logs`` for the hooks."""
+        it in ``log`` for the hooks."""
         start = time.time()
         result = self.validate()
-        logs["validation"], logs["validation_s"] = result, time.time() - start
-        self.state.add_seconds("validation", logs["validation_s"])
+        log.validation, log.validation_s = result, time.time() - start
+        self.state.add_seconds("validation", log.validation_s)
         self._validated_at = self.state.step
         if self.config.val_native == "every":
-            logs["native"] = self.validator.native(self.model)
-            self.state.add_seconds("native_validation", logs["native"].seconds)
-        if self.course.record(result, logs.get("native")):
+            log.native = self.validator.native(self.model)
+            self.state.add_seconds("native_validation", log.native.seconds)
+        if self.course.record(result, log.native):
             self.export_best_model()
-        logs["sampler"] = self.sampler.update_from_sums(result.sums, mean_dice=result.mean_dice)
+        log.sampler = self.sampler.update_from_sums(result.sums, mean_dice=result.mean_dice)
         return result
 
     def _sync(self, pending: list[tf.Tensor], losses: list[float]) -> float:

@@ -53,25 +53,25 @@ class TensorBoardHook(Hook):
     def on_train_begin(self, trainer):
         self.writer = tf.summary.create_file_writer(self.logdir)
 
-    def on_step_end(self, trainer, logs):
-        if not logs.get("synced"):  # the loss is read back every --log_every steps
+    def on_step_end(self, trainer, log):
+        if not log.synced:  # the loss is read back every --log_every steps
             return
         with self.writer.as_default(step=trainer.state.step):
-            tf.summary.scalar("train/loss", logs["loss"])
+            tf.summary.scalar("train/loss", log.loss)
             tf.summary.scalar("train/learning_rate", current_learning_rate(trainer.optimizer))
             if hasattr(trainer.optimizer, "loss_scale"):
                 tf.summary.scalar("train/loss_scale", float(trainer.optimizer.loss_scale))
 
-    def on_epoch_end(self, trainer, logs):
+    def on_epoch_end(self, trainer, log):
         step = trainer.state.step
         with self.writer.as_default(step=step):
-            tf.summary.scalar("train/epoch_loss", logs["loss"])
-            tf.summary.scalar("train/patches_per_s", logs["patches_per_s"])
+            tf.summary.scalar("train/epoch_loss", log.loss)
+            tf.summary.scalar("train/patches_per_s", log.patches_per_s)
             for key, value in trainer.cache_stats().items():
                 if isinstance(value, int | float) and math.isfinite(value):
                     tf.summary.scalar(f"cache/{key}", value)
-            if "validation" in logs:
-                v = logs["validation"]
+            if log.validation is not None:
+                v = log.validation
                 tf.summary.scalar("val/mean_dice", v.mean_dice)
                 for name, dice in zip(trainer.task.labels[1:], v.dice, strict=True):
                     tf.summary.scalar(f"val/dice_{name.replace(' ', '_')}", dice)
@@ -85,9 +85,9 @@ class TensorBoardHook(Hook):
                 ):
                     tf.summary.scalar(f"val/r_fp_{name.replace(' ', '_')}", r_fp)
                     tf.summary.scalar(f"val/r_fn_{name.replace(' ', '_')}", r_fn)
-                tf.summary.scalar("val/seconds", logs["validation_s"])
-                if "native" in logs:  # --val_native=every: in the labels' own geometry
-                    native = logs["native"]
+                tf.summary.scalar("val/seconds", log.validation_s)
+                if log.native is not None:  # --val_native=every: in the labels' own geometry
+                    native = log.native
                     tf.summary.scalar("val/native_mean_dice", native.mean_dice)
                     for name, dice in zip(trainer.task.labels[1:], native.dice, strict=True):
                         tf.summary.scalar(f"val/native_dice_{name.replace(' ', '_')}", dice)
@@ -97,13 +97,13 @@ class TensorBoardHook(Hook):
             tf.summary.scalar(
                 "sampler/positive_fraction", float(trainer.sampler.positive_fraction.numpy())
             )
-            if "sampler" in logs:
-                tf.summary.scalar("sampler/equation_4_fraction", logs["sampler"]["target_fraction"])
+            if log.sampler is not None:
+                tf.summary.scalar("sampler/equation_4_fraction", log.sampler["target_fraction"])
         self.writer.flush()
 
-    def on_train_end(self, trainer, logs):
-        if "validation" in logs:
-            self.on_epoch_end(trainer, logs)
+    def on_train_end(self, trainer, log):
+        if log.validation is not None:
+            self.on_epoch_end(trainer, log)
         self.writer.close()
 
 
@@ -134,14 +134,14 @@ class ProfileHook(Hook):
     def on_train_begin(self, trainer):
         self._start_at(trainer.state.step)
 
-    def on_step_end(self, trainer, logs):
+    def on_step_end(self, trainer, log):
         step = trainer.state.step
         if step >= self.end:
             self._stop()
         else:
             self._start_at(step)
 
-    def on_train_end(self, trainer, logs):
+    def on_train_end(self, trainer, log):
         self._stop()
 
 
@@ -232,10 +232,10 @@ class MetricsLogHook(Hook):
             )
         write_run_file(self.metrics_path, "".join(kept))  # whole lines only, from here on
 
-    def on_epoch_end(self, trainer, logs):
-        if "validation" in logs:
-            v = logs["validation"]
-            sampler = logs.get("sampler", {})
+    def on_epoch_end(self, trainer, log):
+        if log.validation is not None:
+            v = log.validation
+            sampler = log.sampler or {}
             names = trainer.task.labels[1:]
 
             def per_class(values):
@@ -255,20 +255,20 @@ class MetricsLogHook(Hook):
                 "ratio": _num(sampler.get("ratio")),
                 "equation_4_fraction": _num(sampler.get("target_fraction")),
                 "sampler_updated": sampler.get("updated"),
-                "validation_s": round(logs["validation_s"], 3),
+                "validation_s": round(log.validation_s, 3),
             }
             for metric, values in v.surface.items():  # --val_metrics: NaN null, inf "inf"
                 line[metric] = {n: _distance(x) for n, x in zip(names, values, strict=True)}
-            if "native" in logs:  # --val_native=every
-                line["native"] = logs["native"].to_json(names)
+            if log.native is not None:  # --val_native=every
+                line["native"] = log.native.to_json(names)
             # The whole file again, atomically (a line per validation: a few kB): appending
             # could leave a cut line behind, which would stop every later resume.
             lines = [text for _, text in read_metrics_lines(self.metrics_path)]
             write_run_file(self.metrics_path, "".join(lines) + json.dumps(line) + "\n")
         self.write_summary(trainer)
 
-    def on_train_end(self, trainer, logs):
-        self.on_epoch_end(trainer, logs)
+    def on_train_end(self, trainer, log):
+        self.on_epoch_end(trainer, log)
 
     def write_summary(self, trainer):
         write_run_file(self.summary_path, dumps(trainer.summary()) + "\n")
@@ -285,3 +285,53 @@ def _num(value):
         return None
     value = float(value)
     return round(value, 6) if math.isfinite(value) else None
+
+
+def result_table(summary: dict, target_dice: float, workdir: str) -> str:
+    """The closing table of ``tf-medseg-train``: a run's summary (:meth:`Trainer.summary`), with
+    ``--target_dice`` and the ``--workdir`` it names."""
+
+    def fmt(value, unit=""):
+        if value is None:
+            return "not reached"
+        return f"{value:.4f}" if isinstance(value, float) and not unit else f"{value}{unit}"
+
+    ttt = summary.get("time_to_target_s")
+    native = (summary.get("native") or {}).get("mean_dice")
+    rows = [
+        ("best mean Dice, training grid", fmt(summary.get("best_dice"))),
+        (
+            "  in the labels' geometry",
+            "-" if native is None else f"{native:.4f} (as tf-medseg-predict and -evaluate)",
+        ),
+        ("at step", fmt(summary.get("best_step"))),
+        ("at wall time", f"{summary.get('best_wall_s', 0):.1f} s"),
+        (
+            f"time to Dice {target_dice:g}" if target_dice else "time to target",
+            "no target" if not target_dice else (f"{ttt:.1f} s" if ttt else "not reached"),
+        ),
+        ("steps", fmt(summary.get("steps"))),
+        ("training patches/s", f"{summary.get('patches_per_s', 0):.2f}"),
+        (
+            "  after epoch 1",
+            "-" if (steady := summary.get("steady_patches_per_s")) is None else f"{steady:.2f}",
+        ),
+        ("total wall time", f"{summary.get('wall_s', 0):.1f} s"),
+        ("precision, workers", f"{summary.get('precision')}, {summary.get('workers')}"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{'result'.ljust(width)}  value", f"{'-' * width}  {'-' * 12}"]
+    lines += [f"{name.ljust(width)}  {value}" for name, value in rows]
+    split = summary.get("time_split") or {}
+    if split:
+        total = sum(split.values()) or 1.0
+        parts = ", ".join(
+            f"{name.replace('_', ' ')} {seconds:.1f} s ({100 * seconds / total:.0f}%)"
+            for name, seconds in split.items()
+            if seconds >= 0.05
+        )
+        lines.append(f"this session's time: {parts}")
+    if summary.get("stop_reason"):
+        lines.append(f"stopped: {summary['stop_reason']}")
+    lines.append(f"(summary.json, metrics.jsonl, TensorBoard logs in {workdir})")
+    return "\n".join(lines)

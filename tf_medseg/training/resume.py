@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 
 from tf_medseg import rundir
+from tf_medseg.config import TrainConfig, flag_text, split_of
 from tf_medseg.rundir import RunDir
-from tf_medseg.training.config import TrainConfig, flag_text, split_of
 
 #: The settings that shape the checkpoint's variables (the network and the optimiser's slots): a
 #: run resumes only with the values its checkpoints were written with.
@@ -45,7 +45,7 @@ def _differs(name: str, config: TrainConfig, saved: TrainConfig, whose: str, res
     )
 
 
-def resume_conflicts(config: TrainConfig) -> list[str]:
+def resume_conflicts(config: TrainConfig, task=None) -> list[str]:
     """What keeps ``config`` from resuming the run whose checkpoints are in
     ``workdir/checkpoints``, one line each; empty when it may (or there are no checkpoints, or no
     readable ``config.json`` beside them). Without checkpoints, :func:`finetune_conflicts`.
@@ -62,12 +62,13 @@ def resume_conflicts(config: TrainConfig) -> list[str]:
       same flags (an edited ``dataset.json`` or split file) is named too;
     * a data folder of other channels or classes than ``workdir/task.json``'s.
 
-    Reads ``dataset.json`` (and a split file), not the images; no TensorFlow.
+    Reads ``dataset.json`` (unless given its ``task``) and a split file, not the images; no
+    TensorFlow.
     """
     if not config.workdir:
         return []
     if not RunDir(config.workdir).has_checkpoint():
-        return finetune_conflicts(config)
+        return finetune_conflicts(config, task)
     saved = _saved_config(config.workdir)
     if saved is None:
         return []
@@ -81,7 +82,7 @@ def resume_conflicts(config: TrainConfig) -> list[str]:
         )
         for name in changed
     ]
-    task = _task_or_none(config.data_dir)
+    task = task if task is not None else _task_or_none(config.data_dir)
     lines += _split_conflicts(config, saved, task, whose)
     lines += _data_conflicts(
         config, task, config.workdir, whose, "give its data folder, or train in another --workdir"
@@ -180,7 +181,7 @@ def _data_conflicts(config: TrainConfig, task, run_dir: str, whose: str, way: st
     ]
 
 
-def finetune_conflicts(config: TrainConfig) -> list[str]:
+def finetune_conflicts(config: TrainConfig, task=None) -> list[str]:
     """What keeps ``--finetune_from`` from starting ``config``'s run, one line each (empty
     without it): a folder with no checkpoint, another network than its run's (the settings of
     :data:`CHECKPOINT_FIELDS` but the optimiser, which starts afresh), other channels or
@@ -207,7 +208,7 @@ def finetune_conflicts(config: TrainConfig) -> list[str]:
         for name in network
         if saved is not None and getattr(config, name) != getattr(saved, name)
     ]
-    task = _task_or_none(config.data_dir)
+    task = task if task is not None else _task_or_none(config.data_dir)
     return lines + _data_conflicts(
         config, task, source, where, "a fine-tune needs the same channels and classes"
     )

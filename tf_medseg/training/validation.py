@@ -22,6 +22,7 @@ import tensorflow as tf
 from absl import logging
 
 from tf_medseg import metrics
+from tf_medseg.config import surface_metric_names
 from tf_medseg.distributed import Distributed
 from tf_medseg.inference.scoring import load_labels
 from tf_medseg.inference.segmenter import Segmenter, chosen_postprocessing
@@ -35,7 +36,6 @@ from tf_medseg.inference.window import (
 from tf_medseg.postprocessing import PostprocessingDecision, decide_from_dice, write_decision
 from tf_medseg.rundir import RunDir
 from tf_medseg.surface_metrics import surface_metrics_per_class
-from tf_medseg.training.config import surface_metric_names
 from tf_medseg.training.records import WorkdirError
 from tf_medseg.training.saving import write_failure
 

@@ -327,7 +327,7 @@ def define_flags(flag_values=None) -> None:
             flags.DEFINE_list(f.name, default, help_text, flag_values=flag_values)
 
 
-def config_from_flags(flag_values=None, planned: Mapping[str, str] | None = None) -> TrainConfig:
+def config_from_flags(flag_values=None, planned: Mapping[str, Any] | None = None) -> TrainConfig:
     """Builds the configuration from parsed flags (a list flag of one value means isotropic):
     :func:`resolve_config` of the flags that were given (by a preset, a flagfile or the
     command line, which absl has already put in their order) over ``planned``."""
@@ -343,7 +343,7 @@ def config_from_flags(flag_values=None, planned: Mapping[str, str] | None = None
 
 
 def resolve_config(
-    given: Mapping[str, Any], planned: Mapping[str, str] | None = None
+    given: Mapping[str, Any], planned: Mapping[str, Any] | None = None
 ) -> TrainConfig:
     """A run's configuration, in one order: the defaults < the plan < the preset < the
     command line.
@@ -351,13 +351,21 @@ def resolve_config(
     Args:
         given: The values a preset, a flagfile or the command line set (absl resolves those
             in place: a flag after ``--preset`` overrides it, one before is overridden).
-        planned: The plan's values as it writes them (``tf_medseg.planning.rules.Plan.flags``:
-            ``"true"``, ``"2,2,3"``, ``"5e-3"``), typed here by the fields' own types.
+        planned: The plan's typed values (:attr:`tf_medseg.planning.plan.Plan.settings`; an
+            isotropic size may be one number).
     """
     values = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    values.update({name: parse_value(name, text) for name, text in (planned or {}).items()})
+    values.update({name: field_value(name, value) for name, value in (planned or {}).items()})
     values.update(given)
     return TrainConfig(**{k: _coerce(TrainConfig, k, v) for k, v in values.items()})
+
+
+def field_value(name: str, value: Any) -> Any:
+    """``value`` as the field ``name`` holds it, from a typed value, a JSON one (a list) or its
+    command-line text (``"true"``, ``"5,95"``)."""
+    if isinstance(value, str) and typing.get_type_hints(TrainConfig)[name] is not str:
+        value = parse_value(name, value)
+    return _coerce(TrainConfig, name, value)
 
 
 def parse_value(name: str, text: str) -> Any:
