@@ -21,7 +21,8 @@ sampling, float32. A run that never reaches the target counts with its cap, and 
 
 ``--sampler`` is the adaptive sampler of every run (``tf-medseg-train --sampler``): ``default``,
 the package's (warm-up, damping, a floor of 1/3), or ``paper``, the paper's update, with which
-the README's time-to-Dice tables were measured (the default until issue #19); the JSON records it.
+the README's time-to-Dice tables were measured (the default before the package's); the JSON
+records it.
 """
 
 from __future__ import annotations

@@ -178,8 +178,8 @@ def main(argv: list[str]) -> int:
                 file=sys.stderr,
             )
             # Nothing to save or close: end here. Interrupted inside an import (TensorFlow's
-            # takes seconds), the normal exit was seen to end as killed by SIGINT (-2), 2 of
-            # about 150 times, after this line.
+            # takes seconds), the normal exit can still end as killed by SIGINT (-2) after this
+            # line; os._exit gives the exit code promised.
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(EXIT_INTERRUPTED)
