@@ -52,8 +52,12 @@ $(VENV)/.horovod: $(VENV)/.installed
 	$(PY) -c "import horovod, horovod.tensorflow as hvd; assert hvd.gloo_built(), 'Horovod built without Gloo'; print('horovod', horovod.__version__, 'with Gloo')"
 	touch $@
 
+# The suite runs on TEST_WORKERS processes (pytest-xdist; 0: in this one). Most tests spend
+# their time in single-threaded Python (TensorFlow's import, tiny graphs, subprocesses), so two
+# workers keep both cores of a small machine busy.
+TEST_WORKERS ?= 2
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
 # The demo trains from scratch each time (its workdir is removed first); the data is kept.
 demo: venv

@@ -48,7 +48,7 @@ setup(
         "paper-gpu": [f"tensorflow[and-cuda]=={PAPER_TF}", *_paper],
         "modern": [f"tensorflow=={MODERN_TF}", *_modern],
         "modern-gpu": [f"tensorflow[and-cuda]=={MODERN_TF}", *_modern],
-        "test": ["pytest>=7", "ruff==0.8.4"],
+        "test": ["pytest>=7", "pytest-xdist>=3.5", "ruff==0.8.4"],
         # Horovod itself is built by `make venv` (it needs TensorFlow present at build time);
         # these are its runtime requirements.
         "horovod": ["cloudpickle", "psutil", "pyyaml", "packaging", "cffi>=1.4.0"],

@@ -17,6 +17,34 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def provenance() -> dict:
+    """What a benchmark's JSON records of where it ran: the command, the commit (with ``+``
+    when the tree had changes), the CPU model and its vector extensions, the cores, the date."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tf_medseg.planning.system import cpu_flags
+
+    def git(*args):
+        proc = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
+        return proc.stdout.strip() if proc.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD") or None
+    if commit and git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+"
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return {
+        "command": " ".join(["python", *sys.orig_argv[1:]]),
+        "commit": commit,
+        "cpu": cpu_name(),
+        "cpu_flags": [f for f in wanted if f in cpu_flags()],
+        "cpu_count": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
 def write_json(path: str, value) -> None:
     """Writes a benchmark's results as JSON (creating the folder) and says where."""
     jsonio.write_json(path, value)

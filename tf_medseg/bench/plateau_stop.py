@@ -34,7 +34,7 @@ import time
 from absl import app, flags, logging
 
 from tf_medseg import rundir
-from tf_medseg.bench import cpu_name, run_training, write_json
+from tf_medseg.bench import provenance, run_training, write_json
 from tf_medseg.rundir import RunDir
 
 CONFIGS = {
@@ -163,11 +163,6 @@ def table(records: list[dict], reference_minutes: float) -> str:
     return "\n".join(rows)
 
 
-def _commit() -> str | None:
-    proc = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
-    return proc.stdout.strip() or None
-
-
 def main(argv: list[str]) -> None:
     del argv
     if FLAGS.from_json:
@@ -194,11 +189,7 @@ def main(argv: list[str]) -> None:
         write_json(
             FLAGS.json,
             {
-                "command": " ".join(sys.argv),
-                "commit": _commit(),
-                "cpu": cpu_name(),
-                "cpu_count": os.cpu_count(),
-                "date": time.strftime("%Y-%m-%d"),
+                **provenance(),
                 "reference_minutes": FLAGS.reference_minutes,
                 "runs": records,
             },
