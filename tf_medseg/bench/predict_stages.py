@@ -75,9 +75,8 @@ def bare_forward_s(segmenter, shape: tuple[int, ...]) -> tuple[float, int, int]:
     from tf_medseg.inference.window import window_starts
 
     s = segmenter.settings
-    windows = math.prod(
-        len(window_starts(n, r, s.overlap)) for n, r in zip(shape, s.roi_size, strict=True)
-    )
+    padded = [max(n, r) for n, r in zip(shape, s.roi_size, strict=True)]  # as the window pads
+    windows = len(window_starts(padded, s.roi_size, s.overlap))
     batches = math.ceil(windows / s.sw_batch_size)
     batch = np.random.default_rng(0).random(
         (s.sw_batch_size, *s.roi_size, segmenter.num_channels), np.float32
@@ -119,7 +118,7 @@ def main(argv: list[str]) -> int:
         segmenter = Segmenter.load(FLAGS.model)
     else:
         segmenter = untrained_segmenter(task, FLAGS.spacing)
-    files = sorted(task.test)[: FLAGS.cases]
+    files = sorted(item["image"] for item in task.test)[: FLAGS.cases]
     segmenter.segment(files[0])  # traces the predictor (not timed)
     rows = []
     for path in files:
