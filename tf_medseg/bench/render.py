@@ -124,6 +124,7 @@ def postprocessing_liver(data: dict) -> list[str]:
 RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "plateau_stop": plateau_stop,
     "predict_stages": predict_stages,
+    "predict_stages_1mm": predict_stages,
     "postprocessing_liver": postprocessing_liver,
 }
 
