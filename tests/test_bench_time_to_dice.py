@@ -124,7 +124,14 @@ def test_a_real_run_reaches_a_low_target_and_is_plotted(spleen_task_dir, tmp_pat
     assert run["reached_target"] and 0 < run["time_to_target_s"] <= run["wall_s"]
     assert run["steps_to_target"] >= 1
     assert run["steps"] == run["steps_to_target"]  # --target_dice stopped the run there
+    split = run["time_split"]
+    assert split["validation"] > 0 and split["training"] > 0
+    assert run["validation_fraction"] == pytest.approx(
+        split["validation"] / sum(split.values()), abs=1e-4
+    )
+    assert run["native_scoring_before_target_s"] == 0.0  # extra=... gave no --val_native=every
     results = {"tiny": ttd.aggregate({1: run})}
+    assert results["tiny"]["validation_fraction"] == run["validation_fraction"]
     ttd.plot_curves(results, str(tmp_path / "curves.png"), "tiny")
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
