@@ -120,6 +120,51 @@ def postprocessing_liver(data: dict) -> list[str]:
     return lines
 
 
+def time_to_dice(data: dict) -> list[str]:
+    """``bench.time_to_dice``: per configuration, over its seeds, the time to the target (a run
+    that missed it counts with its cap), the best Dice in the labels' geometry, and the share of
+    the run validation took."""
+    on = "in the labels' geometry" if data.get("target_on") == "native" else "on the training grid"
+    lines = [
+        f"| configuration | runs | reached Dice {data['target_dice']:g} ({on}) | time to it (s), "
+        "median (range) | seconds of it scoring in the labels' geometry | best Dice, labels' "
+        "geometry | validation share of the run | patches/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    cap = 60 * data["max_minutes_per_run"]
+    for name, block in data["runs"].items():
+        runs = list(block["per_seed"].values())
+        times = [round(r["time_to_target_s"]) for r in runs]
+        scoring = [round(r.get("native_scoring_before_target_s") or 0.0) for r in runs]
+        native = [
+            round(r["native"]["mean_dice"], 4)
+            for r in runs
+            if r.get("native") and r["native"].get("mean_dice") is not None
+        ]
+        shares = [
+            round(100 * r["validation_fraction"]) for r in runs if r.get("validation_fraction")
+        ]
+        rate = [round(r["patches_per_s"], 2) for r in runs]
+        lines.append(
+            f"| {name} | {len(runs)} | {sum(r['reached_target'] for r in runs)} of {len(runs)} | "
+            f"{_spread(times, 0)}{'' if block['reached_target'] else f' (cap {cap:g})'} | "
+            f"{_spread(scoring, 0)} | {_spread(native, 4)} | "
+            f"{_spread(shares, 0)}{'%' if shares else ''} | {_spread(rate, 2)} |"
+        )
+    if not data.get("complete", True):
+        lines += [
+            "",
+            "The benchmark was stopped before all its runs: the rows hold the runs it ended.",
+        ]
+    if "speedup" in data:
+        capped = " (the baseline capped: at least)" if data.get("baseline_capped") else ""
+        lines += [
+            "",
+            f"Speed-up of the medians, baseline over proposed: {data['speedup']:.2f}x{capped}.",
+        ]
+    return lines
+
+
 #: README table name -> its renderer (of ``docs/bench/<name>.json``).
 RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "plateau_stop": plateau_stop,

@@ -388,6 +388,24 @@ def generated_task(msd: bool, suffix: str) -> str:
     return data_dir
 
 
+def output_of(results: dict, target: float, seeds: list[int], complete: bool) -> dict:
+    """The benchmark's JSON: where it ran, its settings, and each configuration's runs."""
+    return {
+        **provenance(),
+        "complete": complete,
+        "task": FLAGS.task,
+        "geometry": FLAGS.geometry,
+        "target_dice": target,
+        "max_minutes_per_run": FLAGS.max_minutes_per_run,
+        "seeds": seeds,
+        "sampler": FLAGS.sampler,
+        "target_on": FLAGS.on,
+        "extra": list(FLAGS.extra),
+        "machine": f"{os.cpu_count()}-core CPU",
+        "runs": results,
+    }
+
+
 def main(argv: list[str]) -> None:
     del argv
     msd = FLAGS.geometry == "msd"
@@ -425,20 +443,11 @@ def main(argv: list[str]) -> None:
                 f"{'-' if fraction is None else f'{100 * fraction:.0f}%'} of the run",
                 flush=True,
             )
-        results[name] = aggregate(per_seed)
-    output = {
-        **provenance(),
-        "task": FLAGS.task,
-        "geometry": FLAGS.geometry,
-        "target_dice": target,
-        "max_minutes_per_run": FLAGS.max_minutes_per_run,
-        "seeds": seeds,
-        "sampler": FLAGS.sampler,
-        "target_on": FLAGS.on,
-        "extra": list(FLAGS.extra),
-        "machine": f"{os.cpu_count()}-core CPU",
-        "runs": results,
-    }
+            # After every run, the runs so far (an hour-long benchmark stopped halfway keeps
+            # them; "complete" says whether every configuration and seed ran).
+            results[name] = aggregate(per_seed)
+            write_json(FLAGS.json, output_of(results, target, seeds, complete=False))
+    output = output_of(results, target, seeds, complete=True)
     if "baseline" in results and "proposed" in results:
         output["speedup"] = (
             results["baseline"]["time_to_target_s"] / results["proposed"]["time_to_target_s"]
