@@ -8,6 +8,7 @@ import pytest
 from tiny_config import TINY_FLAGS
 
 from tf_medseg import presets
+from tf_medseg.bench import plots
 from tf_medseg.bench import time_to_dice as ttd
 
 
@@ -64,10 +65,10 @@ def test_per_class_dice_is_kept_as_curves_medians_and_a_plot(tmp_path):
     assert result["best_class_dice"] == {"liver": pytest.approx(0.94), "cancer": 0.6}
     table = ttd.markdown_table({"proposed": result}, "baseline", 0.7)
     assert "| liver 0.9400, cancer 0.6000 |" in table
-    assert ttd.plot_class_curves({"proposed": result}, str(tmp_path / "c.png"), "liver")
+    assert plots.plot_class_curves({"proposed": result}, str(tmp_path / "c.png"), "liver")
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     one = {"proposed": {"class_curves": {"spleen": [[1.0, 0.5, 4]]}}}
-    assert not ttd.plot_class_curves(one, str(tmp_path / "d.png"), "spleen")
+    assert not plots.plot_class_curves(one, str(tmp_path / "d.png"), "spleen")
 
 
 def test_aggregate_takes_medians_and_counts_capped_runs():
@@ -132,7 +133,7 @@ def test_a_real_run_reaches_a_low_target_and_is_plotted(spleen_task_dir, tmp_pat
     assert run["native_scoring_before_target_s"] == 0.0  # extra=... gave no --val_native=every
     results = {"tiny": ttd.aggregate({1: run})}
     assert results["tiny"]["validation_fraction"] == run["validation_fraction"]
-    ttd.plot_curves(results, str(tmp_path / "curves.png"), "tiny")
+    plots.plot_curves(results, str(tmp_path / "curves.png"), "tiny")
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -38,6 +38,7 @@ from absl import app, flags, logging
 
 from tf_medseg import presets
 from tf_medseg.bench import provenance, run_training, write_json
+from tf_medseg.bench.plots import plot_class_curves, plot_curves
 
 #: The paper's baseline: each ingredient of the proposed preset turned off.
 BASELINE = {
@@ -262,60 +263,6 @@ def cache_label(cache: dict | None) -> str:
         return f"{cache['mode']}: {held}, nothing to replace"
     late = f", {cache['late_swaps']} late" if cache.get("late_swaps") else ""
     return f"smart: {held}, {cache['items_replaced']} replaced{late}"
-
-
-def plot_curves(results: dict, path: str, title: str) -> None:
-    """Validation Dice against wall time, one line per configuration (needs matplotlib)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, r in results.items():
-        if r["curve"]:
-            wall, dice, _ = zip(*r["curve"], strict=True)
-            ax.plot(
-                wall, [d if d is not None else float("nan") for d in dice], marker=".", label=name
-            )
-    ax.set_xlabel("wall time (s)")
-    ax.set_ylabel("validation mean Dice")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_class_curves(results: dict, path: str, title: str) -> bool:
-    """Validation Dice of each class against wall time, one panel per class and one line per
-    configuration; written only for tasks of more than one foreground class (returns whether)."""
-    classes = list(dict.fromkeys(c for r in results.values() for c in r.get("class_curves", {})))
-    if len(classes) < 2:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(classes), figsize=(5 * len(classes), 4), squeeze=False)
-    for ax, cls in zip(axes[0], classes, strict=True):
-        for name, r in results.items():
-            points = r.get("class_curves", {}).get(cls)
-            if points:
-                wall, dice, _ = zip(*points, strict=True)
-                dice = [d if d is not None else float("nan") for d in dice]
-                ax.plot(wall, dice, marker=".", label=name)
-        ax.set_xlabel("wall time (s)")
-        ax.set_ylabel(f"validation Dice, {cls}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
 
 
 FLAGS = flags.FLAGS
