@@ -893,3 +893,32 @@ def test_val_metrics_adds_the_surface_metrics_to_metrics_jsonl_and_tensorboard(
     assert errors == [
         "--val_metrics=dice,nsd,volume: unknown volume; choose from dice, nsd, hd95, assd"
     ]
+
+
+def test_a_run_is_checked_once_and_its_task_loaded_once(spleen_task_dir, tmp_path, monkeypatch):
+    """check_run loads the task once for every check; a Trainer given the checked run neither
+    loads it again nor checks again (the CLI's way: it passes the planner's task in too)."""
+    from tf_medseg.data import msd
+    from tf_medseg.training import checks
+
+    loads = []
+
+    def counting(root, *args, **kwargs):
+        loads.append(root)
+        return msd.load_task(root, *args, **kwargs)
+
+    monkeypatch.setattr(checks, "load_task", counting)
+    checked = checks.check_run(tiny_config(spleen_task_dir, tmp_path / "run", epochs=1))
+    assert loads == [spleen_task_dir]
+
+    def refused(*args, **kwargs):
+        raise AssertionError("loaded or checked again")
+
+    monkeypatch.setattr(checks, "load_task", refused)
+    monkeypatch.setattr(msd, "load_task", refused)
+    monkeypatch.setattr(checks, "config_errors", refused)
+    trainer = Trainer(checked)
+    try:
+        assert trainer.fit()["steps"] > 0
+    finally:
+        trainer.close()
