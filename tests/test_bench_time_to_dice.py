@@ -193,3 +193,15 @@ def test_every_run_gets_the_chosen_sampler(spleen_task_dir, tmp_path):
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["sampler_damping"] == 1.0 and config["sampler_warmup_validations"] == 0
     assert config["pos_fraction_bounds"] == [0.1, 0.9] and not config["adaptive_sampling"]
+
+
+def test_the_scoring_before_the_target_counts_the_validation_that_reached_it():
+    records = [
+        {"step": 10, "wall_s": 50.0, "native": {"seconds": 3.0}},
+        {"step": 20, "wall_s": 90.5, "native": {"seconds": 4.0}},  # reached the target
+        {"step": 30, "wall_s": 130.0, "native": {"seconds": 5.0}},
+        {"step": 40, "wall_s": 170.0},  # no --val_native=every line
+    ]
+    assert ttd.native_scoring_s(records, 20) == 7.0
+    assert ttd.native_scoring_s(records, None) == 12.0
+    assert ttd.native_scoring_s(records[3:], None) == 0.0

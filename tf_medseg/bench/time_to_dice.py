@@ -131,7 +131,9 @@ def run_config(
         "overrides": overrides,
         "reached_target": reached,
         "time_to_target_s": ttt,
-        "native_scoring_before_target_s": native_scoring_s(records, ttt),
+        "native_scoring_before_target_s": native_scoring_s(
+            records, summary.get("steps_to_target") if reached else None
+        ),
         "time_split": summary.get("time_split"),
         "validation_fraction": validation_fraction(summary),
         "native": summary.get("native"),
@@ -148,15 +150,16 @@ def run_config(
     }
 
 
-def native_scoring_s(records: list[dict], until_s: float) -> float:
+def native_scoring_s(records: list[dict], until_step: int | None) -> float:
     """Seconds the run spent scoring validations in the labels' geometry
-    (``--val_native=every``, the benchmark's, not a user's run) up to ``until_s`` of wall time:
-    what the time to target would be without them is the difference."""
+    (``--val_native=every``, the benchmark's, not a user's run) up to and including the
+    validation at ``until_step`` (None: all of them): what the time to target would be without
+    them is the difference."""
     return round(
         sum(
             (r.get("native") or {}).get("seconds") or 0.0
             for r in records
-            if r["wall_s"] <= until_s + 1e-6
+            if until_step is None or r["step"] <= until_step
         ),
         3,
     )
