@@ -122,25 +122,35 @@ def postprocessing_liver(data: dict) -> list[str]:
 
 def time_to_dice(data: dict) -> list[str]:
     """``bench.time_to_dice``: per configuration, over its seeds, the time to the target (a run
-    that missed it counts with its cap), the best Dice in the labels' geometry, and the share of
-    the run validation took."""
+    that missed it counts with its cap), the best Dice in the labels' geometry, where each run's
+    time went (``time_split``, medians) and the share validation took."""
     on = "in the labels' geometry" if data.get("target_on") == "native" else "on the training grid"
     lines = [
         f"| configuration | runs | reached Dice {data['target_dice']:g} ({on}) | time to it (s), "
-        "median (range) | seconds of it scoring in the labels' geometry | best Dice, labels' "
-        "geometry | validation share of the run | patches/s |",
+        "median (range) | best Dice, labels' geometry | run's seconds: training / validation / "
+        "scoring in the labels' geometry / other | validation share | patches/s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     cap = 60 * data["max_minutes_per_run"]
     for name, block in data["runs"].items():
         runs = list(block["per_seed"].values())
         times = [round(r["time_to_target_s"]) for r in runs]
-        scoring = [round(r.get("native_scoring_before_target_s") or 0.0) for r in runs]
         native = [
             round(r["native"]["mean_dice"], 4)
             for r in runs
             if r.get("native") and r["native"].get("mean_dice") is not None
         ]
+        splits = [r["time_split"] for r in runs if r.get("time_split")]
+
+        def part(*keys, splits=splits):
+            values = [sum(v for k, v in split.items() if k in keys) for split in splits]
+            return f"{statistics.median(values):.0f}" if values else "-"
+
+        others = [k for split in splits for k in split] + ["other"]
+        rest = {k for k in others if k not in ("training", "validation", "native_validation")}
+        seconds = " / ".join(
+            [part("training"), part("validation"), part("native_validation"), part(*rest)]
+        )
         shares = [
             round(100 * r["validation_fraction"]) for r in runs if r.get("validation_fraction")
         ]
@@ -148,8 +158,8 @@ def time_to_dice(data: dict) -> list[str]:
         lines.append(
             f"| {name} | {len(runs)} | {sum(r['reached_target'] for r in runs)} of {len(runs)} | "
             f"{_spread(times, 0)}{'' if block['reached_target'] else f' (cap {cap:g})'} | "
-            f"{_spread(scoring, 0)} | {_spread(native, 4)} | "
-            f"{_spread(shares, 0)}{'%' if shares else ''} | {_spread(rate, 2)} |"
+            f"{_spread(native, 4)} | {seconds} | {_spread(shares, 0)}{'%' if shares else ''} | "
+            f"{_spread(rate, 2)} |"
         )
     if not data.get("complete", True):
         lines += [
