@@ -128,7 +128,7 @@ def time_to_dice(data: dict) -> list[str]:
     lines = [
         f"| configuration | runs | reached Dice {data['target_dice']:g} ({on}) | time to it (s), "
         "median (range) | best Dice, labels' geometry | run's seconds: training / validation / "
-        "scoring in the labels' geometry / other | validation share | patches/s |",
+        "scoring in the labels' geometry / other | validation share (%) | patches/s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     cap = 60 * data["max_minutes_per_run"]
@@ -157,8 +157,8 @@ def time_to_dice(data: dict) -> list[str]:
         rate = [round(r["patches_per_s"], 2) for r in runs]
         lines.append(
             f"| {name} | {len(runs)} | {sum(r['reached_target'] for r in runs)} of {len(runs)} | "
-            f"{_spread(times, 0)}{'' if block['reached_target'] else f' (cap {cap:g})'} | "
-            f"{_spread(native, 4)} | {seconds} | {_spread(shares, 0)}{'%' if shares else ''} | "
+            f"{_spread(times, 0)}{'' if block['reached_target'] else f'; {cap:g} is the cap'} | "
+            f"{_spread(native, 4)} | {seconds} | {_spread(shares, 0)} | "
             f"{_spread(rate, 2)} |"
         )
     if not data.get("complete", True):
@@ -180,6 +180,7 @@ RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "plateau_stop": plateau_stop,
     "predict_stages": predict_stages,
     "predict_stages_1mm": predict_stages,
+    "time_to_dice_spleen_msd": time_to_dice,
     "postprocessing_liver": postprocessing_liver,
 }
 
