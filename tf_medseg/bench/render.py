@@ -28,11 +28,13 @@ BLOCK = re.compile(r"(<!-- rendered: (\w+) -->\n)(.*?)(<!-- /rendered -->)", re.
 
 
 def _spread(values: list[float], digits: int) -> str:
-    """The median, and the range when there are several values."""
+    """The median, and the range when the values differ."""
     if not values:
         return "-"
     mid = round(statistics.median(values), digits)
-    return f"{mid}" if len(values) == 1 else f"{mid} ({min(values)}-{max(values)})"
+    mid = int(mid) if digits == 0 else mid
+    low, high = min(values), max(values)
+    return f"{mid}" if low == high else f"{mid} ({low}-{high})"
 
 
 def _source(data: dict, json_name: str) -> str:
