@@ -24,6 +24,7 @@ import statistics
 import tempfile
 import time
 
+import nibabel as nib
 import numpy as np
 from absl import app, flags
 
@@ -122,8 +123,6 @@ def main(argv: list[str]) -> int:
     segmenter.segment(files[0])  # traces the predictor (not timed)
     rows = []
     for path in files:
-        import nibabel as nib
-
         source_shape = tuple(nib.load(path).shape[:3])
         segmenter.segment(path)
         stages = dict(segmenter.last_times)

@@ -122,6 +122,10 @@ def postprocessing_liver(data: dict) -> list[str]:
     return lines
 
 
+#: The time-split parts the time-to-Dice table shows on their own (the rest is summed).
+_NAMED_PARTS = ("training", "validation", "native_validation")
+
+
 def time_to_dice(data: dict) -> list[str]:
     """``bench.time_to_dice``: per configuration, over its seeds, the time to the target (a run
     that missed it counts with its cap), the best Dice in the labels' geometry, where each run's
@@ -144,14 +148,17 @@ def time_to_dice(data: dict) -> list[str]:
         ]
         splits = [r["time_split"] for r in runs if r.get("time_split")]
 
-        def part(*keys, splits=splits):
-            values = [sum(v for k, v in split.items() if k in keys) for split in splits]
+        def part(value, splits=splits):  # the median over the runs of value(split)
+            values = [value(split) for split in splits]
             return f"{statistics.median(values):.0f}" if values else "-"
 
-        others = [k for split in splits for k in split] + ["other"]
-        rest = {k for k in others if k not in ("training", "validation", "native_validation")}
         seconds = " / ".join(
-            [part("training"), part("validation"), part("native_validation"), part(*rest)]
+            [part(lambda split, k=k: split.get(k, 0.0)) for k in _NAMED_PARTS]
+            + [
+                part(
+                    lambda split: sum(split.values()) - sum(split.get(k, 0.0) for k in _NAMED_PARTS)
+                )
+            ]
         )
         shares = [
             round(100 * r["validation_fraction"]) for r in runs if r.get("validation_fraction")
